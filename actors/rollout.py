@@ -1,0 +1,148 @@
+"""RolloutActor: one vLLM engine that generates responses and takes weight updates from the learners.
+
+Choices (measured in `shared/notes/vllm-cpu.md`):
+- In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by the actor's runtime env): ~3 s to start
+  instead of ~30 s, and tensors handed to `collective_rpc` arrive by reference.
+- Behaviour log-probs are vLLM's `processed_logprobs`, i.e. log_softmax(logits / T) (renormalised under
+  top-p). The PPO ratio compares the learner's log-probs at the same temperature against these, so the
+  loss sees the distribution the samples were actually drawn from.
+- Weight updates go through a worker extension (`worker_extension_cls`) that calls the worker's layer-wise
+  `reload_weights` (plain `load_weights` fails on CPU: linear weights are repacked at load time), then
+  re-processes tied output heads (left stale by the reload otherwise), one RPC per bucket. The prefix cache
+  is reset after each update: cached KV computed with old weights would otherwise be reused.
+- Every result carries the weight version it was generated with.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from actors.types import RolloutResult, SamplingConfig
+
+EXTENSION = "actors.rollout.WeightSyncExtension"
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class. Method names must not clash with the Worker's own."""
+
+    def rlextra_load_weights(self, named_tensors) -> int:
+        """Load a bucket [(name, tensor), ...] into the running model; returns how many were loaded."""
+        import torch
+
+        weights = list(named_tensors)
+        with torch.no_grad():
+            self.reload_weights(weights_iterator=iter(weights))
+            self.rlextra_refresh_tied_heads()
+        return len(weights)
+
+    def rlextra_refresh_tied_heads(self) -> None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        model = self.model_runner.get_model()
+        for module in model.modules():
+            if isinstance(module, ParallelLMHead) and hasattr(module, "quant_method"):
+                module.quant_method.process_weights_after_loading(module)
+
+    def rlextra_state_dict(self) -> dict:
+        """Copies of the model's parameters (for tests): name -> tensor on CPU."""
+        model = self.model_runner.get_model()
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class RolloutSpec:
+    """Engine settings for one rollout actor (crosses the Ray boundary)."""
+
+    model_path: str
+    dtype: str = "float32"  # vLLM dtype: float32 | bfloat16 | float16 | auto
+    max_model_len: int = 64
+    kv_cache_mb: int = 64  # explicit KV cache size: auto-sizing on CPU was erratic
+    enforce_eager: bool = True
+    max_num_seqs: int = 256
+    seed: int = 0
+    gpu_memory_utilization: float = 0.85  # used only on GPU when kv_cache_mb == 0
+    tensor_parallel_size: int = 1
+
+
+class RolloutActor:
+    """Wraps one `vllm.LLM`. Plain class; `orchestrator.cluster` makes it a Ray actor."""
+
+    def __init__(self, spec: RolloutSpec):
+        # Must be set before vLLM is imported; the Ray runtime env sets them too.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+        from vllm import LLM
+
+        self.spec = spec
+        kwargs = dict(
+            model=spec.model_path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            enforce_eager=spec.enforce_eager,
+            max_num_seqs=spec.max_num_seqs,
+            seed=spec.seed,
+            worker_extension_cls=EXTENSION,
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=spec.tensor_parallel_size,
+            enable_prefix_caching=True,
+        )
+        if spec.kv_cache_mb > 0:
+            kwargs["kv_cache_memory_bytes"] = spec.kv_cache_mb * 2**20
+        else:
+            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        self.weight_version = 0
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> RolloutResult:
+        """`sampling.n` samples for each prompt (token ids in, token ids + text + log-probs out)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = sampling.temperature == 0.0
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,
+            seed=sampling.seed,
+            skip_special_tokens=True,
+        )
+        start = time.perf_counter()
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False
+        )
+        elapsed = time.perf_counter() - start
+        result = RolloutResult([], [], [], [], [], [], self.weight_version, elapsed)
+        for i, out in enumerate(outputs):
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
+                result.prompt_index.append(i)
+                result.prompt_ids.append(list(prompt_ids[i]))
+                result.response_ids.append(ids)
+                result.response_text.append(comp.text)
+                result.logprobs.append(lps)
+                result.finished.append(comp.finish_reason == "stop")
+        return result
+
+    def update_weights(self, buckets, version: int) -> dict:
+        """Load weights bucket by bucket (one RPC each), reset the prefix cache, bump the version."""
+        start = time.perf_counter()
+        loaded = 0
+        for bucket in buckets:
+            loaded += self.llm.collective_rpc("rlextra_load_weights", args=(bucket,))[0]
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        return {"version": self.weight_version, "tensors": loaded, "time_s": time.perf_counter() - start}
+
+    def state_dict(self) -> dict:
+        return self.llm.collective_rpc("rlextra_state_dict")[0]
+
+    def get_weight_version(self) -> int:
+        return self.weight_version
+
+    def ping(self) -> int:
+        return os.getpid()

@@ -1,0 +1,1 @@
+"""Pure tensor math for the linearity of RLVR trajectories (projection, trend fits, R²)."""

@@ -1,0 +1,1 @@
+"""The driver: Hydra entry points, the controller loop, tracking, checkpoints."""

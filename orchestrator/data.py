@@ -1,0 +1,145 @@
+"""Model and data resolution: the embedded toy default or a real model / dataset, through one code path.
+
+Whatever the source, the rest of the job sees a `save_pretrained`-style model path (or hub id) and two
+`datasets.Dataset` splits with `prompt` and `answer` columns, mapped from the configured fields.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from orchestrator.config import ConfigError
+from orchestrator.toy_task import TinyModelSpec, ToyTaskSpec, WarmStartSpec, prepare_toy_model, write_toy_dataset
+
+
+def toy_task_spec(cfg: DictConfig) -> ToyTaskSpec:
+    t = cfg.data.toy
+    return ToyTaskSpec(
+        op=t.op,
+        digits=t.digits,
+        careful_fraction=float(t.careful_fraction),
+        num_train=t.num_train,
+        num_eval=t.num_eval,
+        seed=cfg.seed,
+    )
+
+
+def resolve_model(cfg: DictConfig, log=print) -> str:
+    """The model path every component loads: the cached warm-started toy, or `model.path`."""
+    if cfg.model.source == "path":
+        path = str(cfg.model.path)
+        if (path.startswith(("/", ".", "~")) or os.sep in path and os.path.exists(path)) and not os.path.isdir(
+            os.path.expanduser(path)
+        ):
+            raise ConfigError(f"model.path: expected an existing directory or a hub id, got {path!r}")
+        return os.path.expanduser(path)
+    m = cfg.model
+    spec = TinyModelSpec(
+        hidden_size=m.tiny.hidden_size,
+        num_layers=m.tiny.num_layers,
+        num_heads=m.tiny.num_heads,
+        num_kv_heads=m.tiny.num_kv_heads,
+        intermediate_size=m.tiny.intermediate_size,
+        tie_word_embeddings=bool(m.tiny.tie_word_embeddings),
+        seed=cfg.seed,
+    )
+    ws = WarmStartSpec(steps=m.warm_start.steps, batch_size=m.warm_start.batch_size, lr=float(m.warm_start.lr), seed=cfg.seed)
+    return str(prepare_toy_model(m.cache_dir, toy_task_spec(cfg), spec, ws, log=log))
+
+
+def _load_files(files, what: str):
+    import datasets
+
+    paths = [files] if isinstance(files, str) else list(files)
+    if not paths:
+        raise ConfigError(f"data.{what}: expected at least one file, got none")
+    for p in paths:
+        if not os.path.exists(p):
+            raise ConfigError(f"data.{what}: file not found: {p}")
+    ext = Path(paths[0]).suffix.lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+    if builder is None:
+        raise ConfigError(f"data.{what}: expected .jsonl, .json, .parquet or .csv files, got {paths[0]}")
+    return datasets.load_dataset(builder, data_files=paths, split="train")
+
+
+def load_splits(cfg: DictConfig):
+    """Returns (train, eval) `datasets.Dataset`s with columns `prompt` and `answer` (strings)."""
+    import datasets
+
+    d = cfg.data
+    if d.source == "toy":
+        paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", toy_task_spec(cfg))
+        train, evals = _load_files(str(paths["train"]), "train_files"), _load_files(str(paths["eval"]), "eval_files")
+    elif d.source == "files":
+        train, evals = _load_files(d.train_files, "train_files"), _load_files(d.eval_files, "eval_files")
+    else:
+        train = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.train_split)
+        evals = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
+    return _map_fields(train, d, "train"), _map_fields(evals, d, "eval")
+
+
+def _map_fields(ds, d: DictConfig, split: str):
+    for key in ("prompt_field", "answer_field"):
+        if d[key] not in ds.column_names:
+            raise ConfigError(
+                f"data.{key}: the {split} split has no field {d[key]!r} (fields: {', '.join(ds.column_names)})"
+            )
+    template = str(d.prompt_template)
+
+    def convert(row):
+        return {"prompt": template.format(prompt=row[d.prompt_field]), "answer": str(row[d.answer_field])}
+
+    return ds.map(convert, remove_columns=ds.column_names)
+
+
+class PromptEncoder:
+    """Turns prompt text into token ids the same way for rollout and learner (chat template optional)."""
+
+    def __init__(self, tokenizer, apply_chat_template: bool, max_prompt_tokens: int):
+        self.tok = tokenizer
+        self.chat = apply_chat_template
+        self.max_len = max_prompt_tokens
+
+    def __call__(self, prompt: str) -> list[int]:
+        if self.chat:
+            ids = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_len:
+            raise ConfigError(
+                f"data.max_prompt_tokens: expected prompts of at most {self.max_len} tokens, got {len(ids)} for {prompt[:60]!r}"
+            )
+        return ids
+
+
+@dataclass
+class PromptCursor:
+    """Deterministic epoch-shuffled walk over the train split; the position is checkpointable."""
+
+    size: int
+    seed: int
+    position: int = 0  # prompts consumed so far
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return order
+
+    def next(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            epoch, offset = divmod(self.position, self.size)
+            order = self._order(epoch)
+            take = min(count - len(out), self.size - offset)
+            out.extend(order[offset : offset + take])
+            self.position += take
+        return out

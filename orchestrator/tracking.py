@@ -1,0 +1,90 @@
+"""MLflow tracking: one run per job (nested runs per phase are added by the RL-Extra schedule).
+
+The store is `tracking.tracking_uri` (default `sqlite:///mlflow.db` in the launch directory) unless
+`MLFLOW_TRACKING_URI` is set, which wins, so a team server is one environment variable away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class Tracker:
+    """Thin wrapper over the MLflow client API (no global active-run state, so it is thread-safe)."""
+
+    def __init__(self, cfg: DictConfig, run_name: str | None = None, resume_run_id: str | None = None):
+        self.enabled = bool(cfg.tracking.enabled)
+        self.run_id: str | None = None
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.tracking.tracking_uri)
+        if not self.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+        else:
+            name = run_name or cfg.tracking.get("run_name") or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
+            self.run_id = run.info.run_id
+
+    def log_config(self, cfg: DictConfig) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(resolved).items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_json(self, obj, artifact_file: str) -> None:
+        self.log_text(json.dumps(obj, indent=2, default=str), artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _data_name(cfg: DictConfig) -> str:
+    if cfg.data.source == "toy":
+        return f"toy_{cfg.data.toy.op}{cfg.data.toy.digits}"
+    return str(cfg.data.source)
+
