@@ -53,6 +53,23 @@ def _base_env(on_gpu: bool) -> dict:
     return env
 
 
+def rollout_actor_env(omp_threads: int = 1, on_gpu: bool = False) -> dict:
+    """Environment of a rollout actor: in-process vLLM engine, no torch.compile, few OMP threads."""
+    return _base_env(on_gpu) | {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "TORCH_COMPILE_DISABLE": "1",
+        "OMP_NUM_THREADS": str(omp_threads),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+
+
+def learner_actor_env(num_threads: int = 0, on_gpu: bool = False) -> dict:
+    env = _base_env(on_gpu)
+    if num_threads:
+        env["OMP_NUM_THREADS"] = str(num_threads)
+    return env
+
+
 @dataclass
 class ActorGroups:
     """The live actors of one job and the weight version the rollout engines hold."""
@@ -160,12 +177,7 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
     def strategy(i):
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
 
-    rollout_env = _base_env(bool(rc.num_gpus)) | {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "TORCH_COMPILE_DISABLE": "1",
-        "OMP_NUM_THREADS": str(rc.omp_threads),
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
+    rollout_env = rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))
     RolloutRemote = ray.remote(RolloutActor)
     rollouts = [
         RolloutRemote.options(
@@ -178,9 +190,7 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
         for i, spec in enumerate(rollout_specs)
     ]
 
-    learner_env = _base_env(bool(lc.num_gpus))
-    if lc.num_threads:
-        learner_env["OMP_NUM_THREADS"] = str(lc.num_threads)
+    learner_env = learner_actor_env(lc.num_threads, bool(lc.num_gpus))
     LearnerRemote = ray.remote(LearnerActor)
     offset = len(rollout_specs)
     # Rank 0 is placed first; its node's address becomes the rendezvous point for the process group.

@@ -1,0 +1,141 @@
+"""End to end: a short real job (Ray + vLLM + DeepSpeed + MLflow) whose metrics are read back from MLflow,
+and the CLI's handling of bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def small_job_overrides(cache_dir, tmp_path, steps=3) -> list[str]:
+    return [
+        f"model.cache_dir={cache_dir}",
+        "model.warm_start.steps=60",
+        "model.warm_start.batch_size=64",
+        "data.toy.num_train=2000",
+        "data.toy.num_eval=100",
+        f"trainer.total_steps={steps}",
+        "trainer.prompts_per_step=8",
+        "trainer.samples_per_prompt=4",
+        "trainer.eval_every=2",
+        "trainer.eval_prompts=16",
+        "trainer.eval_samples=2",
+        "trainer.progress=false",
+        f"trainer.output_dir={tmp_path / 'out'}",
+        "learner.micro_batch_size=16",
+        "rollout.kv_cache_mb=16",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=test-job",
+    ]
+
+
+@pytest.mark.slow
+def test_short_job_logs_to_mlflow(ray_session, cache_dir, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_job
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_cfg(small_job_overrides(cache_dir, tmp_path))
+    summary = run_job(cfg, str(tmp_path / "out"))
+
+    for key in ("rl_steps", "eval_accuracy_before", "eval_accuracy_after", "wall_time_s", "mlflow_run_id"):
+        assert key in summary
+    assert summary["rl_steps"] == 3
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["mlflow_run_id"] == summary["mlflow_run_id"]
+    hf_dir = Path(summary["final_checkpoint"])
+    assert hf_dir.name == "hf" and hf_dir.parent.name == "rl_step_3" and (hf_dir / "config.json").exists()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learner.zero_stage"] == "2" and run.data.params["algo.name"] == "grpo"
+    for name in ("train/reward_mean", "train/loss", "train/clip_frac", "train/kl_behaviour", "train/entropy",
+                 "train/response_length", "perf/tokens_per_s", "time/rollout_s", "time/reward_s",
+                 "time/learn_s", "time/sync_s"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2, 3], name
+    rewards = [m.value for m in client.get_metric_history(run.info.run_id, "train/reward_mean")]
+    assert all(0.0 <= r <= 1.0 for r in rewards)
+    evals = client.get_metric_history(run.info.run_id, "eval/avg_at_k")
+    assert sorted(m.step for m in evals) == [0, 2, 3]
+    versions = [m.value for m in client.get_metric_history(run.info.run_id, "perf/weight_version")]
+    assert versions == [1.0, 2.0, 3.0]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
+
+
+def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'cli.db'}")
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.train", f"hydra.run.dir={tmp_path / 'hydra'}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("learner.zero_stage=4", "learner.zero_stage"),
+        ("learner.dtype=fp8", "learner.dtype"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("algo.loss=nope", "algo.loss"),
+        ("trainer.prompts_per_step=5", "learner.micro_batch_size"),
+    ],
+)
+def test_cli_bad_value_fails_with_one_line(tmp_path, override, field):
+    proc = _run_cli([override], tmp_path)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {field}:"), proc.stderr
+    assert not (tmp_path / "cli.db").exists(), "nothing is written before the config is valid"
+
+
+def test_cli_unknown_key_is_rejected(tmp_path):
+    proc = _run_cli(["learner.zero_stag=3"], tmp_path)
+    assert proc.returncode != 0
+    assert "zero_stag" in proc.stderr
+
+
+def test_missing_data_file_names_the_file(tmp_path):
+    from orchestrator.config import ConfigError
+    from orchestrator.data import load_splits
+
+    cfg = compose_cfg(["model=hf", f"model.path={tmp_path}", "data=files",
+                       f"data.train_files={tmp_path / 'nope.jsonl'}", f"data.eval_files={tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(ConfigError, match="data.train_files: file not found"):
+        load_splits(cfg)
+
+
+def test_real_dataset_fields_are_mapped(tmp_path):
+    """jsonl and parquet files with other field names load through `datasets` into prompt/answer."""
+    import datasets
+
+    from orchestrator.config import ConfigError
+    from orchestrator.data import load_splits
+
+    rows = [{"question": f"What is {i}+{i}?", "solution": str(2 * i)} for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "eval.parquet"))
+    base = ["model=hf", f"model.path={tmp_path}", "data=files", f"data.train_files={tmp_path / 'train.jsonl'}",
+            f"data.eval_files={tmp_path / 'eval.parquet'}", "data.prompt_template={prompt} Answer:"]
+    train, evals = load_splits(compose_cfg(base + ["data.prompt_field=question", "data.answer_field=solution"]))
+    assert train[2] == {"prompt": "What is 2+2? Answer:", "answer": "4"}
+    assert len(evals) == 5 and evals.column_names == ["prompt", "answer"]
+    with pytest.raises(ConfigError, match="data.prompt_field: the train split has no field 'problem'"):
+        load_splits(compose_cfg(base + ["data.prompt_field=problem", "data.answer_field=solution"]))
