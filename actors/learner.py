@@ -275,19 +275,12 @@ class LearnerActor:
                     yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
 
     def export_weights(self, bucket_mb: float = 64.0):
-        """Full weights for the rollout sync: rank 0 returns [[(name, tensor), ...], ...] buckets."""
-        buckets, current, size = [], [], 0
-        limit = int(bucket_mb * 2**20)
-        for name, tensor in self.named_full_parameters():
-            if tensor is None:
-                continue
-            current.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                buckets.append(current)
-                current, size = [], 0
-        if current:
-            buckets.append(current)
+        """Full weights for the rollout sync: rank 0 returns [[(name, tensor), ...], ...] buckets that end only
+        at layer edges (vLLM's layer-wise reload needs each layer in one call); other ranks return None."""
+        from actors.rollout import bucket_by_layer
+
+        named = ((n, t) for n, t in self.named_full_parameters() if t is not None)
+        buckets = bucket_by_layer(named, bucket_mb)
         return buckets if self.rank == 0 else None
 
     # --------------------------------------------------------------------------------------- checkpoints

@@ -16,12 +16,46 @@ Choices (measured in `shared/notes/vllm-cpu.md`):
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from actors.types import RolloutResult, SamplingConfig
 
 EXTENSION = "actors.rollout.WeightSyncExtension"
+
+_LAYER_INDEX = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def layer_key(name: str) -> str:
+    """The unit a weight update must not split: a decoder layer (`...layers.N`), else the top-level module.
+
+    vLLM's layer-wise reload fuses checkpoint tensors into kernel tensors (q/k/v → qkv_proj, gate/up →
+    gate_up_proj) and processes a layer as soon as one reload call ends; a layer whose tensors straddle two
+    calls is processed half-loaded and its other part is garbage. So buckets end only between layers.
+    """
+    m = _LAYER_INDEX.match(name)
+    return m.group(1) if m else name.rsplit(".", 1)[0]
+
+
+def bucket_by_layer(named_tensors: Iterable, bucket_mb: float) -> list[list[tuple]]:
+    """Group (name, tensor) pairs into buckets of about `bucket_mb`, closing a bucket only at a layer edge."""
+    limit = int(bucket_mb * 2**20)
+    buckets: list[list[tuple]] = []
+    current: list[tuple] = []
+    size, key = 0, None
+    for name, tensor in named_tensors:
+        k = layer_key(name)
+        if current and k != key and size >= limit:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        key = k
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 class WeightSyncExtension:
@@ -129,7 +163,9 @@ class RolloutActor:
         return result
 
     def update_weights(self, buckets, version: int) -> dict:
-        """Load weights bucket by bucket (one RPC each), reset the prefix cache, bump the version."""
+        """Load weights bucket by bucket (one RPC each), reset the prefix cache, bump the version.
+
+        Buckets must not split a layer (see `bucket_by_layer`)."""
         start = time.perf_counter()
         loaded = 0
         for bucket in buckets:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.rollout import RolloutActor, RolloutSpec
+from actors.rollout import RolloutActor, RolloutSpec, bucket_by_layer, layer_key
 from actors.types import SamplingConfig
 
 pytestmark = pytest.mark.slow
@@ -83,9 +83,10 @@ def test_weight_update_changes_outputs_and_bumps_version(rollout, hf, ray_sessio
     # New weights: perturb every tensor, including the tied embedding (= the output head).
     gen = torch.Generator().manual_seed(0)
     new_state = {
-        name: p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()
+        name: 1.3 * p.detach() + 0.05 * torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()
     }
-    buckets = [list(new_state.items())[:5], list(new_state.items())[5:]]  # two buckets, two RPCs
+    buckets = bucket_by_layer(new_state.items(), bucket_mb=1e-6)  # one bucket (one RPC) per layer
+    assert len(buckets) > 3
     info = ray_session.get(rollout.update_weights.remote(buckets, v0 + 1))
     assert info["version"] == v0 + 1 and info["tensors"] == len(new_state)
 
@@ -106,3 +107,18 @@ def test_weight_update_changes_outputs_and_bumps_version(rollout, hf, ray_sessio
     result = ray_session.get(rollout.generate.remote(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=6, seed=2)))
     for pids, rids, lps in zip(result.prompt_ids, result.response_ids, result.logprobs):
         assert max(abs(a - b) for a, b in zip(lps, _hf_logprobs(model, pids, rids))) < 1e-4
+
+
+def test_buckets_never_split_a_layer():
+    names = ["model.embed_tokens.weight"] + [
+        f"model.layers.{i}.{part}" for i in range(3)
+        for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.up_proj.weight")
+    ] + ["model.norm.weight"]
+    named = [(n, torch.zeros(1024)) for n in names]  # 4 KiB each
+    buckets = bucket_by_layer(named, bucket_mb=4 / 1024)
+    assert [n for b in buckets for n, _ in b] == names
+    keys_per_bucket = [{layer_key(n) for n, _ in b} for b in buckets]
+    for a, b in zip(keys_per_bucket, keys_per_bucket[1:]):
+        assert not a & b, "a layer spans two buckets"
+    assert len(buckets) == 5  # embed, layer 0, layer 1, layer 2, norm
+    assert layer_key("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
