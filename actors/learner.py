@@ -166,11 +166,12 @@ class LearnerActor:
         dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
         config = ds_config(spec)
         if spec.zero_stage == 3:
-            # Partition at construction: no rank ever materialises the full model.
-            with deepspeed.zero.Init(config_dict_or_path=config):
-                model = AutoModelForCausalLM.from_pretrained(spec.model_path, torch_dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(spec.model_path, torch_dtype=dtype)
+            # transformers partitions at construction (zero.Init) and loads shard by shard when this object
+            # is alive during from_pretrained: no rank ever materialises the full model.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(config)
+        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False
         warmup = max(0, spec.warmup_steps)
 
@@ -260,8 +261,10 @@ class LearnerActor:
         import deepspeed
 
         module = self.engine.module
+        seen: set[int] = set()  # tied weights (embedding = output head) are exported once, under the first name
         for mod_name, mod in module.named_modules():
-            params = list(mod.named_parameters(recurse=False))
+            params = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for _, p in params)
             if not params:
                 continue
             ctx = (

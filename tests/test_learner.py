@@ -43,7 +43,7 @@ def _random_batch(model_path: str, batch: int = 16, seed: int = 0) -> TrainBatch
 def _reference_step(model_path: str, batch: TrainBatch, spec: LearnerSpec):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.train()
     logits = forward_response_logits(model, batch)
     logp, _ = response_logits_to_logp(logits, batch.responses, batch.temperature)
@@ -62,7 +62,7 @@ def _behaviour_logp(model_path: str, batch: TrainBatch) -> torch.Tensor:
     """Behaviour log-probs slightly off the current policy, so ratios differ from 1 and some clip."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     with torch.no_grad():
         logp, _ = response_logits_to_logp(forward_response_logits(model, batch), batch.responses, batch.temperature)
     gen = torch.Generator().manual_seed(1)

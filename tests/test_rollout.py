@@ -31,7 +31,7 @@ def hf(toy_model_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy_model_path)
-    model = AutoModelForCausalLM.from_pretrained(toy_model_path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(toy_model_path, dtype=torch.float32).eval()
     assert model.config.tie_word_embeddings
     return tok, model
 
