@@ -133,7 +133,7 @@ def test_real_dataset_fields_are_mapped(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "eval.parquet"))
     base = ["model=hf", f"model.path={tmp_path}", "data=files", f"data.train_files={tmp_path / 'train.jsonl'}",
-            f"data.eval_files={tmp_path / 'eval.parquet'}", "data.prompt_template={prompt} Answer:"]
+            f"data.eval_files={tmp_path / 'eval.parquet'}", "data.prompt_template='{prompt} Answer:'"]
     train, evals = load_splits(compose_cfg(base + ["data.prompt_field=question", "data.answer_field=solution"]))
     assert train[2] == {"prompt": "What is 2+2? Answer:", "answer": "4"}
     assert len(evals) == 5 and evals.column_names == ["prompt", "answer"]

@@ -1,0 +1,90 @@
+"""The embedded toy: deterministic data, the two procedures, the tokenizer, and the warm-start cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from orchestrator.toy_task import (
+    ToyTaskSpec,
+    build_tokenizer,
+    correct_result,
+    make_splits,
+    no_carry_result,
+    prepare_toy_model,
+    warm_start_text,
+    write_toy_dataset,
+)
+from verifiers import get_verifier
+
+
+def test_no_carry_procedure_is_subtly_wrong():
+    assert no_carry_result("add", 12, 34) == 46 == correct_result("add", 12, 34)  # no carry: both agree
+    assert no_carry_result("add", 58, 67) == 15 and correct_result("add", 58, 67) == 125
+    assert no_carry_result("mul", 47, 6) == 42 and correct_result("mul", 47, 6) == 282
+    assert no_carry_result("mul", 21, 3) == 63 == correct_result("mul", 21, 3)
+
+
+@pytest.mark.parametrize("op", ["add", "mul"])
+def test_splits_are_deterministic_and_disjoint(op):
+    spec = ToyTaskSpec(op=op, digits=2, num_train=300, num_eval=50, seed=7)
+    a, b = make_splits(spec), make_splits(spec)
+    assert a == b
+    assert make_splits(ToyTaskSpec(op=op, digits=2, num_train=300, num_eval=50, seed=8)) != a
+    eval_prompts = {r["prompt"] for r in a["eval"]}
+    assert len(eval_prompts) == 50 and not eval_prompts & {r["prompt"] for r in a["train"]}
+    sign = "+" if op == "add" else "*"
+    for row in a["train"][:20]:
+        x, y = row["prompt"].rstrip("=").split(sign)
+        assert row["answer"] == str(correct_result(op, int(x), int(y)))
+
+
+def test_warm_start_mixture_and_verifier():
+    spec = ToyTaskSpec(careful_fraction=0.3)
+    rng = random.Random(0)
+    samples = [warm_start_text(rng, spec) for _ in range(4000)]
+    careful = [s for s in samples if s[1].startswith("C")]
+    assert 0.27 < len(careful) / len(samples) < 0.33
+    score = get_verifier("arith")
+    for prompt, response in samples[:200]:
+        a, b = map(int, prompt.rstrip("=").split("+"))
+        ok = score(response, str(a + b))
+        assert ok == (1.0 if response[1:] == str(a + b) else 0.0)
+        if response.startswith("C"):
+            assert ok == 1.0
+
+
+def test_tokenizer_roundtrip_and_bos():
+    tok = build_tokenizer()
+    ids = tok("12+34=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 7
+    assert tok.decode(ids, skip_special_tokens=True) == "12+34="
+    assert tok.decode(tok("C46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], skip_special_tokens=True) == "C46"
+
+
+def test_bad_task_spec_names_the_field():
+    with pytest.raises(ValueError, match=r"^data.toy.op: expected one of \['add', 'mul'\], got 'div'$"):
+        make_splits(ToyTaskSpec(op="div"))
+
+
+def test_warm_start_is_cached_and_reused(toy_model_path, cache_dir):
+    from orchestrator.toy_task import TinyModelSpec, WarmStartSpec
+
+    calls = []
+    again = prepare_toy_model(
+        cache_dir, ToyTaskSpec(op="add", digits=2, num_train=2000, num_eval=100), TinyModelSpec(tie_word_embeddings=True),
+        WarmStartSpec(steps=60, batch_size=64, lr=3e-3), log=calls.append,
+    )
+    assert str(again) == toy_model_path and calls == []  # nothing rebuilt
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "rlextra_toy.json"):
+        assert (again / name).exists()
+
+
+def test_dataset_files_load_through_datasets(tmp_path):
+    import datasets
+
+    paths = write_toy_dataset(tmp_path, ToyTaskSpec(num_train=100, num_eval=20))
+    ds = datasets.load_dataset("json", data_files=str(paths["eval"]), split="train")
+    assert len(ds) == 20 and set(ds.column_names) == {"prompt", "answer"}
+    assert write_toy_dataset(tmp_path, ToyTaskSpec(num_train=100, num_eval=20)) == paths  # idempotent
