@@ -275,16 +275,26 @@ class LearnerActor:
             with ctx:
                 for pname, p in params:
                     name = f"{mod_name}.{pname}" if mod_name else pname
-                    yield name, (p.detach().to("cpu", copy=True) if self.rank == 0 else None)
+                    # Under ZeRO-3 the gathered tensor is freed on exit, so copy; otherwise a CPU view is enough
+                    # (the caller serialises it before the next optimizer step).
+                    if self.rank != 0:
+                        yield name, None
+                    elif self.spec.zero_stage == 3 or p.device.type != "cpu":
+                        yield name, p.detach().to("cpu", copy=True)
+                    else:
+                        yield name, p.detach()
 
     def export_weights(self, bucket_mb: float = 64.0):
         """Full weights for the rollout sync: rank 0 returns [[(name, tensor), ...], ...] buckets that end only
         at layer edges (vLLM's layer-wise reload needs each layer in one call); other ranks return None."""
-        from actors.rollout import bucket_by_layer
+        from actors.rollout import bucket_by_layer, to_transport
 
         named = ((n, t) for n, t in self.named_full_parameters() if t is not None)
         buckets = bucket_by_layer(named, bucket_mb)
-        return buckets if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        # numpy arrays go into Ray's object store without pickling and are read back zero-copy.
+        return [[(n, to_transport(t)) for n, t in bucket] for bucket in buckets]
 
     # --------------------------------------------------------------------------------------- checkpoints
 

@@ -39,6 +39,29 @@ def layer_key(name: str) -> str:
     return m.group(1) if m else name.rsplit(".", 1)[0]
 
 
+def to_transport(tensor):
+    """A tensor as a numpy array Ray can place in its object store without pickling (zero-copy on read).
+
+    numpy has no bfloat16: 16-bit float tensors travel as int16 views and carry their dtype name."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16).numpy(), str(t.dtype).removeprefix("torch.")
+    return t.numpy(), None
+
+
+def from_transport(array, dtype_name):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # arrays from the object store are read-only; vLLM copies them anyway
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(array)
+    return t.view(getattr(torch, dtype_name)) if dtype_name else t
+
+
 def bucket_by_layer(named_tensors: Iterable, bucket_mb: float) -> list[list[tuple]]:
     """Group (name, tensor) pairs into buckets of about `bucket_mb`, closing a bucket only at a layer edge."""
     limit = int(bucket_mb * 2**20)
@@ -65,7 +88,7 @@ class WeightSyncExtension:
         """Load a bucket [(name, tensor), ...] into the running model; returns how many were loaded."""
         import torch
 
-        weights = list(named_tensors)
+        weights = [(n, from_transport(*t) if isinstance(t, tuple) else t) for n, t in named_tensors]
         with torch.no_grad():
             self.reload_weights(weights_iterator=iter(weights))
             self.rlextra_refresh_tied_heads()

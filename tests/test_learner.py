@@ -12,6 +12,7 @@ import torch
 
 from actors.algorithms import policy_loss
 from actors.learner import LearnerActor, LearnerSpec, forward_response_logits, response_logits_to_logp
+from actors.rollout import from_transport
 from actors.types import TrainBatch
 from orchestrator.train import shard_batch
 
@@ -108,7 +109,7 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
     assert loss == pytest.approx(ref_loss, rel=1e-4, abs=1e-6)
     assert metrics[0].grad_norm == pytest.approx(ref_norm, rel=1e-3)
     assert metrics[0].clip_frac > 0, "the perturbed behaviour log-probs should clip some tokens"
-    weights = {name: t for bucket in exported[0] for name, t in bucket}
+    weights = {name: from_transport(*t) for bucket in exported[0] for name, t in bucket}
     assert set(weights) == set(ref_weights)
     for name, ref in ref_weights.items():
         assert weights[name].shape == ref.shape

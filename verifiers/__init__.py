@@ -13,7 +13,11 @@ looked up with :func:`get_verifier`. Importing this package registers the built-
 * ``math``  -- final-answer equivalence with the ``math-verify`` library
   (:mod:`verifiers.math_verifier`);
 * ``arith`` -- exact match of the last digit run, for the synthetic arithmetic
-  toy task (:mod:`verifiers.arith`).
+  toy task (:mod:`verifiers.arith`);
+* ``code`` / ``code_strict`` -- run the response's last Python block against
+  stdin or function tests in a sandbox (namespaces, rlimits, privilege drop):
+  fraction of tests passed / all-or-nothing (:mod:`verifiers.code`; toy tasks in
+  :mod:`verifiers.code_tasks`).
 
 A verifier registered with ``cheap=True`` is pure and fast (microseconds); the pool
 scores such verifiers in chunks of samples per worker task instead of one task per
@@ -108,3 +112,4 @@ def is_cheap(name: str) -> bool:
 # Register the built-ins (after the registry exists: the submodules import it).
 from . import arith as arith  # noqa: E402
 from . import math_verifier as math_verifier  # noqa: E402
+from . import code as code  # noqa: E402

@@ -1,0 +1,52 @@
+"""Shared helpers for the benchmarks: build models in code, start actors on a local Ray, print the JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+RESULTS = ROOT / "bench" / "results"
+
+# Model shapes built in code (no downloads). "100m" is a ~100M-parameter Qwen2.
+SHAPES = {
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=512),
+    "100m": dict(hidden_size=768, num_layers=14, num_heads=12, num_kv_heads=4, intermediate_size=2304),
+}
+
+
+def build_model_dir(shape: str, out_dir: Path) -> tuple[str, int]:
+    """A randomly initialised tied-embedding Qwen2 of the given shape with the toy tokenizer."""
+    from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
+
+    path = out_dir / f"model-{shape}"
+    tok = build_tokenizer()
+    model = build_tiny_model(TinyModelSpec(**SHAPES[shape]), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    if not (path / "config.json").exists():
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+    return str(path), n_params
+
+
+def start_ray(num_cpus: int = 8):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def emit(result: dict) -> None:
+    """The benchmark's result: one JSON object on the last line of stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(result), flush=True)
