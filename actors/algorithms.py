@@ -18,8 +18,8 @@ we return a finite, documented value instead; those places are:
   rewards 0.9330 / 0.9361 give -0.7067905 here, the exact value, and -0.7068039 in verl); for a group whose
   rewards are all equal it gives exactly 0, where verl's float32 ``torch.mean`` can leave a residual that the
   division by ``std + eps = eps`` (or RF++-baseline's global whitening) then amplifies.
-* ``gspo``: verl always aggregates with ``seq-mean-token-mean`` and ignores its ``loss_agg_mode``; we use
-  that by default but honour an explicit ``agg``.
+* ``gspo``: defaults to ``seq-mean-token-mean`` aggregation (as the GSPO paper and verl's recipes do);
+  an explicit ``agg`` is honoured, as verl 0.9.1 honours its ``loss_agg_mode``.
 * ``agg_loss("seq-mean-token-sum-norm")`` follows the *latest* verl: mean over non-empty sequences of the
   token sum, divided by ``loss_scale_factor`` (default ``T``). Older verl divided the *batch sum* by ``T``
   (no 1/B factor); the two differ by a factor of B.
@@ -323,15 +323,16 @@ def drgrpo_advantages(rewards: Tensor, group_ids: Tensor, response_mask: Tensor,
 
 @torch.no_grad()
 def reinforce_pp_advantages(rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0) -> Tensor:
-    """REINFORCE++ advantage (verl ``compute_reinforce_plus_plus_outcome_advantage``).
+    """REINFORCE++ advantage (verl 0.9.1 ``compute_reinforce_plus_plus_outcome_advantage``).
 
     The reward of each response is placed on its last valid token (as verl's reward managers do), the
-    discounted return-to-go is taken with verl's recurrence
-    ``ret[t] = rew[t] + gamma * mask[t+1] * ret[t+1]`` (the return is reset at masked positions), and the
-    returns are whitened over all valid tokens of the batch (``masked_whiten``), then masked.
+    discounted return-to-go is taken with verl's recurrence, in which masked positions (observation tokens
+    inside a response) get return 0 and carry the running return through unchanged, so ``gamma`` applies
+    once per *valid* token; the returns are whitened over all valid tokens of the batch (``masked_whiten``),
+    then masked.
 
     Vectorised: with a single reward ``r`` at the last valid token ``L``, the recurrence has the closed
-    form ``ret[t] = r * gamma**(L - t) * prod_{s=t+1..L} mask[s]`` for ``t <= L`` and 0 after ``L``,
+    form ``ret[t] = r * gamma**(#valid tokens in (t, L]) * mask[t]`` for ``t <= L`` and 0 after ``L``,
     so there is no Python loop over the response length. Empty rows get advantage 0.
 
     Args:
@@ -345,18 +346,12 @@ def reinforce_pp_advantages(rewards: Tensor, response_mask: Tensor, *, gamma: fl
     _check_outcome_inputs(rewards, response_mask)
     dtype = _out_dtype(rewards)
     mask = response_mask.to(dtype)
-    seq_len = mask.shape[-1]
-    pos = torch.arange(seq_len, device=mask.device)
-    # Index of the last valid token; -1 for an empty response (no reward placed, all returns 0).
-    last = torch.where(response_mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=-1, keepdim=True)
-    upto_last = pos <= last
-    # prod_{s>t, s<=L} mask[s]: suffix products of the mask with everything after L set to 1.
-    mask_upto = torch.where(upto_last, mask, torch.ones_like(mask))
-    suffix = torch.flip(torch.cumprod(torch.flip(mask_upto, dims=[-1]), dim=-1), dims=[-1])
-    suffix_after = torch.cat([suffix[:, 1:], torch.ones_like(suffix[:, :1])], dim=-1)
-    discount = torch.pow(torch.tensor(gamma, dtype=dtype, device=mask.device), (last - pos).clamp(min=0).to(dtype))
-    returns = rewards.detach().to(dtype).unsqueeze(-1) * discount * suffix_after
-    returns = torch.where(upto_last, returns, torch.zeros_like(returns))
+    # Every valid token is at or before the last valid one, so suffix sums of the mask count the valid
+    # tokens in [t, L]; minus the token itself gives the discount exponent.
+    valid_from_t = torch.flip(torch.cumsum(torch.flip(mask, dims=[-1]), dim=-1), dims=[-1])
+    exponent = (valid_from_t - mask).clamp(min=0)
+    discount = torch.pow(torch.tensor(gamma, dtype=dtype, device=mask.device), exponent)
+    returns = rewards.detach().to(dtype).unsqueeze(-1) * discount * mask
     return masked_whiten(returns, mask) * mask
 
 
@@ -592,8 +587,7 @@ def gspo_loss(
         advantages: `(torch.Tensor)` shape (bs, response_length).
         response_mask: `(torch.Tensor)` shape (bs, response_length).
         clip_low / clip_high: `(float)` sequence-ratio clip range (GSPO's defaults 3e-4 / 4e-4).
-        agg: `(str)` aggregation; verl always uses ``seq-mean-token-mean`` and ignores its argument, we
-            default to it but honour an explicit choice.
+        agg: `(str)` aggregation; defaults to ``seq-mean-token-mean``, an explicit choice is honoured.
         clip_ratio_c: `(float)` unused (GSPO has no dual clip); accepted for a uniform signature.
         agg_kwargs: `(Mapping, optional)` extra keyword arguments of ``agg_loss``.
 

@@ -43,6 +43,8 @@ class LearnerSpec:
     clip_high: float = 0.2
     clip_ratio_c: float = 3.0
     loss_agg: str = "token-mean"
+    kl_coef: float = 0.0  # > 0: add kl_coef * KL(policy || reference) to the loss; each rank holds a frozen reference
+    kl_kind: str = "k3"  # k1 | k2 | k3
     num_threads: int = 0  # torch threads per rank; 0 = leave the default
     backend: str = "auto"  # auto | gloo | nccl
     seed: int = 0
@@ -186,7 +188,22 @@ class LearnerActor:
         )
         self.engine.train()
         self.device = device
+        self.reference = self._build_reference(config, dtype) if spec.kl_coef > 0 else None
         return {"rank": self.rank, "device": device, "backend": backend, "pid": os.getpid()}
+
+    def _build_reference(self, config: dict, dtype):
+        """The frozen initial policy for the KL term, partitioned like the policy under ZeRO-3."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
+        ref.eval().requires_grad_(False)
+        if self.spec.zero_stage == 3:
+            ref_config = {k: v for k, v in config.items() if k not in ("optimizer", "gradient_clipping")}
+            ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_config)
+            ref_engine.eval()
+            return ref_engine
+        return ref.to(self.engine.device)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -194,7 +211,7 @@ class LearnerActor:
         """One optimizer step over this rank's shard (micro-batched, gradients accumulated)."""
         import torch
 
-        from actors.algorithms import policy_loss
+        from actors.algorithms import agg_loss, kl_penalty, policy_loss
 
         spec, engine = self.spec, self.engine
         n = len(batch)
@@ -203,7 +220,7 @@ class LearnerActor:
         batch = _to_device(batch, engine.device)
         total_tokens = float(batch.response_mask.sum().clamp(min=1))
         token_weighted = spec.loss_agg == "token-mean"
-        sums = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0}
+        sums = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl_ref": 0.0}
         for start in range(0, n, spec.micro_batch_size):
             micro = batch.slice(start, start + spec.micro_batch_size)
             logits = forward_response_logits(engine, micro)
@@ -220,6 +237,14 @@ class LearnerActor:
                 clip_ratio_c=spec.clip_ratio_c,
                 agg=spec.loss_agg,
             )
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = response_logits_to_logp(
+                        forward_response_logits(self.reference, micro), micro.responses, micro.temperature
+                    )
+                kl = agg_loss(kl_penalty(logp, ref_logp, spec.kl_kind), mask, spec.loss_agg)
+                loss = loss + spec.kl_coef * kl
+                metrics["kl_ref"] = float(kl.detach())
             # Weight each micro-batch so the accumulated loss equals the aggregate over the whole shard;
             # DeepSpeed divides by the accumulation steps, so multiply that back in.
             share = float(mask.sum()) / total_tokens if token_weighted else len(micro) / n
@@ -229,6 +254,7 @@ class LearnerActor:
             sums["loss"] += float(loss.detach()) * share
             sums["clip_frac"] += float(metrics.get("clip_frac", 0.0)) * tok_share
             sums["ppo_kl"] += float(metrics.get("ppo_kl", 0.0)) * tok_share
+            sums["kl_ref"] += float(metrics.get("kl_ref", 0.0)) * share
             with torch.no_grad():
                 sums["entropy"] += float((entropy * mask).sum()) / total_tokens
         self.steps_done += 1
@@ -241,6 +267,7 @@ class LearnerActor:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=float(engine.get_lr()[0]),
             num_tokens=int(total_tokens),
+            extra={"kl_ref": sums["kl_ref"]} if self.reference is not None else {},
         )
 
     @torch_no_grad_method
@@ -337,6 +364,7 @@ class LearnerActor:
             pass
         self.engine = None
         self.optimizer = None
+        self.reference = None
         gc.collect()
         try:
             if dist.is_initialized():

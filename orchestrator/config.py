@@ -117,6 +117,9 @@ def validate(cfg: DictConfig) -> None:
     _float(cfg, "algo.clip_low", lo=0, hi=1)
     _float(cfg, "algo.clip_high", lo=0)
     _float(cfg, "algo.clip_ratio_c", lo=1, lo_open=True)
+    _float(cfg, "algo.gamma", lo=0, hi=1)
+    _float(cfg, "algo.kl_coef", lo=0)
+    _choice(cfg, "algo.kl_kind", ["k1", "k2", "k3"])
 
     r = "rollout"
     _int(cfg, f"{r}.num_actors", lo=1)
@@ -183,6 +186,8 @@ def learner_spec(cfg: DictConfig, model_path: str) -> LearnerSpec:
         clip_high=float(algo.clip_high),
         clip_ratio_c=float(algo.clip_ratio_c),
         loss_agg=algo.loss_agg,
+        kl_coef=float(algo.kl_coef),
+        kl_kind=algo.kl_kind,
         num_threads=lc.num_threads,
         backend=lc.backend,
         seed=cfg.seed,

@@ -176,6 +176,7 @@ class Job:
             torch.tensor(result.prompt_index, dtype=torch.long),
             batch.response_mask,
             eps=float(cfg.algo.eps),
+            gamma=float(cfg.algo.gamma),
         ).float()
         metrics_per_rank = self.groups.train_step(shard_batch(batch, self.learner_spec.world_size))
         times["time/learn_s"] = time.perf_counter() - t
@@ -195,6 +196,7 @@ class Job:
             "train/clip_frac": _mean(x.clip_frac for x in metrics_per_rank),
             "train/kl_behaviour": _mean(x.ppo_kl for x in metrics_per_rank),
             "train/entropy": _mean(x.entropy for x in metrics_per_rank),
+            "train/kl_ref": _mean(x.extra["kl_ref"] for x in metrics_per_rank) if cfg.algo.kl_coef > 0 else None,
             "train/grad_norm": metrics_per_rank[0].grad_norm,
             "train/lr": metrics_per_rank[0].lr,
             "perf/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
@@ -267,6 +269,7 @@ class Job:
             "final_checkpoint": final_ckpt,
             "model_path": self.model_path,
         }
+        os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, "summary.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=2)

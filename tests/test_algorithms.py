@@ -92,9 +92,10 @@ def ref_rfpp(scores, mask, gamma):
         ret = [0.0] * len(row)
         running = 0.0
         for t in reversed(range(len(row))):
-            running = rew[t] + gamma * running
-            ret[t] = running
-            running = running * row[t]  # verl: reset after EOS
+            new_running = rew[t] + gamma * running
+            ret[t] = new_running * row[t]
+            # verl 0.9.1: a masked (observation) token carries the running return through unchanged
+            running = new_running if row[t] else running
         returns.append(ret)
     w = ref_masked_whiten(returns, mask)
     return [[a * m for a, m in zip(ra, rm)] for ra, rm in zip(w, mask)]
@@ -276,7 +277,7 @@ def test_reinforce_pp_hand_values():
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
 def test_reinforce_pp_matches_loop_reference(gamma):
     g, mask = random_batch(2, B=10, T=9)
-    mask[4, 3] = 0  # a gap inside a response (e.g. masked tool output): verl's loop resets there
+    mask[4, 3] = 0  # a gap inside a response (e.g. masked tool output): verl carries the return across it
     mask[6] = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0, 0], dtype=F64)
     rewards = torch.randn(10, generator=g, dtype=F64)
     adv = reinforce_pp_advantages(rewards, mask, gamma=gamma)

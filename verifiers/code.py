@@ -75,7 +75,9 @@ verifier's user, normally root):
    program spawned, setsid'd or not).
 
 The verifier waits ``wall_s`` (a pidfd, no polling), then SIGKILLs the launcher's
-process group, which takes init and so the whole namespace with it. Each layer
+process group, which takes init and so the whole namespace with it, and waits (at
+most 2 s) on a pidfd of init, which only signals once the kernel has killed and
+reaped every process of the namespace: when ``score`` returns, nothing is left. Each layer
 degrades independently where the kernel refuses it, and :func:`isolation_report`
 says what is in effect: without a PID namespace, leftovers are killed by uid
 (``kill(-1, SIGKILL)`` from a helper running as the sandbox uid); without a mount
@@ -179,13 +181,17 @@ DEFAULT_LIMITS = SandboxLimits()
 
 #: Seconds a run may take beyond ``wall_s`` (launch, kill, reap); used by
 #: :func:`pool_timeout_s` and as the tests' margin.
-RUN_OVERHEAD_S = 1.0
+RUN_OVERHEAD_S = 2.0
 
 # The sandbox uid/gid is UID_BASE + launcher pid: unique among live sandboxes.
 UID_BASE = 1_000_000
 _MARKER = "@@rlextra-result@@"
+# After a wall-time kill, how long to wait for the kernel to empty the PID namespace.
+_REAP_WAIT_S = 2.0
 _SANDBOX_DIR = "/tmp/sandbox"
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+#: namespaces the launcher asks for (each only where the kernel allows it).
+ALL_NAMESPACES = ("net", "pid", "mount", "ipc", "uts")
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,10 @@ libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.syscall.restype = ctypes.c_long
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
 NS = {"net": 0x40000000, "pid": 0x20000000, "mount": 0x00020000, "ipc": 0x08000000, "uts": 0x04000000}
+ALL_NS, NS = NS, {k: v for k, v in NS.items() if k in C["namespaces"]}
 CLONE_NEWUSER = 0x10000000
 
 def err():
@@ -260,10 +267,10 @@ def sweep_uid(uid):
 st = {"root": os.geteuid() == 0, "userns": False, "uid": None, "errors": []}
 die_with_parent(C["ppid"])
 signal.alarm(C["backstop_s"])
-ns = dict.fromkeys(NS, False)
+ns = dict.fromkeys(ALL_NS, False)
 if st["root"]:
     if libc.unshare(sum(NS.values())) == 0:
-        ns = dict.fromkeys(NS, True)
+        ns.update(dict.fromkeys(NS, True))
     else:
         st["errors"].append("unshare(all): " + err())
         for k, f in NS.items():
@@ -277,18 +284,24 @@ else:
             with open("/proc/self/uid_map", "w") as f: f.write("0 %d 1" % uid)
             with open("/proc/self/gid_map", "w") as f: f.write("0 %d 1" % gid)
             st["userns"] = True
-            ns = dict.fromkeys(NS, True)
+            ns.update(dict.fromkeys(NS, True))
         except OSError as e:
             st["errors"].append("userns maps: %s" % e)
     else:
         st["errors"].append("unshare(user): " + err())
 st.update({k + "ns": v for k, v in ns.items()})
 launcher_pid = os.getpid()
+if not ns["pid"]:  # orphans of the program become our children, not the host init's
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 U = st["uid"]
 sfd = C["status_fd"]
 
 def init():
     die_with_parent(None if ns["pid"] else launcher_pid)
+    os.close(C["initpid_fd"])
+    os.close(go_w)
+    os.read(go_r, 1)  # EOF once the launcher has recorded our host pid
+    os.close(go_r)
     signal.signal(signal.SIGALRM, lambda *a: os._exit(137))  # PID 1 ignores default actions
     signal.alarm(C["backstop_s"])
     files = {}
@@ -345,6 +358,11 @@ def init():
             f.write(data)
         os.chmod(p, 0o444)
     st["cwd"] = cwd
+    st["no_new_privs"] = True  # set in the child below (it exits 127 if that fails)
+    try:  # before the program starts: a fork bomb must not starve this write
+        os.write(sfd, json.dumps(st).encode())
+    except OSError:
+        pass
     L = C["limits"]
     child = os.fork()
     if child == 0:
@@ -372,12 +390,7 @@ def init():
             traceback.print_exc()
         finally:
             os._exit(127)
-    st["no_new_privs"] = True
-    try:
-        os.write(sfd, json.dumps(st).encode())
-        os.close(sfd)
-    except OSError:
-        pass
+    os.close(sfd)
     code = 127
     while True:  # reap everything; stop when the program itself exits
         try:
@@ -390,6 +403,7 @@ def init():
             break
     os._exit(code)  # as PID 1: the kernel kills whatever is left in the namespace
 
+go_r, go_w = os.pipe()
 pid = os.fork()
 if pid == 0:
     try:
@@ -398,10 +412,20 @@ if pid == 0:
         traceback.print_exc()
     os._exit(126)
 os.close(sfd)
-_, status = os.waitpid(pid, 0)
+os.close(go_r)
+os.write(C["initpid_fd"], str(pid).encode())  # for the verifier's kill path
+os.close(C["initpid_fd"])
+os.close(go_w)  # let init go on
+_, status = os.waitpid(pid, 0)  # returns once init's namespace is empty
 code = os.waitstatus_to_exitcode(status)
-if U is not None and not ns["pid"]:
-    sweep_uid(U)
+if not ns["pid"]:
+    if U is not None:
+        sweep_uid(U)
+    while True:  # reap adopted orphans (after the sweep: all dead)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
 os._exit(128 - code if code < 0 else code)
 '''
 
@@ -506,6 +530,28 @@ def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
     return data[:cap], len(data) > cap
 
 
+def _poll_fd(fd: int, timeout: float) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if p.poll(max(1, int(left * 1000))):
+            return True
+
+
+def _pidfd_of_init(path: str) -> int | None:
+    """A pidfd of the sandbox's init (its host pid was written by the launcher), or None."""
+    try:
+        with open(path, "rb") as f:
+            pid = int(f.read() or b"0")
+        return os.pidfd_open(pid) if pid > 0 else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
     """Wait up to ``timeout`` s for ``proc`` to exit WITHOUT reaping it (so its pid,
     hence its process-group id, cannot be reused before we killpg it)."""
@@ -515,15 +561,7 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
         fd = None
     if fd is not None:
         try:
-            p = select.poll()
-            p.register(fd, select.POLLIN)
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                if p.poll(max(1, int(left * 1000))):
-                    return True
+            return _poll_fd(fd, timeout)
         finally:
             os.close(fd)
     deadline = time.monotonic() + timeout
@@ -542,7 +580,7 @@ def _sweep(uid: int) -> None:
     try:
         subprocess.run([sys.executable, "-I", "-S", "-c", _SWEEP, str(uid)], env={},
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=10)
+                       stderr=subprocess.DEVNULL, timeout=5)
     except Exception:
         pass
 
@@ -552,12 +590,16 @@ def run_program(
     argv: Sequence[str],
     stdin: str | bytes = b"",
     limits: SandboxLimits = DEFAULT_LIMITS,
+    *,
+    namespaces: Sequence[str] = ALL_NAMESPACES,
 ) -> RunResult:
     """Run ``python -I -S *argv`` in a fresh sandbox holding ``files`` (name -> text).
 
     ``argv`` is relative to the sandbox cwd (e.g. ``["solution.py"]``). Returns
     within about ``limits.wall_s`` + 0.3 s whatever the program does; the whole
     process tree is dead when it returns. Never raises for anything the program does.
+    ``namespaces`` restricts which namespaces are requested (to exercise the
+    fallbacks in tests); the default requests all that the kernel allows.
     """
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", "surrogateescape")
@@ -577,19 +619,21 @@ def run_program(
             paths[name] = os.path.join(src, name)
             with open(paths[name], "w", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(text)
-        io_paths = {k: os.path.join(workdir, k) for k in ("stdin", "stdout", "stderr", "status")}
+        io_paths = {k: os.path.join(workdir, k)
+                    for k in ("stdin", "stdout", "stderr", "status", "initpid")}
         with open(io_paths["stdin"], "wb") as f:
             f.write(stdin)
         fds = {}
         try:
             fds["stdin"] = os.open(io_paths["stdin"], os.O_RDONLY)
-            for k in ("stdout", "stderr", "status"):
+            for k in ("stdout", "stderr", "status", "initpid"):
                 fds[k] = os.open(io_paths[k], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             cfg = {
                 "ppid": os.getpid(),
                 "backstop_s": int(math.ceil(limits.wall_s)) + 2,
                 "uid_base": UID_BASE,
                 "status_fd": fds["status"],
+                "initpid_fd": fds["initpid"],
                 "files": paths,
                 "workdir": workdir,
                 "sandbox_dir": _SANDBOX_DIR,
@@ -598,21 +642,28 @@ def run_program(
                 "argv": list(argv),
                 "env": dict(_ENV),
                 "limits": asdict(limits),
+                "namespaces": list(namespaces),
             }
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)],
                 stdin=fds["stdin"], stdout=fds["stdout"], stderr=fds["stderr"],
-                pass_fds=(fds["status"],), env={}, cwd=workdir, start_new_session=True,
+                pass_fds=(fds["status"], fds["initpid"]), env={}, cwd=workdir, start_new_session=True,
                 close_fds=True,
             )
         finally:
             for fd in fds.values():
                 os.close(fd)
         timed_out = not _wait_exit(proc, limits.wall_s)
+        init_fd = _pidfd_of_init(io_paths["initpid"]) if timed_out else None
         try:  # the launcher is not reaped yet: its process-group id is still ours
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # launcher + init (+ program unless setsid'd)
         except (ProcessLookupError, PermissionError):
             pass
+        if init_fd is not None:  # init's exit completes once its PID namespace is empty
+            try:
+                _poll_fd(init_fd, _REAP_WAIT_S)
+            finally:
+                os.close(init_fd)
         proc.wait()
         try:
             with open(io_paths["status"], "rb") as f:
