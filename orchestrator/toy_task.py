@@ -54,6 +54,15 @@ class ToyTaskSpec:
             raise ValueError(f"data.toy.careful_fraction: expected a number in (0, 1), got {self.careful_fraction!r}")
         if self.num_train < 1 or self.num_eval < 1:
             raise ValueError("data.toy.num_train / num_eval: expected positive integers")
+        if self.num_eval >= self.distinct_problems():
+            raise ValueError(
+                f"data.toy.num_eval: expected fewer than the {self.distinct_problems()} distinct "
+                f"{self.digits}-digit problems (some must be left for training), got {self.num_eval}"
+            )
+
+    def distinct_problems(self) -> int:
+        first = 9 * 10 ** (self.digits - 1)
+        return first * (first if self.op == "add" else 8)
 
 
 # ----------------------------------------------------------------------------------------------- arithmetic

@@ -24,10 +24,11 @@ def compose_cfg(overrides: list[str]):
 def small_job_overrides(cache_dir, tmp_path, steps=3) -> list[str]:
     return [
         f"model.cache_dir={cache_dir}",
-        "model.warm_start.steps=60",
+        "model.warm_start.steps=120",
         "model.warm_start.batch_size=64",
         "data.toy.num_train=2000",
-        "data.toy.num_eval=100",
+        "data.toy.num_eval=40",
+        "data.toy.digits=1",
         f"trainer.total_steps={steps}",
         "trainer.prompts_per_step=8",
         "trainer.samples_per_prompt=4",

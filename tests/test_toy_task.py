@@ -68,13 +68,18 @@ def test_bad_task_spec_names_the_field():
         make_splits(ToyTaskSpec(op="div"))
 
 
+def test_eval_split_larger_than_the_problem_space_is_refused():
+    with pytest.raises(ValueError, match=r"^data.toy.num_eval: expected fewer than the 81 distinct 1-digit problems"):
+        make_splits(ToyTaskSpec(digits=1, num_eval=100))
+
+
 def test_warm_start_is_cached_and_reused(toy_model_path, cache_dir):
     from orchestrator.toy_task import TinyModelSpec, WarmStartSpec
 
     calls = []
     again = prepare_toy_model(
-        cache_dir, ToyTaskSpec(op="add", digits=2, num_train=2000, num_eval=100), TinyModelSpec(tie_word_embeddings=True),
-        WarmStartSpec(steps=60, batch_size=64, lr=3e-3), log=calls.append,
+        cache_dir, ToyTaskSpec(op="add", digits=1, num_train=2000, num_eval=40), TinyModelSpec(tie_word_embeddings=True),
+        WarmStartSpec(steps=120, batch_size=64, lr=3e-3), log=calls.append,
     )
     assert str(again) == toy_model_path and calls == []  # nothing rebuilt
     for name in ("config.json", "model.safetensors", "tokenizer.json", "rlextra_toy.json"):

@@ -45,65 +45,86 @@ the forms above, or has no tests, scores 0.0; ``score`` never raises.
 
 Sandbox (one process tree per test, see :func:`run_program`)
 ------------------------------------------------------------
-The verifier launches ``python -I -S -c <launcher>`` with an empty environment, in a
-fresh temporary directory, as a new session/process group, with stdin/stdout/stderr
-redirected to files of that directory (output is read back up to
-``limits.output_bytes``; more fails the test). The launcher (running as the
-verifier's user, normally root):
+The verifier starts ``<this python> -I -S -c <launcher>`` with an EMPTY environment,
+as a new session / process group, cwd ``/``. The program's source, stdin, stdout and
+stderr are unlinked temporary files passed as file descriptors (nothing on the host
+file system to clean up or to leak, even if the verifier is killed); stdout is read
+back up to ``limits.output_bytes`` (more fails the test) and is bounded on disk by
+``RLIMIT_FSIZE``. The launcher (running as the verifier's user, normally root):
 
 1. asks for ``PR_SET_PDEATHSIG`` = SIGKILL (dies with the verifier) and arms an
    ``alarm`` backstop of ``wall_s + 2`` s;
 2. ``unshare``\\ s new **network** (only a down loopback: no connection leaves the
    sandbox, not even to 127.0.0.1), **PID**, **mount**, IPC and UTS namespaces
-   (via ``libc.unshare``: ``os.unshare`` only exists from Python 3.12). As non-root
-   it tries the same inside a new **user** namespace;
-3. forks the namespace's init (PID 1). Init makes every mount private, mounts a
-   fresh ``/proc`` (only the sandbox's processes are visible), mounts empty tmpfs
-   over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run`` (hides host sockets such as
-   Ray's), makes the **whole mount tree read-only** and ``nosuid`` with one
-   ``mount_setattr(AT_RECURSIVE)`` call, then mounts a ``limits.disk_mb`` tmpfs at
-   ``/tmp/sandbox`` owned by the sandbox uid: the only writable place, and the cwd;
+   (via ``libc.unshare`` with ctypes: ``os.unshare`` only exists from Python 3.12).
+   Not root: it asks for the same inside a new **user** namespace instead;
+3. forks the namespace's init (PID 1, root, parent-death signal too). Init makes
+   every mount private, mounts a fresh ``/proc`` (only the sandbox's own processes
+   are visible), mounts empty tmpfs over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
+   ``/run`` (hides host sockets such as Ray's), makes the **whole mount tree
+   read-only** and ``nosuid`` with one ``mount_setattr(AT_RECURSIVE)`` call (Linux
+   >= 5.12), then mounts a fresh ``limits.disk_mb`` tmpfs at ``/tmp/sandbox`` owned
+   by the sandbox uid: the only writable place, and the program's cwd;
 4. init forks the program: ``setrlimit`` (CPU, address space, file size, open
    files, processes, no core dumps; hard = soft), ``setgroups([])`` +
    ``setresgid``/``setresuid`` to an unprivileged uid/gid **unique to this run**
-   (``1_000_000 + launcher pid``, so ``RLIMIT_NPROC``, ``kill(-1)`` and file
+   (``UID_BASE + launcher pid``, so ``RLIMIT_NPROC``, ``kill(-1)`` and file
    ownership are per sandbox, not shared by concurrent sandboxes),
-   ``PR_SET_NO_NEW_PRIVS`` (setuid binaries cannot regain root), then ``execve``
-   of the sandbox interpreter with env ``PATH=/usr/bin:/bin, LANG=C.UTF-8`` only;
-5. init reaps zombies until the program exits and exits with its status; the
+   ``PR_SET_NO_NEW_PRIVS`` (setuid binaries cannot regain root), then ``execve`` of
+   :func:`sandbox_python` ``-I -S`` (stdlib only) with env
+   ``PATH=/usr/bin:/bin, LANG=C.UTF-8`` and only fds 0-2 open;
+5. init reaps zombies until the program exits, then exits with its status; the
    kernel then SIGKILLs every process left in the PID namespace (children the
-   program spawned, setsid'd or not).
+   program spawned, setsid'd or not) and reaps them before init's exit completes.
 
-The verifier waits ``wall_s`` (a pidfd, no polling), then SIGKILLs the launcher's
-process group, which takes init and so the whole namespace with it, and waits (at
-most 2 s) on a pidfd of init, which only signals once the kernel has killed and
-reaped every process of the namespace: when ``score`` returns, nothing is left. Each layer
-degrades independently where the kernel refuses it, and :func:`isolation_report`
-says what is in effect: without a PID namespace, leftovers are killed by uid
-(``kill(-1, SIGKILL)`` from a helper running as the sandbox uid); without a mount
-namespace the program runs in a private 0700 directory of the host temp dir owned
-by its uid (it can then write other world-writable places such as ``/tmp``);
-without a network namespace there is NO network isolation (no seccomp fallback is
-used: no well-maintained libseccomp binding is installed here; ``pyseccomp`` is
-unmaintained since 2021).
+The verifier waits ``wall_s`` (on a pidfd), then SIGKILLs the launcher's process
+group, which includes init (so the whole namespace goes), and waits (at most 2 s)
+on a pidfd of init, which only signals once the kernel has emptied the namespace:
+when ``run_program`` returns, nothing of the sandbox runs any more. Exit status:
+0 passes; 128+N means killed by signal N.
 
-Not guaranteed: memory is limited per process (``RLIMIT_AS``), so a program may use
-up to ``processes * memory_mb`` in total (plus ``disk_mb`` of tmpfs); CPU time per
-process; the program can read every world-readable file of the host (but not
-``/root`` or root's 0600 files) and can see the kernel version, CPU count, etc.;
-no protection against kernel exploits (no seccomp, no VM).
+Each layer degrades on its own where the kernel refuses it, and
+:func:`isolation_report` (and ``RunResult.isolation``) says what is in effect.
+Without a PID namespace the launcher is a child subreaper and, as root, leftovers
+are killed by uid (``kill(-1, SIGKILL)`` from a helper running as the sandbox uid);
+without a mount namespace the program runs in a private 0700 directory of the host
+temp dir owned by its uid, removed afterwards (it can then also write other
+world-writable places such as ``/tmp``); without a network namespace there is NO
+network isolation: no seccomp fallback is used (no maintained libseccomp binding
+is installed; ``pyseccomp`` on PyPI is unmaintained since 2021). Not root and no
+user namespace: no privilege drop, no uid sweep (rlimits, empty env and process
+group kill only).
 
-Interaction with ``ScoringPool``'s timeout: one sample runs its tests one after the
-other, each bounded by ``wall_s`` plus launch/kill overhead (~0.1-0.3 s). Give the
-pool ``timeout_s >= pool_timeout_s(max_tests, limits)`` so that the sandbox's own
-limits are what fire; if the pool's timeout fires instead the sample scores 0.0 and
-the launchers die with their worker (parent-death signal), so nothing leaks.
+Not guaranteed: memory is limited per process (``RLIMIT_AS``), so a sandbox may use
+up to ``processes * memory_mb`` in total (plus ``disk_mb`` of tmpfs, which is RAM);
+CPU time is per process, and programs are not niced (they compete with the host
+for CPU during ``wall_s``); the program can read every world-readable file of the
+host (not ``/root`` nor root's 0600 files) and see the kernel version, CPU count,
+etc.; concurrent sandboxes share nothing but the read-only file system; there is
+no protection against kernel exploits (no seccomp filter, no VM): this is process
+isolation for buggy or mildly hostile model output, not a security boundary for
+targeted attacks.
+
+Interaction with ``ScoringPool``'s timeout: a sample runs its tests one after the
+other, each bounded by ``wall_s`` plus launch/kill overhead (~0.1 s, worst case 2 s).
+Give the pool ``timeout_s >= pool_timeout_s(max_tests, limits)`` (= ``max_tests *
+(wall_s + 2)``) so that the sandbox's own limits are what fire; if the pool's
+deadline fires first the sample scores 0.0, the worker is killed and the sandbox
+dies with it through the parent-death signals (within milliseconds; nothing is
+left on disk).
+
+Note: the module is ``verifiers/code.py`` as asked, so it would shadow the stdlib
+``code`` module if the ``verifiers`` directory itself were put on ``sys.path``
+(the same caveat that made ``math`` live in ``math_verifier.py``); import it as
+``verifiers.code``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import marshal
 import math
 import os
 import re
@@ -179,8 +200,8 @@ class SandboxLimits:
 #: limits used by the registered ``code`` / ``code_strict`` verifiers.
 DEFAULT_LIMITS = SandboxLimits()
 
-#: Seconds a run may take beyond ``wall_s`` (launch, kill, reap); used by
-#: :func:`pool_timeout_s` and as the tests' margin.
+#: Seconds one run may take beyond ``wall_s`` (launch, kill, reap: ~0.1 s, at most
+#: ``_REAP_WAIT_S``); used by :func:`pool_timeout_s`.
 RUN_OVERHEAD_S = 2.0
 
 # The sandbox uid/gid is UID_BASE + launcher pid: unique among live sandboxes.
@@ -212,10 +233,15 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------- launcher
-# Runs as `python -I -S -c _LAUNCHER <json config>`; stdlib only. See module docstring.
+# Runs as `python -I -S -c _LAUNCHER <marshal config, hex>` with this very interpreter;
+# builtin modules + ctypes only (marshal, not json: ~10 ms less start-up per run).
 _LAUNCHER = r'''
-import ctypes, json, os, signal, sys, traceback
-C = json.loads(sys.argv[1])
+import ctypes, marshal, os, signal, sys
+C = marshal.loads(bytes.fromhex(sys.argv[1]))
+
+def print_exc():
+    import traceback
+    traceback.print_exc()
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -305,9 +331,15 @@ def init():
     signal.signal(signal.SIGALRM, lambda *a: os._exit(137))  # PID 1 ignores default actions
     signal.alarm(C["backstop_s"])
     files = {}
-    for name, path in C["files"].items():
-        with open(path, "rb") as f:
-            files[name] = f.read()
+    for name, fd in C["files"].items():
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+        files[name] = b"".join(chunks)
+        os.close(fd)
     cwd = None
     st.update(proc=False, private_tmp=False, readonly_root=False, tmpfs_cwd=False)
     if ns["mount"]:
@@ -348,8 +380,9 @@ def init():
             if U is not None:
                 os.chown(cwd, U, U)
     if cwd is None:  # no (usable) mount namespace: a private dir in the host temp dir
-        cwd = os.path.join(C["workdir"], "box")
+        cwd = os.path.join(C["tmpdir"], "rlextra-code-%d-%s" % (launcher_pid, os.urandom(6).hex()))
         os.mkdir(cwd, 0o700)
+        st["hostdir"] = cwd  # removed by the verifier afterwards
         if U is not None:
             os.chown(cwd, U, U)
     for name, data in files.items():
@@ -360,7 +393,7 @@ def init():
     st["cwd"] = cwd
     st["no_new_privs"] = True  # set in the child below (it exits 127 if that fails)
     try:  # before the program starts: a fork bomb must not starve this write
-        os.write(sfd, json.dumps(st).encode())
+        os.write(sfd, marshal.dumps(st))
     except OSError:
         pass
     L = C["limits"]
@@ -387,7 +420,7 @@ def init():
             py = C["python"]
             os.execve(py, [py, "-I", "-S"] + C["argv"], C["env"])
         except BaseException:
-            traceback.print_exc()
+            print_exc()
         finally:
             os._exit(127)
     os.close(sfd)
@@ -409,10 +442,12 @@ if pid == 0:
     try:
         init()
     except BaseException:
-        traceback.print_exc()
+        print_exc()
     os._exit(126)
 os.close(sfd)
 os.close(go_r)
+for fd in C["files"].values():
+    os.close(fd)
 os.write(C["initpid_fd"], str(pid).encode())  # for the verifier's kill path
 os.close(C["initpid_fd"])
 os.close(go_w)  # let init go on
@@ -521,15 +556,6 @@ def sandbox_python() -> str:
     return os.path.realpath(sys.executable)  # will fail visibly in isolation_report()
 
 
-def _read_capped(path: str, cap: int) -> tuple[bytes, bool]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(cap + 1)
-    except OSError:
-        return b"", False
-    return data[:cap], len(data) > cap
-
-
 def _poll_fd(fd: int, timeout: float) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
@@ -542,11 +568,10 @@ def _poll_fd(fd: int, timeout: float) -> bool:
             return True
 
 
-def _pidfd_of_init(path: str) -> int | None:
+def _pidfd_of_init(fd: int) -> int | None:
     """A pidfd of the sandbox's init (its host pid was written by the launcher), or None."""
     try:
-        with open(path, "rb") as f:
-            pid = int(f.read() or b"0")
+        pid = int(os.pread(fd, 32, 0) or b"0")
         return os.pidfd_open(pid) if pid > 0 else None
     except (AttributeError, OSError, ValueError):
         return None
@@ -585,6 +610,19 @@ def _sweep(uid: int) -> None:
         pass
 
 
+def _pread_all(fd: int, cap: int) -> tuple[bytes, bool]:
+    """Up to ``cap`` bytes from the start of ``fd``, and whether there was more."""
+    chunks, n = [], 0
+    while n <= cap:
+        b = os.pread(fd, min(1 << 20, cap + 1 - n), n)
+        if not b:
+            break
+        chunks.append(b)
+        n += len(b)
+    data = b"".join(chunks)
+    return data[:cap], len(data) > cap
+
+
 def run_program(
     files: dict[str, str],
     argv: Sequence[str],
@@ -595,97 +633,95 @@ def run_program(
 ) -> RunResult:
     """Run ``python -I -S *argv`` in a fresh sandbox holding ``files`` (name -> text).
 
-    ``argv`` is relative to the sandbox cwd (e.g. ``["solution.py"]``). Returns
-    within about ``limits.wall_s`` + 0.3 s whatever the program does; the whole
-    process tree is dead when it returns. Never raises for anything the program does.
-    ``namespaces`` restricts which namespaces are requested (to exercise the
-    fallbacks in tests); the default requests all that the kernel allows.
+    ``argv`` is relative to the sandbox cwd (e.g. ``["solution.py"]``). Returns within
+    about ``limits.wall_s`` + 0.1 s whatever the program does (at most ``wall_s`` + 2 s
+    while the kernel empties a big namespace); every process of the sandbox is dead
+    when it returns. Never raises for anything the program does.
+
+    The files, stdin, stdout and stderr are unlinked temporary files (nothing to clean
+    up, nothing left behind even if this process is killed); only the no-mount-namespace
+    fallback creates a host directory, removed here afterwards. ``namespaces``
+    restricts which namespaces are requested (to exercise the fallbacks in tests); the
+    default asks for all of them, each granted where the kernel allows it.
     """
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8", "surrogateescape")
-    workdir = tempfile.mkdtemp(prefix="rlextra-code-")
+    for name in files:
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad file name {name!r}")
     t0 = time.monotonic()
     proc = None
-    timed_out = False
-    isolation: dict = {}
-    try:
-        os.chmod(workdir, 0o711)  # the sandbox uid may traverse (fallback cwd "box"), not list
-        src = os.path.join(workdir, "src")
-        os.mkdir(src, 0o700)
-        paths = {}
-        for name, text in files.items():
-            if os.sep in name or name.startswith("."):
-                raise ValueError(f"bad file name {name!r}")
-            paths[name] = os.path.join(src, name)
-            with open(paths[name], "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.write(text)
-        io_paths = {k: os.path.join(workdir, k)
-                    for k in ("stdin", "stdout", "stderr", "status", "initpid")}
-        with open(io_paths["stdin"], "wb") as f:
-            f.write(stdin)
-        fds = {}
+    with contextlib.ExitStack() as stack:
+        def tmpfile(data: bytes = b"") -> int:
+            f = stack.enter_context(tempfile.TemporaryFile())  # unlinked, 0600 root
+            if data:
+                f.write(data)
+                f.flush()
+                f.seek(0)
+            return f.fileno()
+
+        src = {name: tmpfile(text.encode("utf-8", "surrogateescape")) for name, text in files.items()}
+        fd_in, fd_out, fd_err = tmpfile(stdin), tmpfile(), tmpfile()
+        fd_status, fd_initpid = tmpfile(), tmpfile()
+        cfg = {
+            "ppid": os.getpid(),
+            "backstop_s": int(math.ceil(limits.wall_s)) + 2,
+            "uid_base": UID_BASE,
+            "status_fd": fd_status,
+            "initpid_fd": fd_initpid,
+            "files": src,
+            "tmpdir": tempfile.gettempdir(),
+            "sandbox_dir": _SANDBOX_DIR,
+            "disk_mb": int(limits.disk_mb),
+            "python": sandbox_python(),
+            "argv": list(argv),
+            "env": dict(_ENV),
+            "limits": asdict(limits),
+            "namespaces": list(namespaces),
+        }
         try:
-            fds["stdin"] = os.open(io_paths["stdin"], os.O_RDONLY)
-            for k in ("stdout", "stderr", "status", "initpid"):
-                fds[k] = os.open(io_paths[k], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            cfg = {
-                "ppid": os.getpid(),
-                "backstop_s": int(math.ceil(limits.wall_s)) + 2,
-                "uid_base": UID_BASE,
-                "status_fd": fds["status"],
-                "initpid_fd": fds["initpid"],
-                "files": paths,
-                "workdir": workdir,
-                "sandbox_dir": _SANDBOX_DIR,
-                "disk_mb": int(limits.disk_mb),
-                "python": sandbox_python(),
-                "argv": list(argv),
-                "env": dict(_ENV),
-                "limits": asdict(limits),
-                "namespaces": list(namespaces),
-            }
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)],
-                stdin=fds["stdin"], stdout=fds["stdout"], stderr=fds["stderr"],
-                pass_fds=(fds["status"], fds["initpid"]), env={}, cwd=workdir, start_new_session=True,
-                close_fds=True,
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, marshal.dumps(cfg).hex()],
+                stdin=fd_in, stdout=fd_out, stderr=fd_err,
+                pass_fds=(fd_status, fd_initpid, *src.values()),
+                env={}, cwd="/", start_new_session=True, close_fds=True,
             )
+            timed_out = not _wait_exit(proc, limits.wall_s)
+            init_fd = _pidfd_of_init(fd_initpid) if timed_out else None
+            try:  # the launcher is not reaped yet: its process-group id is still ours
+                os.killpg(proc.pid, signal.SIGKILL)  # launcher + init (+ program unless setsid'd)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if init_fd is not None:  # init's exit completes once its PID namespace is empty
+                try:
+                    _poll_fd(init_fd, _REAP_WAIT_S)
+                finally:
+                    os.close(init_fd)
+            proc.wait()
         finally:
-            for fd in fds.values():
-                os.close(fd)
-        timed_out = not _wait_exit(proc, limits.wall_s)
-        init_fd = _pidfd_of_init(io_paths["initpid"]) if timed_out else None
-        try:  # the launcher is not reaped yet: its process-group id is still ours
-            os.killpg(proc.pid, signal.SIGKILL)  # launcher + init (+ program unless setsid'd)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if init_fd is not None:  # init's exit completes once its PID namespace is empty
-            try:
-                _poll_fd(init_fd, _REAP_WAIT_S)
-            finally:
-                os.close(init_fd)
-        proc.wait()
-        try:
-            with open(io_paths["status"], "rb") as f:
-                isolation = json.loads(f.read() or b"{}")
-        except (OSError, ValueError):
+            if proc is not None and proc.returncode is None:  # interrupted: still kill it
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        try:  # written by init before the program ran (the program never sees this fd)
+            isolation = marshal.loads(_pread_all(fd_status, 1 << 16)[0])
+        except (ValueError, EOFError, TypeError):
+            isolation = {}
+        if not isinstance(isolation, dict):
             isolation = {}
         uid = isolation.get("uid")
         if uid is not None and not isolation.get("pidns"):
             _sweep(int(uid))  # no PID namespace: kill whatever the program left behind
-        stdout, truncated = _read_capped(io_paths["stdout"], limits.output_bytes)
-        stderr, _ = _read_capped(io_paths["stderr"], 1 << 16)
+        hostdir = isolation.get("hostdir")
+        if isinstance(hostdir, str) and os.path.dirname(hostdir) == cfg["tmpdir"] and \
+                os.path.basename(hostdir).startswith("rlextra-code-"):
+            shutil.rmtree(hostdir, ignore_errors=True)
+        stdout, truncated = _pread_all(fd_out, limits.output_bytes)
+        stderr, _ = _pread_all(fd_err, 1 << 16)
         rc = None if timed_out else proc.returncode
-        return RunResult(rc, stdout, stderr, timed_out, truncated,
-                         time.monotonic() - t0, isolation)
-    finally:
-        if proc is not None and proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        return RunResult(rc, stdout, stderr, timed_out, truncated, time.monotonic() - t0, isolation)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -747,7 +783,7 @@ def parse_reference(reference: Any) -> tuple[str | None, list[_Test]] | None:
 
 
 def _normalize_lines(text: str) -> list[str]:
-    lines = [line.rstrip() for line in text.splitlines()]
+    lines = [line.rstrip() for line in text.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     return lines
