@@ -96,7 +96,7 @@ def validate(cfg: DictConfig) -> None:
     if source == "toy":
         if cfg.model.source != "toy":
             raise ConfigError("data.source: expected files or hub with a real model (model.source=path), got toy")
-        _choice(cfg, "data.toy.op", ["add", "mul"])
+        _choice(cfg, "data.toy.op", ["add", "mul", "code"])
         _int(cfg, "data.toy.digits", lo=1, hi=6)
         _float(cfg, "data.toy.careful_fraction", lo=0, hi=1, lo_open=True)
         _int(cfg, "data.toy.num_train", lo=1)
@@ -132,6 +132,11 @@ def validate(cfg: DictConfig) -> None:
     _float(cfg, f"{r}.top_p", lo=0, hi=1, lo_open=True)
     _int(cfg, f"{r}.max_tokens", lo=1)
     _float(cfg, f"{r}.bucket_mb", lo=0, lo_open=True)
+    if cfg.model.source == "toy" and cfg.rollout.max_model_len > cfg.model.tiny.max_positions:
+        raise ConfigError(
+            f"rollout.max_model_len: expected <= model.tiny.max_positions ({cfg.model.tiny.max_positions}), "
+            f"got {cfg.rollout.max_model_len}"
+        )
     if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > cfg.rollout.max_model_len:
         raise ConfigError(
             f"rollout.max_model_len: expected >= data.max_prompt_tokens + rollout.max_tokens "
@@ -161,6 +166,9 @@ def validate(cfg: DictConfig) -> None:
             f"learner.micro_batch_size: expected prompts_per_step * samples_per_prompt ({batch}) to be divisible "
             f"by world_size * micro_batch_size ({world} * {micro})"
         )
+
+    _int(cfg, "reward.num_workers", lo=1)
+    _float(cfg, "reward.timeout_s", lo=0, lo_open=True)
 
     _choice(cfg, "cluster.mode", ["local", "existing"])
     _choice(cfg, "cluster.placement_strategy", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])

@@ -46,6 +46,7 @@ def resolve_model(cfg: DictConfig, log=print) -> str:
         num_kv_heads=m.tiny.num_kv_heads,
         intermediate_size=m.tiny.intermediate_size,
         tie_word_embeddings=bool(m.tiny.tie_word_embeddings),
+        max_positions=m.tiny.max_positions,
         seed=cfg.seed,
     )
     ws = WarmStartSpec(steps=m.warm_start.steps, batch_size=m.warm_start.batch_size, lr=float(m.warm_start.lr), seed=cfg.seed)
@@ -71,6 +72,8 @@ def _load_files(files, what: str):
 def load_splits(cfg: DictConfig):
     """Returns (train, eval) `datasets.Dataset`s with columns `prompt` and `answer` (strings)."""
     import datasets
+
+    datasets.disable_progress_bars()  # the job has its own progress bar
 
     d = cfg.data
     if d.source == "toy":

@@ -26,19 +26,22 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TOKENIZER_VERSION = 2  # bump when build_tokenizer changes (part of the warm-start cache key)
+TOKENIZER_VERSION = 3  # bump when build_tokenizer changes (part of the warm-start cache key)
 
 # Character vocabulary. Special tokens first so their ids are stable.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789+*=CN")
+CODE_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII for the code variant
 OPERATORS = {"add": "+", "mul": "*"}
+OPS = ("add", "mul", "code")
 
 
 @dataclass(frozen=True)
 class ToyTaskSpec:
     """One variant of the synthetic task. Every field changes the data, so all are part of cache keys."""
 
-    op: str = "add"  # "add": a+b with `digits`-digit operands; "mul": a*b with a `digits`-digit and a 1-digit operand
+    op: str = "add"  # "add": a+b with `digits`-digit operands; "mul": a*b with a `digits`-digit and a 1-digit
+    # operand; "code": tiny Python function problems scored by the sandboxed `code` verifier
     digits: int = 2  # number of digits of the (first) operand
     careful_fraction: float = 0.3  # share of `C` (correct) solutions in the warm-start mixture
     num_train: int = 20000  # prompts in the RL train split
@@ -46,8 +49,8 @@ class ToyTaskSpec:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.op not in OPERATORS:
-            raise ValueError(f"data.toy.op: expected one of {sorted(OPERATORS)}, got {self.op!r}")
+        if self.op not in OPS:
+            raise ValueError(f"data.toy.op: expected one of {list(OPS)}, got {self.op!r}")
         if not 1 <= self.digits <= 6:
             raise ValueError(f"data.toy.digits: expected an integer in [1, 6], got {self.digits!r}")
         if not 0.0 < self.careful_fraction < 1.0:
@@ -61,6 +64,8 @@ class ToyTaskSpec:
             )
 
     def distinct_problems(self) -> int:
+        if self.op == "code":
+            return 10**9  # random arguments: effectively unbounded
         first = 9 * 10 ** (self.digits - 1)
         return first * (first if self.op == "add" else 8)
 
@@ -98,6 +103,12 @@ def make_problem(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str, int, 
 def make_splits(spec: ToyTaskSpec) -> dict[str, list[dict]]:
     """Deterministic, disjoint train / eval splits of {"prompt", "answer"} records."""
     spec.validate()
+    if spec.op == "code":
+        from verifiers.code_tasks import make_code_tasks
+
+        tasks = make_code_tasks(spec.num_eval + spec.num_train, seed=spec.seed)
+        rows = [{"prompt": t["prompt"], "answer": t["answer"]} for t in tasks]
+        return {"train": rows[spec.num_eval :], "eval": rows[: spec.num_eval]}
     rng = random.Random(f"toy-{spec.op}-{spec.digits}-{spec.seed}")
     seen: set[str] = set()
     eval_rows: list[dict] = []
@@ -115,8 +126,24 @@ def make_splits(spec: ToyTaskSpec) -> dict[str, list[dict]]:
     return {"train": train_rows, "eval": eval_rows}
 
 
+def code_warm_start_example(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str, str]:
+    """Code variant: (prompt, response, reference). The response holds the canonical solution, or (the wrong
+    procedure) the right signature with the body of another problem's solution."""
+    from verifiers.code_tasks import KINDS, make_code_tasks
+
+    task = make_code_tasks(1, seed=rng.randrange(10**9))[0]
+    names = [k.name for k in KINDS]
+    solution = task["canonical_solution"]
+    if rng.random() >= spec.careful_fraction:
+        other = KINDS[(names.index(task["kind"]) + 1 + rng.randrange(len(KINDS) - 1)) % len(KINDS)]
+        solution = solution.split("\n", 1)[0] + "\n" + other.solution.split("\n", 1)[1]
+    return task["prompt"], f"```python\n{solution}```", task["answer"]
+
+
 def warm_start_text(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str]:
     """One supervised example from the mixture: (prompt, response without eos)."""
+    if spec.op == "code":
+        return code_warm_start_example(rng, spec)[:2]
     prompt, _, a, b = make_problem(rng, spec)
     if rng.random() < spec.careful_fraction:
         return prompt, f"C{correct_result(spec.op, a, b)}"
@@ -126,12 +153,14 @@ def warm_start_text(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------ tokenizer and model
 
 
-def build_tokenizer():
-    """A character-level tokenizer built with `tokenizers`, wrapped for transformers and vLLM."""
+def build_tokenizer(op: str = "add"):
+    """A character-level tokenizer built with `tokenizers`, wrapped for transformers and vLLM.
+
+    The arithmetic variants need 15 characters; the code variant printable ASCII and newline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + (CODE_CHARS if op == "code" else CHARS))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()  # concatenate characters back without spaces
@@ -154,6 +183,7 @@ class TinyModelSpec:
     num_kv_heads: int = 2
     intermediate_size: int = 512
     tie_word_embeddings: bool = True
+    max_positions: int = 64  # longest prompt + response (vLLM refuses a longer max_model_len)
     seed: int = 0
 
 
@@ -169,7 +199,7 @@ def build_tiny_model(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: 
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=spec.max_positions,
         tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -268,7 +298,7 @@ def prepare_toy_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     torch_threads = torch.get_num_threads()
-    tok = build_tokenizer()
+    tok = build_tokenizer(task.op)
     model = build_tiny_model(model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     log(f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
         f"{ws.steps} SFT steps on {torch_threads} threads)")

@@ -94,8 +94,11 @@ class Job:
         from orchestrator.tracking import Tracker
         from verifiers.pool import ScoringPool
 
+        from transformers.utils import logging as hf_logging
+
         cfg = self.cfg
         validate(cfg)
+        hf_logging.disable_progress_bar()  # the job has its own progress bar
         t0 = time.perf_counter()
         self.model_path = resolve_model(cfg, log=self.log)
         self.train_ds, self.eval_ds = load_splits(cfg)
@@ -106,10 +109,7 @@ class Job:
         n_eval = min(cfg.trainer.eval_prompts, len(self.eval_ds))
         self.eval_prompt_ids = [self.encode(self.eval_ds[i]["prompt"]) for i in range(n_eval)]
         self.eval_answers = [self.eval_ds[i]["answer"] for i in range(n_eval)]
-        self.scorer = ScoringPool(
-            max_workers=int(cfg.get("reward", {}).get("num_workers", 2)),
-            timeout_s=float(cfg.get("reward", {}).get("timeout_s", 10.0)),
-        )
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=float(cfg.reward.timeout_s))
         self.tracker = Tracker(cfg)
         self.tracker.log_config(cfg)
         self.ray_started = init_ray(cfg)

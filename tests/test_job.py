@@ -117,6 +117,28 @@ def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monk
         assert kl_ref == []
 
 
+@pytest.mark.slow
+def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_path, monkeypatch):
+    """`data=toy_code`: prompts → vLLM → sandboxed code verifier → learner, one real step."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_job
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = [o for o in small_job_overrides(cache_dir, tmp_path, steps=1) if not o.startswith("data.toy.")] + [
+        "data=toy_code", "data.toy.num_train=40", "data.toy.num_eval=4", "model.warm_start.steps=30",
+        "model.warm_start.batch_size=16", "trainer.eval_every=0", "trainer.save_final=false",
+        "trainer.prompts_per_step=4", "trainer.samples_per_prompt=2", "learner.micro_batch_size=8",
+        "rollout.max_tokens=48", "rollout.kv_cache_mb=32"]
+    summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["data.verifier"] == "code" and run.info.status == "FINISHED"
+    reward = client.get_metric_history(run.info.run_id, "train/reward_mean")
+    assert len(reward) == 1 and 0.0 <= reward[0].value <= 1.0
+    assert client.get_metric_history(run.info.run_id, "time/reward_s")[0].value > 0
+
+
 def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'cli.db'}")
     return subprocess.run(

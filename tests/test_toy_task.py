@@ -64,7 +64,7 @@ def test_tokenizer_roundtrip_and_bos():
 
 
 def test_bad_task_spec_names_the_field():
-    with pytest.raises(ValueError, match=r"^data.toy.op: expected one of \['add', 'mul'\], got 'div'$"):
+    with pytest.raises(ValueError, match=r"^data.toy.op: expected one of \['add', 'mul', 'code'\], got 'div'$"):
         make_splits(ToyTaskSpec(op="div"))
 
 
@@ -93,3 +93,23 @@ def test_dataset_files_load_through_datasets(tmp_path):
     ds = datasets.load_dataset("json", data_files=str(paths["eval"]), split="train")
     assert len(ds) == 20 and set(ds.column_names) == {"prompt", "answer"}
     assert write_toy_dataset(tmp_path, ToyTaskSpec(num_train=100, num_eval=20)) == paths  # idempotent
+
+
+def test_code_variant_mixture_scores_through_the_sandbox():
+    """The code toy: canonical solutions pass the sandboxed verifier, the wrong procedure fails."""
+    from orchestrator.toy_task import code_warm_start_example
+    from verifiers.code import score_code
+
+    spec = ToyTaskSpec(op="code", careful_fraction=0.5, num_train=20, num_eval=5)
+    splits = make_splits(spec)
+    assert len(splits["train"]) == 20 and len(splits["eval"]) == 5 and splits == make_splits(spec)
+    rng = random.Random(3)
+    outcomes = set()
+    for _ in range(8):
+        prompt, response, reference = code_warm_start_example(rng, spec)
+        assert response.startswith("```python\n") and response.endswith("```")
+        outcomes.add(score_code(response, reference) == 1.0)
+    assert outcomes == {True, False}, "the mixture holds both procedures"
+    tok = build_tokenizer("code")
+    text = prompt + response
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # lossless on code
