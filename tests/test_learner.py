@@ -54,9 +54,17 @@ def _reference_step(model_path: str, batch: TrainBatch, spec: LearnerSpec):
     )
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=spec.betas, eps=1e-8, weight_decay=spec.weight_decay)
     opt.step()
-    return loss.item(), grad_norm, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return loss.item(), grad_norm, {n: p.detach().clone() for n, p in model.named_parameters()}, grads
+
+
+def _initial_weights(model_path: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _behaviour_logp(model_path: str, batch: TrainBatch) -> torch.Tensor:
@@ -95,7 +103,7 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
     )
     batch = _random_batch(toy_model_path)
     batch.old_logp = _behaviour_logp(toy_model_path, batch)
-    ref_loss, ref_norm, ref_weights = _reference_step(toy_model_path, batch, spec)
+    ref_loss, ref_norm, ref_weights, ref_grads = _reference_step(toy_model_path, batch, spec)
 
     actors = _start_group(ray, spec)
     try:
@@ -111,9 +119,16 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
     assert metrics[0].clip_frac > 0, "the perturbed behaviour log-probs should clip some tokens"
     weights = {name: from_transport(*t) for bucket in exported[0] for name, t in bucket}
     assert set(weights) == set(ref_weights)
+    initial = _initial_weights(toy_model_path)
     for name, ref in ref_weights.items():
         assert weights[name].shape == ref.shape
-        torch.testing.assert_close(weights[name], ref, rtol=1e-4, atol=2e-5, msg=f"{name} differs")
+        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) any rounding difference in
+        # the all-reduced gradient swings the update anywhere in [-lr, lr]. Compare exactly where the gradient
+        # is well above eps, and elsewhere check only Adam's bound |update| <= lr.
+        stable = ref_grads[name].abs() > 1e-6
+        torch.testing.assert_close(weights[name][stable], ref[stable], rtol=1e-4, atol=2e-5, msg=f"{name} differs")
+        assert ((weights[name] - initial[name]).abs() <= spec.lr * 1.001).all()
+        assert stable.float().mean() > 0.5, f"{name}: too few well-conditioned elements to compare"
 
 
 def test_train_step_rejects_wrong_shard_size(ray_session, toy_model_path):
