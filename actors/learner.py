@@ -163,6 +163,12 @@ class LearnerActor:
         device, backend = _device_and_backend(spec)
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if device == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (~30 s cold, and a build
+            # killed midway leaves a lock that hangs every later start). gloo does the job without it.
+            import sys
+
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         torch.manual_seed(spec.seed)
         dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
@@ -323,6 +329,24 @@ class LearnerActor:
         # numpy arrays go into Ray's object store without pickling and are read back zero-copy.
         return [[(n, to_transport(t)) for n, t in bucket] for bucket in buckets]
 
+    # ---------------------------------------------------------------------------------------- RL-Extra
+
+    def extra_setup(self, include=("*",), exclude=("*norm*",), anchor_device: str | None = None) -> dict:
+        """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py)."""
+        from actors.shard_projection import ShardProjector
+
+        self.projector = ShardProjector(self.engine, self.spec.zero_stage, include, exclude, anchor_device)
+        return {"selected": self.projector.selected_names, "skipped": self.projector.skipped_names}
+
+    def extra_snapshot(self) -> None:
+        self.projector.snapshot()
+
+    def extra_project(self, beta: float):
+        return self.projector.project(float(beta))
+
+    def extra_rollback(self) -> None:
+        self.projector.rollback()
+
     # --------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict | None = None, hf: bool = True) -> str:
@@ -365,6 +389,7 @@ class LearnerActor:
         self.engine = None
         self.optimizer = None
         self.reference = None
+        self.projector = None
         gc.collect()
         try:
             if dist.is_initialized():

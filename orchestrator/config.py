@@ -170,6 +170,17 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "reward.num_workers", lo=1)
     _float(cfg, "reward.timeout_s", lo=0, lo_open=True)
 
+    _choice(cfg, "schedule.name", ["rl", "rl_extra"])
+    if cfg.schedule.name == "rl_extra":
+        _int(cfg, "schedule.m", lo=1)
+        _int(cfg, "schedule.n", lo=0)
+        if _get(cfg, "schedule.beta") is not None:
+            _float(cfg, "schedule.beta", lo=0, lo_open=True)
+        for key in ("include", "exclude"):
+            value = _get(cfg, f"schedule.{key}")
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"schedule.{key}: expected a list of name patterns, got {list(value)!r}")
+
     _choice(cfg, "cluster.mode", ["local", "existing"])
     _choice(cfg, "cluster.placement_strategy", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
 

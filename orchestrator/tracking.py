@@ -46,6 +46,31 @@ class Tracker:
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
             self.run_id = run.info.run_id
 
+    def start_phase(self, name: str, kind: str, params: dict | None = None) -> str | None:
+        """A nested run under the job's run for one RL or extrapolation phase; returns its id."""
+        if not self.enabled:
+            return None
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": self.run_id, "rlextra.kind": kind},
+        )
+        if params:
+            from mlflow.entities import Param
+
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_phase_metrics(self, run_id: str | None, metrics: dict, step: int) -> None:
+        if self.enabled and run_id:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+
+    def end_phase(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self.enabled and run_id:
+            self.client.set_terminated(run_id, status=status)
+
     def log_config(self, cfg: DictConfig) -> None:
         if not self.enabled:
             return

@@ -236,9 +236,16 @@ class Job:
         last_eval = before
         bar = tqdm(range(1, tr.total_steps + 1), desc="rl", disable=not tr.progress, file=sys.stdout, dynamic_ncols=True)
         history = []
+        extra = RLExtraSchedule(self) if cfg.schedule.name == "rl_extra" else None
         for step in bar:
+            if extra:
+                extra.before_step(step)
             m = self.rl_step(step)
             m["rl_step"] = step
+            if extra:
+                m.update(extra.after_step(step, m))
+            else:
+                m["virtual_step"] = step
             if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
                 last_eval = self.evaluate()
                 m.update(last_eval)
@@ -254,6 +261,9 @@ class Job:
         wall = time.perf_counter() - start
         summary = {
             "rl_steps": tr.total_steps,
+            "virtual_steps": extra.virtual_step if extra else tr.total_steps,
+            "schedule": cfg.schedule.name,
+            **(extra.counters if extra else {}),
             "eval_accuracy_before": before["eval/avg_at_k"],
             "eval_accuracy_after": after["eval/avg_at_k"],
             "eval_greedy_accuracy_before": before["eval/greedy_accuracy"],
@@ -294,6 +304,73 @@ class Job:
                 self.log(f"warning: shutdown step failed: {exc}")
 
 
+class RLExtraSchedule:
+    """Cycles of m real RL steps, then one in-place projection of every learner's fp32 master shard standing
+    for n more steps (β = (m + n) / m unless fixed). Each RL phase and each extrapolation phase is a nested
+    MLflow run; a projection that yields NaN/Inf is rolled back (guard)."""
+
+    def __init__(self, job: "Job"):
+        self.job, s = job, job.cfg.schedule
+        self.m, self.n = int(s.m), int(s.n)
+        self.beta = float(s.beta) if s.beta is not None else (self.m + self.n) / self.m
+        info = job.groups.call_learners("extra_setup", list(s.include), list(s.exclude), s.anchor_device)
+        self.selected = sorted({n for i in info for n in i["selected"]})
+        self.skipped = sorted({n for i in info for n in i["skipped"]})
+        self.virtual_step = 0
+        self.cycle = 0
+        self.phase_run = None
+        self.counters = {"projections_made": 0, "projections_skipped": 0, "projections_rolled_back": 0}
+        job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
+
+    def before_step(self, step: int) -> None:
+        if (step - 1) % self.m == 0:  # a cycle starts: anchor = current weights
+            self.cycle += 1
+            self.job.groups.call_learners("extra_snapshot")
+            self.phase_run = self.job.tracker.start_phase(
+                f"rl-phase-{self.cycle}", "rl_phase", {"cycle": self.cycle, "first_rl_step": step, "m": self.m})
+
+    def after_step(self, step: int, metrics: dict) -> dict:
+        self.virtual_step += 1
+        keep = ("train/reward_mean", "train/accuracy", "train/loss", "train/kl_behaviour", "time/step_s")
+        self.job.tracker.log_phase_metrics(self.phase_run, {k: metrics[k] for k in keep}, step)
+        out = {"virtual_step": self.virtual_step}
+        if step % self.m == 0:
+            self.job.tracker.end_phase(self.phase_run)
+            out.update(self.extrapolate(step, metrics))
+            out["virtual_step"] = self.virtual_step
+        return out
+
+    def extrapolate(self, step: int, metrics: dict) -> dict:
+        job, cfg = self.job, self.job.cfg
+        run = job.tracker.start_phase(f"extrapolation-{self.cycle}", "extrapolation_phase",
+                                      {"cycle": self.cycle, "beta": self.beta, "m": self.m, "n": self.n,
+                                       "rl_step": step, "tensors_projected": len(self.selected)})
+        start = time.perf_counter()
+        stats = job.groups.call_learners("extra_project", self.beta)[0]
+        rolled_back = False
+        if not stats.finite and cfg.schedule.guard_nan:
+            job.groups.call_learners("extra_rollback")
+            rolled_back = True
+        job.groups.sync_weights(float(cfg.rollout.bucket_mb))
+        elapsed = time.perf_counter() - start
+        if rolled_back:
+            self.counters["projections_rolled_back"] += 1
+        else:
+            self.counters["projections_made"] += 1
+            self.virtual_step += self.n
+        result = {
+            "extra/beta": self.beta,
+            "extra/displacement_norm": stats.displacement_norm,
+            "extra/projected_frac": stats.projected_numel / max(1, stats.total_numel),
+            "extra/rolled_back": float(rolled_back),
+            "extra/time_s": elapsed,
+            "extra/reward_before": metrics["train/reward_mean"],
+        }
+        job.tracker.log_phase_metrics(run, {**result, "virtual_step": self.virtual_step}, step)
+        job.tracker.end_phase(run)
+        return result
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -306,6 +383,7 @@ def _console(msg: str) -> None:
 def print_summary(summary: dict) -> None:
     rows = [
         ("real RL steps", summary["rl_steps"]),
+        ("virtual steps", f"{summary['virtual_steps']} ({summary['schedule']})"),
         (f"eval Avg@{summary['eval_k']} before → after",
          f"{summary['eval_accuracy_before']:.3f} → {summary['eval_accuracy_after']:.3f}"),
         ("eval greedy accuracy before → after",

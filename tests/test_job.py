@@ -139,6 +139,43 @@ def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_p
     assert client.get_metric_history(run.info.run_id, "time/reward_s")[0].value > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("beta, rolled_back", [(None, 0), (1e45, 2)])
+def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back):
+    """schedule=rl_extra: 2 cycles of (m=2 real, n=3 virtual) steps, each phase a nested MLflow run. β = 1e45
+    overflows fp32 (an injected fault): the guard must roll both projections back."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_job
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
+        "schedule=rl_extra", "schedule.m=2", "schedule.n=3", f"schedule.beta={'null' if beta is None else beta}",
+        "trainer.eval_every=0", "trainer.save_final=false"]
+    summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
+    assert summary["rl_steps"] == 4
+    assert summary["projections_made"] == 2 - rolled_back and summary["projections_rolled_back"] == rolled_back
+    assert summary["virtual_steps"] == 4 + 3 * (2 - rolled_back)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = summary["mlflow_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    kinds = sorted(r.data.tags["rlextra.kind"] for r in children)
+    assert kinds == ["extrapolation_phase"] * 2 + ["rl_phase"] * 2
+    for run in children:
+        assert run.info.status == "FINISHED"
+        if run.data.tags["rlextra.kind"] == "extrapolation_phase":
+            assert float(run.data.params["beta"]) == (2.5 if beta is None else beta)
+            assert run.data.metrics["extra/rolled_back"] == float(bool(rolled_back))
+            assert 0 < run.data.metrics["extra/projected_frac"] < 1  # norm layers are not projected
+            assert run.data.metrics["extra/displacement_norm"] > 0
+    versions = [m.value for m in client.get_metric_history(parent, "perf/weight_version")]
+    assert versions == [1.0, 2.0, 4.0, 5.0], "each projection is synced to the rollout engines as a new version"
+    virtual = [m.value for m in client.get_metric_history(parent, "virtual_step")]
+    assert virtual == ([1.0, 5.0, 6.0, 10.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0])
+
+
 def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'cli.db'}")
     return subprocess.run(

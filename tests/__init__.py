@@ -1,0 +1,1 @@
+"""rlextra test suite."""
