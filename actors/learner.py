@@ -331,7 +331,7 @@ class LearnerActor:
 
     # ---------------------------------------------------------------------------------------- RL-Extra
 
-    def extra_setup(self, include=("*",), exclude=("*norm*",), anchor_device: str | None = None) -> dict:
+    def extra_setup(self, include=("*",), exclude=None, anchor_device: str | None = None) -> dict:
         """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py)."""
         from actors.shard_projection import ShardProjector
 

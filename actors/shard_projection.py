@@ -12,23 +12,21 @@ parameters the next forward pass uses (`shared/notes/deepspeed-zero.md`):
 Projecting only the low-precision copy would be undone by the next optimizer step, and projecting only the
 master would leave the next forward on old weights; so both, in that order.
 
-Which elements move is decided per parameter by name (`linearity.selection`-style include / exclude patterns,
-norm layers excluded by default): each parameter's slice of the local partition is located from DeepSpeed's
+Which elements move is decided per parameter by name (`linearity.selection.TensorSelector` include / exclude
+globs, norm layers excluded by default, the same rules as the offline `orchestrator.extrapolate`): each parameter's slice of the local partition is located from DeepSpeed's
 own offsets, and a boolean mask over the partition selects it. The anchor (weights at the cycle start) lives
 with the shard, on the same device (or CPU by config), one extra copy of the local partition.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 
 import torch
 
 from linearity.projection import displacement_stats, project_, snapshot_
-
-DEFAULT_EXCLUDE = ("*norm*",)  # the paper's code copies norm layers instead of extrapolating them
+from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
 
 
 @dataclass
@@ -43,23 +41,18 @@ class ProjectionStats:
     rolled_back: bool = False
 
 
-def _selected(name: str, include, exclude) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(
-        fnmatch.fnmatchcase(name, p) for p in exclude
-    )
-
-
 class ShardProjector:
     """Holds a rank's anchor and performs snapshot / project / rollback on its master partitions."""
 
-    def __init__(self, engine, stage: int, include=("*",), exclude=DEFAULT_EXCLUDE, anchor_device: str | None = None,
+    def __init__(self, engine, stage: int, include=("*",), exclude=None, anchor_device: str | None = None,
                  keep_backup: bool = True):
         self.engine = engine
         self.optimizer = engine.optimizer
         self.stage = stage
         self.masters = self._master_flats()
         names = {id(p): n for n, p in engine.module.named_parameters()}
-        self.masks = self._build_masks(names, tuple(include), tuple(exclude))
+        selector = TensorSelector(tuple(include), tuple(DEFAULT_EXCLUDE if exclude is None else exclude))
+        self.masks = self._build_masks(names, selector)
         device = anchor_device or self.masters[0].device
         self.anchors = [torch.empty_like(m, device=device) for m in self.masters]
         self.backup = [torch.empty_like(m) for m in self.masters] if keep_backup else None
@@ -109,17 +102,17 @@ class ShardProjector:
             out.append(slices)
         return out
 
-    def _build_masks(self, names, include, exclude) -> list[torch.Tensor | None]:
+    def _build_masks(self, names, selector) -> list[torch.Tensor | None]:
         masks: list[torch.Tensor | None] = []
         slices = self._param_slices(names)
         for flat, group_slices in zip(self.masters, slices):
             mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
             for name, s, e in group_slices:
-                if _selected(name, include, exclude):
+                if selector.selected(name):
                     mask[s:e] = True
             masks.append(None if bool(mask.all()) else mask)
-        self.selected_names = sorted({n for g in slices for n, _, _ in g if _selected(n, include, exclude)})
-        self.skipped_names = sorted({n for g in slices for n, _, _ in g if not _selected(n, include, exclude)})
+        self.selected_names = sorted({n for g in slices for n, _, _ in g if selector.selected(n)})
+        self.skipped_names = sorted({n for g in slices for n, _, _ in g if not selector.selected(n)})
         return masks
 
     # ------------------------------------------------------------------------------------------- actions

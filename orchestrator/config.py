@@ -176,10 +176,16 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "schedule.n", lo=0)
         if _get(cfg, "schedule.beta") is not None:
             _float(cfg, "schedule.beta", lo=0, lo_open=True)
-        for key in ("include", "exclude"):
-            value = _get(cfg, f"schedule.{key}")
-            if not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"schedule.{key}: expected a list of name patterns, got {list(value)!r}")
+        from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
+
+        include, exclude = _get(cfg, "schedule.include"), _get(cfg, "schedule.exclude")
+        for key, value in (("include", include), ("exclude", exclude)):
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"schedule.{key}: expected a list of name patterns, got {value!r}")
+        try:
+            TensorSelector(tuple(include), tuple(DEFAULT_EXCLUDE if exclude is None else exclude))
+        except ValueError as exc:
+            raise ConfigError(f"schedule: {exc}") from None
 
     _choice(cfg, "cluster.mode", ["local", "existing"])
     _choice(cfg, "cluster.placement_strategy", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])

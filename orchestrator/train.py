@@ -313,7 +313,8 @@ class RLExtraSchedule:
         self.job, s = job, job.cfg.schedule
         self.m, self.n = int(s.m), int(s.n)
         self.beta = float(s.beta) if s.beta is not None else (self.m + self.n) / self.m
-        info = job.groups.call_learners("extra_setup", list(s.include), list(s.exclude), s.anchor_device)
+        exclude = None if s.exclude is None else list(s.exclude)
+        info = job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device)
         self.selected = sorted({n for i in info for n in i["selected"]})
         self.skipped = sorted({n for i in info for n in i["skipped"]})
         self.virtual_step = 0
