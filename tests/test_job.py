@@ -93,15 +93,18 @@ def test_short_job_logs_to_mlflow(ray_session, cache_dir, tmp_path, monkeypatch)
     ],
 )
 def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monkeypatch, algo, extra):
-    """Two real RL steps per algorithm (the last one also with a KL-to-reference term on 2-rank ZeRO-3)."""
+    """Two real RL steps per algorithm inside the RL-Extra schedule (m=1, n=1: a projection after each step);
+    the last case also with a KL-to-reference term on 2-rank ZeRO-3."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = small_job_overrides(cache_dir, tmp_path, steps=2) + [
-        f"algo={algo}", "trainer.eval_every=0", "trainer.save_final=false", *extra]
+        f"algo={algo}", "trainer.eval_every=0", "trainer.save_final=false",
+        "schedule=rl_extra", "schedule.m=1", "schedule.n=1", *extra]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
+    assert summary["projections_made"] == 2 and summary["virtual_steps"] == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["algo.name"] == algo and run.info.status == "FINISHED"
