@@ -156,7 +156,7 @@ class ActorGroups:
 def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: list[RolloutSpec]) -> ActorGroups:
     """Reserve one placement group (rollout bundles first, then learner ranks) and start the actors."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     rc, lc = cfg.rollout, cfg.learner
@@ -167,48 +167,37 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
     pg = placement_group(bundles, strategy=cfg.cluster.placement_strategy)
     ready, _ = ray.wait([pg.ready()], timeout=float(cfg.cluster.get("placement_timeout_s", 300)))
     if not ready:
-        remove = ray.util.remove_placement_group
-        remove(pg)
+        remove_placement_group(pg)
         raise RuntimeError(
             f"cluster: could not reserve {len(bundles)} bundles {bundles} with strategy "
             f"{cfg.cluster.placement_strategy}; available: {ray.available_resources()}"
         )
 
-    def strategy(i):
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+    def placed(actor_cls, i, resources_cfg, env):
+        return actor_cls.options(
+            num_cpus=resources_cfg.num_cpus,
+            num_gpus=resources_cfg.num_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+            runtime_env={"env_vars": env},
+        )
 
     rollout_env = rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))
     RolloutRemote = ray.remote(RolloutActor)
-    rollouts = [
-        RolloutRemote.options(
-            num_cpus=rc.num_cpus,
-            num_gpus=rc.num_gpus,
-            scheduling_strategy=strategy(i),
-            runtime_env={"env_vars": rollout_env},
-            max_concurrency=1,
-        ).remote(spec)
-        for i, spec in enumerate(rollout_specs)
-    ]
+    rollouts = [placed(RolloutRemote, i, rc, rollout_env).remote(spec) for i, spec in enumerate(rollout_specs)]
 
     learner_env = learner_actor_env(lc.num_threads, bool(lc.num_gpus))
     LearnerRemote = ray.remote(LearnerActor)
     offset = len(rollout_specs)
-    # Rank 0 is placed first; its node's address becomes the rendezvous point for the process group.
-    rank0 = LearnerRemote.options(
-        num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=strategy(offset),
-        runtime_env={"env_vars": learner_env},
+    # The rendezvous point is rank 0's node: ask a task placed in rank 0's bundle for its address and a free port.
+    master_addr, port = ray.get(
+        ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), _free_port())).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=offset)
+        ).remote()
     )
-    master_addr = ray.get(ray.remote(num_cpus=0)(lambda: ray.util.get_node_ip_address()).options(
-        scheduling_strategy=strategy(offset)).remote())
-    port = _free_port() if cfg.cluster.mode == "local" else 29500 + (os.getpid() % 1000)
-    learners = [rank0.remote(learner, 0, master_addr, port)]
-    for rank in range(1, learner.world_size):
-        learners.append(
-            LearnerRemote.options(
-                num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=strategy(offset + rank),
-                runtime_env={"env_vars": learner_env},
-            ).remote(learner, rank, master_addr, port)
-        )
+    learners = [
+        placed(LearnerRemote, offset + rank, lc, learner_env).remote(learner, rank, master_addr, port)
+        for rank in range(learner.world_size)
+    ]
     groups = ActorGroups(rollouts=rollouts, learners=learners, placement_group=pg, rollout_specs=rollout_specs)
     try:
         ray.get([l.setup.remote() for l in learners] + [r.ping.remote() for r in rollouts])
