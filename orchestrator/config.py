@@ -176,6 +176,15 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "schedule.n", lo=0)
         if _get(cfg, "schedule.beta") is not None:
             _float(cfg, "schedule.beta", lo=0, lo_open=True)
+        _choice(cfg, "schedule.beta_mode", ["fixed", "adaptive"])
+        cands = _get(cfg, "schedule.candidates")
+        if not cands or not all(isinstance(c, (int, float)) and c > 0 for c in cands):
+            raise ConfigError(f"schedule.candidates: expected a non-empty list of positive fractions, got {cands!r}")
+        _int(cfg, "schedule.validation_prompts", lo=1)
+        _int(cfg, "schedule.validation_samples", lo=1)
+        if _get(cfg, "schedule.guard_margin") is not None:
+            _float(cfg, "schedule.guard_margin", lo=0)
+        _float(cfg, "schedule.shrink", lo=0, hi=1)
         from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
 
         include, exclude = _get(cfg, "schedule.include"), _get(cfg, "schedule.exclude")

@@ -305,9 +305,13 @@ class Job:
 
 
 class RLExtraSchedule:
-    """Cycles of m real RL steps, then one in-place projection of every learner's fp32 master shard standing
-    for n more steps (β = (m + n) / m unless fixed). Each RL phase and each extrapolation phase is a nested
-    MLflow run; a projection that yields NaN/Inf is rolled back (guard)."""
+    """Cycles of m real RL steps, then one in-place projection of every learner's fp32 master shard.
+
+    β: `fixed` (schedule.beta, or (m + n) / m) or `adaptive` (a line search over fractions of that β, each
+    candidate scored by reward on a fixed validation batch through the rollout engines; the best is kept only if
+    it beats β = 1, i.e. not projecting). Guards: a projection that yields NaN/Inf, or whose validation reward
+    falls more than `guard_margin` below the pre-projection reward, is rolled back and β shrinks for the next
+    cycle. Each RL phase and each extrapolation phase is a nested MLflow run with its decisions."""
 
     def __init__(self, job: "Job"):
         self.job, s = job, job.cfg.schedule
@@ -321,7 +325,25 @@ class RLExtraSchedule:
         self.cycle = 0
         self.phase_run = None
         self.counters = {"projections_made": 0, "projections_skipped": 0, "projections_rolled_back": 0}
+        self.validation = self._validation_batch() if s.beta_mode == "adaptive" or s.guard_margin is not None else None
         job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
+
+    def _validation_batch(self):
+        """A fixed slice of the train split (never the held-out eval split) to score candidate projections."""
+        import random
+
+        s, ds = self.job.cfg.schedule, self.job.train_ds
+        idx = random.Random(f"validation-{self.job.cfg.seed}").sample(range(len(ds)), min(s.validation_prompts, len(ds)))
+        rows = ds.select(idx)
+        return [self.job.encode(p) for p in rows["prompt"]], list(rows["answer"])
+
+    def validation_reward(self) -> float:
+        prompts, answers = self.validation
+        k = self.job.cfg.schedule.validation_samples
+        result = self.job.groups.generate(prompts, self.job.sampling(k, seed=self.job.cfg.seed + 777))
+        scores = self.job.scorer.score_batch(self.job.cfg.data.verifier, result.response_text,
+                                             [answers[i] for i in result.prompt_index])
+        return sum(scores) / len(scores)
 
     def before_step(self, step: int) -> None:
         if (step - 1) % self.m == 0:  # a cycle starts: anchor = current weights
@@ -337,37 +359,78 @@ class RLExtraSchedule:
         out = {"virtual_step": self.virtual_step}
         if step % self.m == 0:
             self.job.tracker.end_phase(self.phase_run)
-            out.update(self.extrapolate(step, metrics))
+            out.update(self.extrapolate(step))
             out["virtual_step"] = self.virtual_step
         return out
 
-    def extrapolate(self, step: int, metrics: dict) -> dict:
-        job, cfg = self.job, self.job.cfg
+    def _try(self, beta: float):
+        """Project with β from the pre-projection weights and sync; returns the (all-reduced) stats."""
+        groups = self.job.groups
+        stats = groups.call_learners("extra_project", beta)[0]
+        if stats.finite:
+            groups.sync_weights(float(self.job.cfg.rollout.bucket_mb))
+        return stats
+
+    def _undo(self) -> None:
+        self.job.groups.call_learners("extra_rollback")
+        self.job.groups.sync_weights(float(self.job.cfg.rollout.bucket_mb))
+
+    def extrapolate(self, step: int) -> dict:
+        job, s = self.job, self.job.cfg.schedule
         run = job.tracker.start_phase(f"extrapolation-{self.cycle}", "extrapolation_phase",
-                                      {"cycle": self.cycle, "beta": self.beta, "m": self.m, "n": self.n,
-                                       "rl_step": step, "tensors_projected": len(self.selected)})
+                                      {"cycle": self.cycle, "beta_max": self.beta, "beta_mode": s.beta_mode,
+                                       "m": self.m, "n": self.n, "rl_step": step,
+                                       "tensors_projected": len(self.selected)})
         start = time.perf_counter()
-        stats = job.groups.call_learners("extra_project", self.beta)[0]
-        rolled_back = False
-        if not stats.finite and cfg.schedule.guard_nan:
+        before = self.validation_reward() if self.validation else None
+        decisions, tried = [], {}
+        betas = [self.beta * f for f in s.candidates] if s.beta_mode == "adaptive" else [self.beta]
+        betas = [b for b in betas if b > 1.0] or [self.beta]
+        stats = None
+        for i, beta in enumerate(betas):
+            if i:
+                job.groups.call_learners("extra_rollback")  # every candidate starts from the same weights
+            stats = self._try(beta)
+            if not stats.finite:
+                decisions.append(f"beta={beta:.4g}: non-finite weights")
+                tried[beta] = float("-inf")
+                continue
+            tried[beta] = self.validation_reward() if self.validation else float("nan")
+        chosen = max(tried, key=lambda b: tried[b]) if self.validation else betas[0]
+        ok = stats is not None and tried[chosen] != float("-inf")
+        if ok and before is not None and s.beta_mode == "adaptive" and not tried[chosen] > before:
+            decisions.append(f"no candidate beat beta=1 ({before:.3f}); keeping the unprojected weights")
+            ok = False
+        if ok and before is not None and s.guard_margin is not None and tried[chosen] < before - s.guard_margin:
+            decisions.append(f"validation reward {tried[chosen]:.3f} < {before:.3f} - {s.guard_margin}: rolled back")
+            ok = False
+        if ok and s.beta_mode == "adaptive" and chosen != betas[-1]:
             job.groups.call_learners("extra_rollback")
-            rolled_back = True
-        job.groups.sync_weights(float(cfg.rollout.bucket_mb))
-        elapsed = time.perf_counter() - start
+            stats = self._try(chosen)
+        rolled_back = not ok
         if rolled_back:
+            self._undo()
             self.counters["projections_rolled_back"] += 1
+            self.beta = 1.0 + (self.beta - 1.0) * s.shrink  # be more careful next cycle
+            if not stats.finite and not s.guard_nan:
+                raise RuntimeError("RL-Extra: projection produced NaN/Inf and schedule.guard_nan is off")
         else:
             self.counters["projections_made"] += 1
-            self.virtual_step += self.n
+            self.virtual_step += round((chosen - 1.0) * self.m)
+        elapsed = time.perf_counter() - start
         result = {
-            "extra/beta": self.beta,
+            "extra/beta": chosen if not rolled_back else 1.0,
             "extra/displacement_norm": stats.displacement_norm,
             "extra/projected_frac": stats.projected_numel / max(1, stats.total_numel),
             "extra/rolled_back": float(rolled_back),
             "extra/time_s": elapsed,
-            "extra/reward_before": metrics["train/reward_mean"],
+            "extra/val_reward_before": before,
+            "extra/val_reward_after": (tried[chosen] if not rolled_back else before) if before is not None else None,
         }
         job.tracker.log_phase_metrics(run, {**result, "virtual_step": self.virtual_step}, step)
+        job.tracker.log_json({"candidates": {str(b): r for b, r in tried.items()}, "chosen": chosen,
+                              "rolled_back": rolled_back, "decisions": decisions},
+                             f"rl_extra/extrapolation-{self.cycle}.json")
         job.tracker.end_phase(run)
         return result
 

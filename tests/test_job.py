@@ -169,7 +169,7 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
     for run in children:
         assert run.info.status == "FINISHED"
         if run.data.tags["rlextra.kind"] == "extrapolation_phase":
-            assert float(run.data.params["beta"]) == (2.5 if beta is None else beta)
+            assert float(run.data.params["beta_max"]) >= (2.5 if beta is None else 1e44)
             assert run.data.metrics["extra/rolled_back"] == float(bool(rolled_back))
             assert 0 < run.data.metrics["extra/projected_frac"] < 1  # norm layers are not projected
             assert run.data.metrics["extra/displacement_norm"] > 0
@@ -177,6 +177,47 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
     assert versions == [1.0, 2.0, 4.0, 5.0], "each projection is synced to the rollout engines as a new version"
     virtual = [m.value for m in client.get_metric_history(parent, "virtual_step")]
     assert virtual == ([1.0, 5.0, 6.0, 10.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["adaptive", "guard"])
+def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp_path, monkeypatch, mode):
+    """adaptive: a line search never keeps a β whose validation reward is below not projecting (β = 1).
+    guard: an injected fault (β = 1e5: finite weights, a wrecked policy) collapses the validation reward, and
+    the shards are rolled back."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import run_job
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    extra = (["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"] if mode == "adaptive"
+             else ["schedule.beta=1e5", "schedule.guard_margin=0.05"])
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
+        "schedule=rl_extra", "schedule.m=2", "schedule.n=2", "schedule.validation_prompts=16",
+        "trainer.eval_every=0", "trainer.save_final=false", *extra]
+    summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = summary["mlflow_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    phases = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.rlextra.kind = 'extrapolation_phase'")
+    assert len(phases) == 2
+    for run in phases:
+        before, after = run.data.metrics["extra/val_reward_before"], run.data.metrics["extra/val_reward_after"]
+        assert after >= before, "a kept projection must not validate below β = 1"
+    artifacts = [client.download_artifacts(parent, f"rl_extra/extrapolation-{k}.json", str(tmp_path)) for k in (1, 2)]
+    logs = [json.loads(open(a).read()) for a in artifacts]
+    if mode == "adaptive":
+        assert all(len(log["candidates"]) == 3 for log in logs)  # all three fractions of β = 2 (or 1.5) are > 1
+        for log in logs:
+            if not log["rolled_back"]:
+                assert log["candidates"][str(log["chosen"])] == max(log["candidates"].values())
+        assert summary["projections_made"] + summary["projections_rolled_back"] == 2
+    else:
+        assert summary["projections_rolled_back"] == 2 and summary["projections_made"] == 0
+        assert all(any("rolled back" in d for d in log["decisions"]) for log in logs)
+        assert summary["virtual_steps"] == 4
 
 
 def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
