@@ -6,8 +6,9 @@ real steps; for RL-Extra the eval grid is aligned with the cycle, so accuracy is
 projection. Reported per configuration: real steps to reach `--target` accuracy, the ratio to the best GRPO,
 final accuracy, wall time, and (RL-Extra) the mean projection time as a fraction of an RL step.
 
-This first version runs the fixed-β schedule only (adaptive / auto β and the linearity monitor are not built
-yet) and one seed by default; `--seeds 0,1,2` for more.
+Configurations: GRPO at two lrs, RL-Extra with fixed β at two (m, n), and adaptive β (line search on a
+validation batch, with the reward guard). `auto` (the linearity monitor) is not built yet. One seed by default;
+`--seeds 0,1,2` for more.
 
     python bench/rl_extra_vs_grpo.py [--steps 100] [--seeds 0] [--target 0.7]
 """
@@ -73,6 +74,9 @@ def main():
         "grpo-lr6e-5": ["learner.lr=6e-5"],
         "rl_extra-m10n10-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=10"],
         "rl_extra-m10n20-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=20"],
+        "rl_extra-m10n20-adaptive-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=20",
+                                            "schedule.beta_mode=adaptive", "schedule.candidates=[0.25,0.5,1.0]",
+                                            "schedule.guard_margin=0.02"],
     }
     seeds = [int(s) for s in args.seeds.split(",")]
     ray = start_ray()
