@@ -6,7 +6,7 @@ the relations between fields, and turns the config into the typed specs the acto
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from actors.learner import LearnerSpec
 from actors.rollout import RolloutSpec
@@ -17,21 +17,10 @@ class ConfigError(ValueError):
 
 
 def _get(cfg: DictConfig, path: str):
-    value = OmegaConf.select(cfg, path, throw_on_missing=False)
-    if OmegaConf.is_missing(cfg, path) if _exists(cfg, path) else False:
-        raise ConfigError(f"{path}: a value is required (it is ??? in the config)")
-    return value
-
-
-def _exists(cfg: DictConfig, path: str) -> bool:
     try:
-        node = cfg
-        parts = path.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        return parts[-1] in node
-    except Exception:
-        return False
+        return OmegaConf.select(cfg, path, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"{path}: a value is required (it is ??? in the config)") from None
 
 
 def _int(cfg, path, lo=None, hi=None):

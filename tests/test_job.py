@@ -252,6 +252,14 @@ def test_cli_unknown_key_is_rejected(tmp_path):
     assert "zero_stag" in proc.stderr
 
 
+def test_required_value_left_unset_is_named(tmp_path):
+    from orchestrator.config import ConfigError, validate
+
+    cfg = compose_cfg(["model=hf", f"model.path={tmp_path}", "data=files"])
+    with pytest.raises(ConfigError, match=r"^data.train_files: a value is required"):
+        validate(cfg)
+
+
 def test_missing_data_file_names_the_file(tmp_path):
     from orchestrator.config import ConfigError
     from orchestrator.data import load_splits
