@@ -32,12 +32,11 @@ def toy_task_spec(cfg: DictConfig) -> ToyTaskSpec:
 def resolve_model(cfg: DictConfig, log=print) -> str:
     """The model path every component loads: the cached warm-started toy, or `model.path`."""
     if cfg.model.source == "path":
-        path = str(cfg.model.path)
-        if (path.startswith(("/", ".", "~")) or os.sep in path and os.path.exists(path)) and not os.path.isdir(
-            os.path.expanduser(path)
-        ):
-            raise ConfigError(f"model.path: expected an existing directory or a hub id, got {path!r}")
-        return os.path.expanduser(path)
+        path = os.path.expanduser(str(cfg.model.path))
+        looks_local = path.startswith(("/", ".")) or os.path.exists(path)  # else a hub id like "org/name"
+        if looks_local and not os.path.isdir(path):
+            raise ConfigError(f"model.path: expected an existing directory or a hub id, got {cfg.model.path!r}")
+        return path
     m = cfg.model
     spec = TinyModelSpec(
         hidden_size=m.tiny.hidden_size,
