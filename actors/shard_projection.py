@@ -38,7 +38,6 @@ class ProjectionStats:
     total_numel: int  # elements in the partitions, all ranks
     displacement_norm: float  # ||W - A|| over the projected elements before projection, all ranks
     finite: bool  # every projected value finite on every rank
-    rolled_back: bool = False
 
 
 class ShardProjector:
@@ -72,12 +71,12 @@ class ShardProjector:
         """For each master flat: (param name, start, end) of the elements this rank owns."""
         opt = self.optimizer
         out: list[list[tuple[str, int, int]]] = []
+        rank = torch.distributed.get_rank()
         if self.stage == 3:
             for group in opt.fp16_groups:
                 slices, offset = [], 0
                 for p in group:
                     n = p.ds_tensor.numel()
-                    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
                     valid = max(0, min(n, p.ds_numel - rank * n))  # the last rank's partition is padded
                     slices.append((names[id(p)], offset, offset + valid))
                     offset += n
@@ -90,7 +89,6 @@ class ShardProjector:
             groups = opt.bf16_groups
             offsets = [[sum(q.numel() for q in g[:j]) for j in range(len(g))] for g in groups]
             partitions = opt.bf16_partitioned_groups
-        rank = torch.distributed.get_rank()
         for group, offs, parts in zip(groups, offsets, partitions):
             left = sum(t.numel() for t in parts[:rank])
             size = parts[rank].numel()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
@@ -78,7 +78,6 @@ class ActorGroups:
     learners: list
     placement_group: object
     weight_version: int = 0
-    rollout_specs: list = field(default_factory=list)
 
     # ----------------------------------------------------------------------------------------- rollout
 
@@ -198,7 +197,7 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
         placed(LearnerRemote, offset + rank, lc, learner_env).remote(learner, rank, master_addr, port)
         for rank in range(learner.world_size)
     ]
-    groups = ActorGroups(rollouts=rollouts, learners=learners, placement_group=pg, rollout_specs=rollout_specs)
+    groups = ActorGroups(rollouts=rollouts, learners=learners, placement_group=pg)
     try:
         ray.get([l.setup.remote() for l in learners] + [r.ping.remote() for r in rollouts])
     except Exception:
