@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps verl==0.9.1
 	# vllm pulls these in, and they break `import torch` extensions on this torch build.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# The MLflow UI browser test drives Debian's headless Chromium (root on CI, as here).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; tests/test_mlflow_server.py will fail"
 	touch $(STAMP)
 
 setup: $(STAMP)
