@@ -264,6 +264,8 @@ class LearnerActor:
             with torch.no_grad():
                 sums["entropy"] += float((entropy * mask).sum()) / total_tokens
         self.steps_done += 1
+        if getattr(self, "projector", None) is not None:
+            self.projector.observe()
         grad_norm = engine.get_global_grad_norm()
         return TrainMetrics(
             loss=sums["loss"],
@@ -331,15 +333,21 @@ class LearnerActor:
 
     # ---------------------------------------------------------------------------------------- RL-Extra
 
-    def extra_setup(self, include=("*",), exclude=None, anchor_device: str | None = None) -> dict:
-        """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py)."""
+    def extra_setup(self, include=("*",), exclude=None, anchor_device: str | None = None,
+                    velocity: str = "two_point", monitor_samples: int = 2048) -> dict:
+        """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py).
+        From now on every optimizer step also feeds the projector's statistics (`observe`)."""
         from actors.shard_projection import ShardProjector
 
-        self.projector = ShardProjector(self.engine, self.spec.zero_stage, include, exclude, anchor_device)
+        self.projector = ShardProjector(self.engine, self.spec.zero_stage, include, exclude, anchor_device,
+                                        velocity=velocity, monitor_samples=monitor_samples, seed=self.spec.seed)
         return {"selected": self.projector.selected_names, "skipped": self.projector.skipped_names}
 
     def extra_snapshot(self) -> None:
         self.projector.snapshot()
+
+    def extra_end_cycle(self, selection: str = "names", threshold: float = 0.7, fraction: float = 0.1):
+        return self.projector.end_cycle(selection, float(threshold), float(fraction))
 
     def extra_project(self, beta: float):
         return self.projector.project(float(beta))
@@ -347,12 +355,19 @@ class LearnerActor:
     def extra_rollback(self) -> None:
         self.projector.rollback()
 
+    def extra_reset_optimizer(self) -> int:
+        return self.projector.reset_optimizer_state()
+
     # --------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict | None = None, hf: bool = True) -> str:
         """DeepSpeed checkpoint (model + optimizer, per rank) under `directory/tag`, and on rank 0 an HF
         export (weights + config + tokenizer) under `directory/tag/hf`."""
+        import torch
+
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
+        if getattr(self, "projector", None) is not None:  # anchors, d_prev, trend sums: per rank, like the shards
+            torch.save(self.projector.state_dict(), os.path.join(directory, tag, f"rl_extra_rank{self.rank}.pt"))
         hf_dir = os.path.join(directory, tag, "hf")
         state = {}
         for name, tensor in self.named_full_parameters():
@@ -371,7 +386,15 @@ class LearnerActor:
         return hf_dir
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        """Model, optimizer, LR schedule (DeepSpeed) and, when RL-Extra is set up, this rank's projector state."""
+        import torch
+
+        load_path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"checkpoint {os.path.join(directory, tag)}: DeepSpeed found nothing to load")
+        extra = os.path.join(directory, tag, f"rl_extra_rank{self.rank}.pt")
+        if getattr(self, "projector", None) is not None and os.path.exists(extra):
+            self.projector.load_state_dict(torch.load(extra, weights_only=False))
         return client_state or {}
 
     def ping(self) -> int:

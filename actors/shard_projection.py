@@ -16,17 +16,37 @@ Which elements move is decided per parameter by name (`linearity.selection.Tenso
 globs, norm layers excluded by default, the same rules as the offline `orchestrator.extrapolate`): each parameter's slice of the local partition is located from DeepSpeed's
 own offsets, and a boolean mask over the partition selects it. The anchor (weights at the cycle start) lives
 with the shard, on the same device (or CPU by config), one extra copy of the local partition.
+
+Beyond names, the projector keeps cheap statistics with the shard so the extrapolator can decide *whether* and
+*what* to project (`shared/notes/toy-linearity.md`: projecting every weight hurt, a selected subset paid):
+
+- the previous cycle's displacement (one more partition copy): the **drift share** cos(d_prev, d_now), per
+  parameter and overall, from all-reduced dot products — 1 for steady drift, ≈ 0 for a random walk;
+- a fixed sample of elements recorded after every step: the **running R²** of their trajectories in the cycle;
+- with `velocity="least_squares"`, a running least-squares line per element (two more copies,
+  `linearity.trend.TrendAccumulator`) whose slope replaces the chord (W − A) / m.
+
+At the end of a cycle `end_cycle(selection)` computes those statistics and the cycle's masks: `names` (the
+include / exclude globs only), `tensor_drift` (parameters whose drift share ≥ a threshold), or `top_elements`
+(the top fraction of elements by steady displacement: |W − A| where it moved the same way as in the previous
+cycle; by |W − A| alone in the first cycle). The top-fraction threshold is global: ranks all-gather a uniform
+sample of their scores (partitions are equal-sized, so equal per-rank samples are a uniform global sample).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from linearity.projection import displacement_stats, project_, snapshot_
+from linearity.projection import _chunks, displacement_stats, project_, snapshot_
 from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
+from linearity.trend import TrendAccumulator, r2_score
+
+SELECTION_MODES = ("names", "tensor_drift", "top_elements")
+VELOCITY_MODES = ("two_point", "least_squares")
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -40,24 +60,64 @@ class ProjectionStats:
     finite: bool  # every projected value finite on every rank
 
 
+@dataclass
+class CycleStats:
+    """The linearity monitor's reading at the end of a cycle and the selection it made (all ranks combined,
+    except `r2_values`: this rank's sampled elements, merged by the caller)."""
+
+    steps: int  # RL steps observed since the anchor
+    drift_share: float  # cos(d_prev, d_now) over the name-selected elements; NaN in the first cycle
+    drift_share_per_tensor: dict[str, float]  # by parameter name (NaN where a displacement is zero)
+    displacement_norm: float  # ||W - A|| over the name-selected elements
+    selected_numel: int  # elements the cycle's masks select (all ranks)
+    eligible_numel: int  # elements the name globs allow (all ranks)
+    selected_tensors: int  # parameters with at least one selected element
+    r2_values: list[float] = field(default_factory=list)  # per sampled element (this rank); constants dropped
+
+
 class ShardProjector:
-    """Holds a rank's anchor and performs snapshot / project / rollback on its master partitions."""
+    """Holds a rank's anchor and statistics and performs snapshot / observe / end_cycle / project / rollback."""
 
     def __init__(self, engine, stage: int, include=("*",), exclude=None, anchor_device: str | None = None,
-                 keep_backup: bool = True):
+                 keep_backup: bool = True, velocity: str = "two_point", monitor_samples: int = 2048,
+                 seed: int = 0):
+        if velocity not in VELOCITY_MODES:
+            raise ValueError(f"velocity: expected one of {VELOCITY_MODES}, got {velocity!r}")
         self.engine = engine
         self.optimizer = engine.optimizer
         self.stage = stage
         self.masters = self._master_flats()
         names = {id(p): n for n, p in engine.module.named_parameters()}
+        self.param_names = sorted(set(names.values()))  # the same list on every rank: all-reduce order
         selector = TensorSelector(tuple(include), tuple(DEFAULT_EXCLUDE if exclude is None else exclude))
-        self.masks = self._build_masks(names, selector)
+        self.slices = self._param_slices(names)
+        self.name_masks = self._build_masks(selector)
+        self.masks = list(self.name_masks)  # the current cycle's selection (names until end_cycle says otherwise)
         device = anchor_device or self.masters[0].device
         self.anchors = [torch.empty_like(m, device=device) for m in self.masters]
         self.backup = [torch.empty_like(m) for m in self.masters] if keep_backup else None
+        self.prev = [torch.zeros_like(m, device=device) for m in self.masters]
+        self.has_prev = False
         self.has_anchor = False
+        self.steps_observed = 0
+        self.velocity = velocity
+        self.trend = (TrendAccumulator(self.masters, reference=self.anchors, track_r2=False)
+                      if velocity == "least_squares" else None)
+        if self.trend is not None and self.anchors[0].device != self.masters[0].device:
+            raise ValueError("velocity=least_squares needs the anchors on the shard's device (anchor_device: null)")
+        gen = torch.Generator().manual_seed(seed * 7919 + self._rank())
+        total = sum(m.numel() for m in self.masters)
+        self.sample_index = [
+            torch.randint(m.numel(), (max(1, round(monitor_samples * m.numel() / total)),), generator=gen).to(m.device)
+            for m in self.masters
+        ]
+        self.samples: list[torch.Tensor] = []  # one row per observed step: the sampled elements, float64
 
     # --------------------------------------------------------------------------------- where things live
+
+    @staticmethod
+    def _rank() -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     def _master_flats(self) -> list[torch.Tensor]:
         opt = self.optimizer
@@ -71,7 +131,7 @@ class ShardProjector:
         """For each master flat: (param name, start, end) of the elements this rank owns."""
         opt = self.optimizer
         out: list[list[tuple[str, int, int]]] = []
-        rank = torch.distributed.get_rank()
+        rank = self._rank()
         if self.stage == 3:
             for group in opt.fp16_groups:
                 slices, offset = [], 0
@@ -100,44 +160,116 @@ class ShardProjector:
             out.append(slices)
         return out
 
-    def _build_masks(self, names, selector) -> list[torch.Tensor | None]:
+    def _build_masks(self, selector) -> list[torch.Tensor | None]:
         masks: list[torch.Tensor | None] = []
-        slices = self._param_slices(names)
-        for flat, group_slices in zip(self.masters, slices):
+        for flat, group_slices in zip(self.masters, self.slices):
             mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
             for name, s, e in group_slices:
                 if selector.selected(name):
                     mask[s:e] = True
             masks.append(None if bool(mask.all()) else mask)
-        self.selected_names = sorted({n for g in slices for n, _, _ in g if selector.selected(n)})
-        self.skipped_names = sorted({n for g in slices for n, _, _ in g if not selector.selected(n)})
+        self.selected_names = sorted({n for g in self.slices for n, _, _ in g if selector.selected(n)})
+        self.skipped_names = sorted({n for g in self.slices for n, _, _ in g if not selector.selected(n)})
         return masks
+
+    def _name_mask(self, i: int) -> torch.Tensor:
+        m = self.name_masks[i]
+        return m if m is not None else torch.ones(self.masters[i].numel(), dtype=torch.bool, device=self.masters[i].device)
 
     # ------------------------------------------------------------------------------------------- actions
 
     @torch.no_grad()  # the master flats are the optimizer's leaf parameters
     def snapshot(self) -> None:
-        """Anchor ← current master weights (the start of a cycle)."""
+        """Anchor ← current master weights (the start of a cycle); the cycle's statistics restart."""
         snapshot_(self.anchors, self.masters)
         self.has_anchor = True
+        self.steps_observed = 0
+        self.masks = list(self.name_masks)
+        self.samples = []
+        if self.trend is not None:
+            self.trend.reset()
+            self.trend.update(self.masters, 0.0)
+        self._record_sample()
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """After every optimizer step inside a cycle: feed the trend and the R² sample."""
+        if not self.has_anchor:
+            return
+        self.steps_observed += 1
+        if self.trend is not None:
+            self.trend.update(self.masters, float(self.steps_observed))
+        self._record_sample()
+
+    def _record_sample(self) -> None:
+        self.samples.append(torch.cat([m[i].double().cpu() for m, i in zip(self.masters, self.sample_index)]))
+
+    @torch.no_grad()
+    def end_cycle(self, selection: str = "names", threshold: float = 0.7, fraction: float = 0.1) -> CycleStats:
+        """The monitor's reading and this cycle's masks; then d_prev ← d_now. A collective (same args on every rank)."""
+        if selection not in SELECTION_MODES:
+            raise ValueError(f"selection: expected one of {SELECTION_MODES}, got {selection!r}")
+        if not self.has_anchor:
+            raise RuntimeError("RL-Extra: end_cycle() before snapshot()")
+        per_name = self._per_name_sums()  # (P, 3): d_prev·d_now, |d_prev|², |d_now|² over name-selected elements
+        per_name = torch.tensor(self._all_reduce(per_name.reshape(-1).tolist()), dtype=torch.float64).reshape(-1, 3)
+        tot = per_name.sum(0)  # rows of parameters outside the name globs are zero on every rank
+        nan = float("nan")
+        drift = float(tot[0] / math.sqrt(tot[1] * tot[2])) if self.has_prev and tot[1] > 0 and tot[2] > 0 else nan
+        per_tensor = {}
+        for i, name in enumerate(self.param_names):
+            d, p, c = per_name[i].tolist()
+            per_tensor[name] = d / math.sqrt(p * c) if self.has_prev and p > 0 and c > 0 else nan
+        if selection == "names":
+            self.masks = list(self.name_masks)
+        elif selection == "tensor_drift":
+            keep = {n for n, v in per_tensor.items() if v >= threshold}  # NaN (first cycle) keeps nothing
+            self.masks = self._masks_for_names(keep)
+        else:
+            self.masks = self._top_element_masks(fraction)
+        counts = self._all_reduce([float(self._projected_numel()), float(sum(int(self._name_mask(i).sum())
+                                   for i in range(len(self.masters))))])
+        selected_tensors = self._all_reduce([1.0 if self._name_has_selected(n) else 0.0 for n in self.param_names])
+        r2 = self._sample_r2()
+        # d_prev ← d_now, for the next cycle's drift share and consistency
+        torch._foreach_copy_(self.prev, self.masters)
+        torch._foreach_sub_(self.prev, self.anchors)
+        self.has_prev = True
+        return CycleStats(steps=self.steps_observed, drift_share=drift, drift_share_per_tensor=per_tensor,
+                          displacement_norm=math.sqrt(float(tot[2])), selected_numel=int(counts[0]),
+                          eligible_numel=int(counts[1]), selected_tensors=sum(1 for v in selected_tensors if v > 0),
+                          r2_values=r2)
 
     @torch.no_grad()
     def project(self, beta: float) -> ProjectionStats:
-        """W ← A + β (W − A) on the selected elements of this rank's partitions, then refresh low precision.
-
-        A collective: every rank must call it with the same β."""
+        """W ← A + β (W − A) (or W + (β − 1) m v with the least-squares slope v) on the cycle's selected
+        elements of this rank's partitions, then refresh low precision. A collective: same β on every rank."""
         if not self.has_anchor:
             raise RuntimeError("RL-Extra: project() before snapshot()")
         if self.backup is not None:
             snapshot_(self.backup, self.masters)
         sq = self._selected_sq_norm()
-        project_(self.masters, [a.to(m.device) if a.device != m.device else a for a, m in zip(self.anchors, self.masters)],
-                 beta, self.masks)
+        if self.trend is not None and self.trend.n >= 2:
+            self._project_least_squares_(beta)
+        else:
+            anchors = [a.to(m.device) if a.device != m.device else a for a, m in zip(self.anchors, self.masters)]
+            project_(self.masters, anchors, beta, self.masks)
         finite = all(bool(torch.isfinite(m).all()) for m in self.masters)
         sums = self._all_reduce([sq, float(self._projected_numel()), float(self._total_numel()), 0.0 if finite else 1.0])
         self.refresh_low_precision()
         return ProjectionStats(beta=beta, projected_numel=int(sums[1]), total_numel=int(sums[2]),
                                displacement_norm=math.sqrt(sums[0]), finite=sums[3] == 0.0)
+
+    def _project_least_squares_(self, beta: float) -> None:
+        """W += (β − 1) · m · v on the selected elements, v the fitted slope per step (comoment / S_tt)."""
+        scale = (beta - 1.0) * self.steps_observed / self.trend.step_sq_dev
+        for w, c, m in zip(self.masters, self.trend.comoment, self.masks):
+            wf, cf = w.view(-1), c.view(-1)
+            if m is None:
+                wf.add_(cf, alpha=scale)
+                continue
+            for s, e in _chunks(wf.numel(), CHUNK):
+                wf[s:e].add_(cf[s:e] * m[s:e], alpha=scale)
 
     @torch.no_grad()
     def rollback(self) -> None:
@@ -146,6 +278,25 @@ class ShardProjector:
             raise RuntimeError("RL-Extra: rollback needs keep_backup=True")
         snapshot_(self.masters, self.backup)
         self.refresh_low_precision()
+
+    @torch.no_grad()
+    def reset_optimizer_state(self) -> int:
+        """Adam restarts on the partitions (moments and step count zeroed), as if the optimizer were new.
+        Returns how many state tensors were reset."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        count = 0
+        for flat in self.masters:
+            state = inner.state.get(flat)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if torch.is_tensor(value):
+                    value.zero_()
+                    count += 1
+                elif key == "step":
+                    state[key] = 0
+                    count += 1
+        return count
 
     @torch.no_grad()
     def refresh_low_precision(self) -> None:
@@ -163,7 +314,123 @@ class ShardProjector:
         else:
             opt.update_lp_params()
 
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything a resumed job needs to continue the cycle exactly (CPU copies)."""
+        state = {
+            "anchors": [a.detach().cpu().clone() for a in self.anchors],
+            "prev": [p.detach().cpu().clone() for p in self.prev],
+            "has_anchor": self.has_anchor,
+            "has_prev": self.has_prev,
+            "steps_observed": self.steps_observed,
+            "samples": [s.clone() for s in self.samples],
+        }
+        if self.trend is not None:
+            t = self.trend.state_dict()
+            state["trend"] = {k: ([x.detach().cpu().clone() for x in v] if isinstance(v, list) else v)
+                              for k, v in t.items()}
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for dst, src in zip(self.anchors, state["anchors"]):
+            dst.copy_(src)
+        for dst, src in zip(self.prev, state["prev"]):
+            dst.copy_(src)
+        self.has_anchor, self.has_prev = bool(state["has_anchor"]), bool(state["has_prev"])
+        self.steps_observed = int(state["steps_observed"])
+        self.samples = list(state["samples"])
+        if self.trend is not None and "trend" in state:
+            self.trend.load_state_dict(state["trend"])
+
     # -------------------------------------------------------------------------------------------- stats
+
+    def _name_has_selected(self, name: str) -> bool:
+        for flat_i, group in enumerate(self.slices):
+            m = self.masks[flat_i]
+            for n, s, e in group:
+                if n == name and s < e and (m is None or bool(m[s:e].any())):
+                    return True
+        return False
+
+    def _per_name_sums(self) -> torch.Tensor:
+        index = {n: i for i, n in enumerate(self.param_names)}
+        out = torch.zeros(len(self.param_names), 3, dtype=torch.float64)
+        allowed = set(self.selected_names)
+        for w, a, p, group in zip(self.masters, self.anchors, self.prev, self.slices):
+            a = a.to(w.device)
+            for name, s, e in group:
+                if name not in allowed or s >= e:
+                    continue
+                d = w[s:e].double() - a[s:e].double()
+                q = p[s:e].to(w.device).double()
+                out[index[name]] += torch.stack([(q * d).sum(), (q * q).sum(), (d * d).sum()]).cpu()
+        return out
+
+    def _masks_for_names(self, keep: set) -> list[torch.Tensor | None]:
+        masks, allowed = [], keep & set(self.selected_names)
+        for flat, group in zip(self.masters, self.slices):
+            mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            for name, s, e in group:
+                if name in allowed:
+                    mask[s:e] = True
+            masks.append(mask)
+        return masks
+
+    def _consistency_score(self, i: int, s: int, e: int) -> torch.Tensor:
+        """|d_now| where the element moved the same way as in the previous cycle (|d_now| in the first), 0 outside
+        the name globs."""
+        w, a = self.masters[i], self.anchors[i].to(self.masters[i].device)
+        d = w[s:e].float() - a[s:e].float()
+        score = d.abs()
+        if self.has_prev:
+            score = score * ((d * self.prev[i][s:e].to(w.device).float()) > 0)
+        return score * self._name_mask(i)[s:e]
+
+    def _top_element_masks(self, fraction: float, sample_size: int = 1 << 16) -> list[torch.Tensor]:
+        if fraction >= 1.0:
+            return [self._name_mask(i) & (self._consistency_score(i, 0, m.numel()) > 0) for i, m in enumerate(self.masters)]
+        # A uniform sample of this rank's scores (equal size on every rank), gathered: the global threshold.
+        total = sum(m.numel() for m in self.masters)
+        gen = torch.Generator().manual_seed(1234 + self._rank())
+        idx = torch.randint(total, (min(sample_size, total),), generator=gen).sort().values
+        offsets = [0]
+        for m in self.masters:
+            offsets.append(offsets[-1] + m.numel())
+        parts = []
+        for i, m in enumerate(self.masters):
+            lo, hi = int(torch.searchsorted(idx, offsets[i])), int(torch.searchsorted(idx, offsets[i + 1]))
+            if hi > lo:
+                local = (idx[lo:hi] - offsets[i]).to(m.device)
+                d = m[local].float() - self.anchors[i].to(m.device)[local].float()
+                sc = d.abs()
+                if self.has_prev:
+                    sc = sc * ((d * self.prev[i].to(m.device)[local].float()) > 0)
+                parts.append((sc * self._name_mask(i)[local]).cpu())
+        sample = torch.cat(parts)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            gathered = [torch.empty_like(sample) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, sample.to(self.masters[0].device))
+            sample = torch.cat([g.cpu() for g in gathered])
+        k = max(1, round(fraction * sample.numel()))
+        thr = float(torch.topk(sample, k).values[-1])
+        masks = []
+        for i, m in enumerate(self.masters):
+            out = torch.empty(m.numel(), dtype=torch.bool, device=m.device)
+            for s, e in _chunks(m.numel(), CHUNK):
+                sc = self._consistency_score(i, s, e)
+                out[s:e] = (sc >= thr) & (sc > 0)
+            masks.append(out)
+        return masks
+
+    def _sample_r2(self) -> list[float]:
+        if len(self.samples) < 3:
+            return []
+        y = torch.stack(self.samples, dim=1)  # (S, T)
+        keep = torch.cat([self._name_mask(i)[ix].cpu() for i, ix in enumerate(self.sample_index)])
+        r2 = r2_score(y[keep])
+        return [float(v) for v in r2[~torch.isnan(r2)]]
 
     def _selected_sq_norm(self) -> float:
         total = 0.0

@@ -65,6 +65,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, f"{t}.eval_samples", lo=1)
     _int(cfg, f"{t}.checkpoint_every", lo=0)
     _int(cfg, f"{t}.keep_checkpoints", lo=0)
+    _choice(cfg, f"{t}.resume", ["auto", "never"])
 
     _choice(cfg, "model.source", ["toy", "path"])
     if cfg.model.source == "path" and not _get(cfg, "model.path"):
@@ -165,10 +166,26 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, "schedule.n", lo=0)
         if _get(cfg, "schedule.beta") is not None:
             _float(cfg, "schedule.beta", lo=0, lo_open=True)
-        _choice(cfg, "schedule.beta_mode", ["fixed", "adaptive"])
+        _choice(cfg, "schedule.beta_mode", ["fixed", "schedule", "adaptive", "auto"])
+        if cfg.schedule.beta_mode == "fixed" and _get(cfg, "schedule.beta") is None:
+            raise ConfigError("schedule.beta: expected a number when schedule.beta_mode=fixed, got null")
+        _choice(cfg, "schedule.anchor", ["cycle_start", "previous_step"])
+        _choice(cfg, "schedule.velocity", ["two_point", "least_squares"])
+        if cfg.schedule.velocity == "least_squares" and cfg.schedule.anchor != "cycle_start":
+            raise ConfigError("schedule.velocity: least_squares fits a line through the cycle; needs schedule.anchor=cycle_start")
+        if cfg.schedule.velocity == "least_squares" and _get(cfg, "schedule.anchor_device") is not None:
+            raise ConfigError("schedule.anchor_device: least_squares keeps its sums beside the shard; expected null")
         cands = _get(cfg, "schedule.candidates")
         if not cands or not all(isinstance(c, (int, float)) and c > 0 for c in cands):
             raise ConfigError(f"schedule.candidates: expected a non-empty list of positive fractions, got {cands!r}")
+        _float(cfg, "schedule.monitor_threshold", lo=-1, hi=1)
+        if _get(cfg, "schedule.monitor_r2") is not None:
+            _float(cfg, "schedule.monitor_r2", lo=0, hi=1)
+        _int(cfg, "schedule.monitor_samples", lo=1)
+        _choice(cfg, "schedule.selection", ["names", "tensor_drift", "top_elements"])
+        _float(cfg, "schedule.selection_threshold", lo=-1, hi=1)
+        _float(cfg, "schedule.selection_fraction", lo=0, hi=1, lo_open=True)
+        _choice(cfg, "schedule.optimizer", ["keep", "reset"])
         _int(cfg, "schedule.validation_prompts", lo=1)
         _int(cfg, "schedule.validation_samples", lo=1)
         if _get(cfg, "schedule.guard_margin") is not None:

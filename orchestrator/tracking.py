@@ -38,9 +38,16 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        self.skip_through = -1  # on resume: steps the run already holds (replayed identically, not logged twice)
+        self._existing_phases: dict[str, str] = {}
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
+            logged = self.client.get_metric_history(resume_run_id, "rl_step")
+            self.skip_through = max((int(m.step) for m in logged), default=-1)
+            children = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{resume_run_id}'", max_results=5000)
+            self._existing_phases = {r.info.run_name: r.info.run_id for r in children}
         else:
             name = run_name or cfg.tracking.get("run_name") or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
@@ -50,6 +57,10 @@ class Tracker:
         """A nested run under the job's run for one RL or extrapolation phase; returns its id."""
         if not self.enabled:
             return None
+        if name in self._existing_phases:  # resuming: the phase run of the interrupted attempt continues
+            run_id = self._existing_phases.pop(name)
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
         run = self.client.create_run(
             self.experiment_id, run_name=name,
             tags={"mlflow.parentRunId": self.run_id, "rlextra.kind": kind},
@@ -60,8 +71,14 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def log_phase_metrics(self, run_id: str | None, metrics: dict, step: int) -> None:
+    def reopen_phase(self, run_id: str) -> None:
+        """A phase run that a checkpoint interrupted is RUNNING again after a resume."""
         if self.enabled and run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            self._existing_phases = {k: v for k, v in self._existing_phases.items() if v != run_id}
+
+    def log_phase_metrics(self, run_id: str | None, metrics: dict, step: int) -> None:
+        if self.enabled and run_id and step > self.skip_through:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -83,7 +100,7 @@ class Tracker:
         self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or step <= self.skip_through:
             return
         from mlflow.entities import Metric
 

@@ -82,6 +82,8 @@ class Job:
         self.cfg = cfg
         self.output_dir = output_dir
         self.log = _console
+        self.extra = None
+        self.resume = None
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -110,8 +112,12 @@ class Job:
         self.eval_prompt_ids = [self.encode(self.eval_ds[i]["prompt"]) for i in range(n_eval)]
         self.eval_answers = [self.eval_ds[i]["answer"] for i in range(n_eval)]
         self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=float(cfg.reward.timeout_s))
-        self.tracker = Tracker(cfg)
-        self.tracker.log_config(cfg)
+        self.resume = self.resume_state()
+        if self.resume:  # the same MLflow run continues; steps it already holds are not logged twice
+            self.tracker = Tracker(cfg, resume_run_id=self.resume[1]["mlflow_run_id"])
+        else:
+            self.tracker = Tracker(cfg)
+            self.tracker.log_config(cfg)
         self.ray_started = init_ray(cfg)
         self.learner_spec = learner_spec(cfg, self.model_path)
         specs = [rollout_spec(cfg, self.model_path, i) for i in range(cfg.rollout.num_actors)]
@@ -207,20 +213,62 @@ class Job:
         return m
 
     def save_checkpoint(self, step: int) -> str:
+        """Model + optimizer + LR schedule per rank (DeepSpeed), RL-Extra anchors and statistics per rank, and
+        `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run), written last:
+        a checkpoint without it is incomplete and never resumed from."""
+        import random
+
         ckpt_root = os.path.join(self.output_dir, "checkpoints")
         tag = f"rl_step_{step}"
-        state = {"rl_step": step, "data_position": self.cursor.position, "weight_version": self.groups.weight_version}
-        hf_dir = self.groups.call_learners("save_checkpoint", ckpt_root, tag, state)[0]
-        with open(os.path.join(ckpt_root, tag, "rlextra_state.json"), "w") as f:
+        state = {
+            "rl_step": step,
+            "data_position": self.cursor.position,
+            "weight_version": self.groups.weight_version,
+            "mlflow_run_id": self.tracker.run_id,
+            "eval_before": self.eval_before,
+            "step_times": self.step_times,
+            "schedule": self.extra.state() if self.extra else None,
+            "python_rng": _jsonable(random.getstate()),
+        }
+        hf_dir = self.groups.call_learners("save_checkpoint", ckpt_root, tag, {"rl_step": step})[0]
+        tmp = os.path.join(ckpt_root, tag, "rlextra_state.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(state, f)
+        os.replace(tmp, os.path.join(ckpt_root, tag, "rlextra_state.json"))
         keep = self.cfg.trainer.keep_checkpoints
         if keep:
-            tags = sorted(
-                (d for d in os.listdir(ckpt_root) if d.startswith("rl_step_")), key=lambda d: int(d.split("_")[-1])
-            )
-            for old in tags[:-keep]:
+            for old in complete_checkpoints(ckpt_root)[:-keep]:
                 shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
         return hf_dir
+
+    def resume_state(self) -> tuple[str, dict] | None:
+        """The newest complete checkpoint under output_dir/checkpoints when trainer.resume=auto, else None."""
+        if self.cfg.trainer.resume != "auto":
+            return None
+        root = os.path.join(self.output_dir, "checkpoints")
+        tags = complete_checkpoints(root) if os.path.isdir(root) else []
+        if not tags:
+            return None
+        with open(os.path.join(root, tags[-1], "rlextra_state.json")) as f:
+            return tags[-1], json.load(f)
+
+    def restore(self, tag: str, state: dict) -> int:
+        """Load a checkpoint into the live job; returns the next RL step."""
+        import random
+
+        root = os.path.join(self.output_dir, "checkpoints")
+        self.groups.call_learners("load_checkpoint", root, tag)
+        self.cursor.position = int(state["data_position"])
+        self.groups.weight_version = int(state["weight_version"])
+        self.groups.sync_weights(float(self.cfg.rollout.bucket_mb))  # the engines still hold the initial weights
+        self.eval_before = state["eval_before"]
+        self.step_times = list(state.get("step_times", []))
+        random.setstate(_from_jsonable(state["python_rng"]))
+        if self.extra and state.get("schedule"):
+            self.extra.load_state(state["schedule"])
+        self.log(f"resumed from {os.path.join(root, tag)} (rl_step {state['rl_step']}, "
+                 f"data position {self.cursor.position}, MLflow run {self.tracker.run_id})")
+        return int(state["rl_step"]) + 1
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -229,30 +277,36 @@ class Job:
 
         cfg, tr = self.cfg, self.cfg.trainer
         start = time.perf_counter()
-        before = self.evaluate()
-        self.tracker.log_metrics(before, step=0)
-        self.log(f"eval before training: greedy {before['eval/greedy_accuracy']:.3f}, "
-                 f"avg@{tr.eval_samples} {before['eval/avg_at_k']:.3f}")
+        self.extra = RLExtraSchedule(self) if cfg.schedule.name == "rl_extra" else None
+        self.step_times: list[float] = []
+        first_step = 1
+        if self.resume:
+            first_step = self.restore(*self.resume)
+            before = self.eval_before
+        else:
+            before = self.eval_before = self.evaluate()
+            self.tracker.log_metrics(before, step=0)
+            self.log(f"eval before training: greedy {before['eval/greedy_accuracy']:.3f}, "
+                     f"avg@{tr.eval_samples} {before['eval/avg_at_k']:.3f}")
         last_eval = before
-        bar = tqdm(range(1, tr.total_steps + 1), desc="rl", disable=not tr.progress, file=sys.stdout, dynamic_ncols=True)
-        history = []
-        extra = RLExtraSchedule(self) if cfg.schedule.name == "rl_extra" else None
+        bar = tqdm(range(first_step, tr.total_steps + 1), desc="rl", disable=not tr.progress, file=sys.stdout,
+                   dynamic_ncols=True, initial=first_step - 1, total=tr.total_steps)
         for step in bar:
-            if extra:
-                extra.before_step(step)
+            if self.extra:
+                self.extra.before_step(step)
             m = self.rl_step(step)
             m["rl_step"] = step
-            if extra:
-                m.update(extra.after_step(step, m))
+            if self.extra:
+                m.update(self.extra.after_step(step, m))
             else:
                 m["virtual_step"] = step
             if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
                 last_eval = self.evaluate()
                 m.update(last_eval)
             self.tracker.log_metrics(m, step=step)
-            history.append({k: m[k] for k in ("train/reward_mean", "train/loss", "time/step_s")})
+            self.step_times.append(m["time/step_s"])
             bar.set_postfix(reward=f"{m['train/reward_mean']:.3f}", acc=f"{last_eval['eval/avg_at_k']:.3f}")
-            if tr.checkpoint_every and step % tr.checkpoint_every == 0:
+            if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step != tr.total_steps:
                 self.save_checkpoint(step)
         bar.close()
         after = self.evaluate() if tr.total_steps else before
@@ -261,9 +315,9 @@ class Job:
         wall = time.perf_counter() - start
         summary = {
             "rl_steps": tr.total_steps,
-            "virtual_steps": extra.virtual_step if extra else tr.total_steps,
+            "virtual_steps": self.extra.virtual_step if self.extra else tr.total_steps,
             "schedule": cfg.schedule.name,
-            **(extra.counters if extra else {}),
+            **(self.extra.counters if self.extra else {}),
             "eval_accuracy_before": before["eval/avg_at_k"],
             "eval_accuracy_after": after["eval/avg_at_k"],
             "eval_greedy_accuracy_before": before["eval/greedy_accuracy"],
@@ -271,18 +325,21 @@ class Job:
             "eval_pass_at_k_before": before["eval/pass_at_k"],
             "eval_pass_at_k_after": after["eval/pass_at_k"],
             "eval_k": tr.eval_samples,
+            "resumed_from_step": first_step - 1 if self.resume else None,
             "wall_time_s": wall,
             "setup_time_s": self.setup_time_s,
-            "mean_step_time_s": _mean(h["time/step_s"] for h in history) if history else 0.0,
+            "mean_step_time_s": _mean(self.step_times) if self.step_times else 0.0,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.uri,
             "final_checkpoint": final_ckpt,
             "model_path": self.model_path,
         }
+        if self.extra:
+            summary["extrapolations"] = self.extra.records
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, "summary.json")
         with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary, f, indent=2, default=str)
         self.tracker.log_artifact(path)
         self.tracker.log_metrics({"summary/wall_time_s": wall}, step=tr.total_steps)
         print_summary(summary)
@@ -293,6 +350,7 @@ class Job:
 
         # Close whatever set-up got as far as creating, in reverse order of dependence.
         for closer in (
+            lambda: self.extra.close() if getattr(self, "extra", None) else None,
             lambda: self.groups.shutdown() if hasattr(self, "groups") else None,
             lambda: self.scorer.close() if hasattr(self, "scorer") else None,
             lambda: self.tracker.finish(status) if hasattr(self, "tracker") else None,
@@ -304,28 +362,55 @@ class Job:
                 self.log(f"warning: shutdown step failed: {exc}")
 
 
-class RLExtraSchedule:
-    """Cycles of m real RL steps, then one in-place projection of every learner's fp32 master shard.
+def extrapolation_config(schedule) -> "ExtrapolationConfig":
+    from actors.extrapolator import ExtrapolationConfig
 
-    β: `fixed` (schedule.beta, or (m + n) / m) or `adaptive` (a line search over fractions of that β, each
-    candidate scored by reward on a fixed validation batch through the rollout engines; the best is kept only if
-    it beats β = 1, i.e. not projecting). Guards: a projection that yields NaN/Inf, or whose validation reward
-    falls more than `guard_margin` below the pre-projection reward, is rolled back and β shrinks for the next
-    cycle. Each RL phase and each extrapolation phase is a nested MLflow run with its decisions."""
+    s = schedule
+    return ExtrapolationConfig(
+        m=int(s.m), n=int(s.n), beta_mode=str(s.beta_mode), beta=None if s.beta is None else float(s.beta),
+        anchor=str(s.anchor), candidates=tuple(float(c) for c in s.candidates),
+        monitor_threshold=float(s.monitor_threshold),
+        monitor_r2=None if s.monitor_r2 is None else float(s.monitor_r2),
+        selection=str(s.selection), selection_threshold=float(s.selection_threshold),
+        selection_fraction=float(s.selection_fraction), guard_nan=bool(s.guard_nan),
+        guard_margin=None if s.guard_margin is None else float(s.guard_margin), shrink=float(s.shrink),
+        optimizer=str(s.optimizer),
+    )
+
+
+class RLExtraSchedule:
+    """The driver's side of RL-Extra: cycles of m real RL steps, each ended by an extrapolation phase that the
+    `ExtrapolatorActor` (actors/extrapolator.py) decides and carries out on the learners' shards.
+
+    The driver snapshots the anchors (at the cycle start, or one step before its end for `previous_step`),
+    counts `virtual_step` (+ (β − 1) · span per projection made), and logs: a nested MLflow run per RL phase
+    (`rl-phase-k`: the cycle's training metrics) and per extrapolation phase (`extrapolation-k`: β, tensors and
+    elements projected, displacement norm, drift share, R², validation reward before/after, guard decisions,
+    time), plus `rl_extra/extrapolation-k.json` with every candidate and reason."""
 
     def __init__(self, job: "Job"):
+        import ray
+
+        from actors.extrapolator import ExtrapolatorActor
+
         self.job, s = job, job.cfg.schedule
-        self.m, self.n = int(s.m), int(s.n)
-        self.beta = float(s.beta) if s.beta is not None else (self.m + self.n) / self.m
+        self.xcfg = extrapolation_config(s)
+        self.m = self.xcfg.m
         exclude = None if s.exclude is None else list(s.exclude)
-        info = job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device)
+        info = job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device, str(s.velocity),
+                                        int(s.monitor_samples))
         self.selected = sorted({n for i in info for n in i["selected"]})
         self.skipped = sorted({n for i in info for n in i["skipped"]})
         self.virtual_step = 0
         self.cycle = 0
         self.phase_run = None
         self.counters = {"projections_made": 0, "projections_skipped": 0, "projections_rolled_back": 0}
-        self.validation = self._validation_batch() if s.beta_mode == "adaptive" or s.guard_margin is not None else None
+        self.records: list[dict] = []
+        validation = self._validation_batch() if self.xcfg.needs_validation else None
+        sampling = job.sampling(int(s.validation_samples), seed=job.cfg.seed + 777)
+        self.actor = ray.remote(ExtrapolatorActor).options(num_cpus=0, max_concurrency=1).remote(
+            self.xcfg, job.groups, validation, sampling, str(job.cfg.data.verifier),
+            float(job.cfg.reward.timeout_s), float(job.cfg.rollout.bucket_mb))
         job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
 
     def _validation_batch(self):
@@ -337,20 +422,16 @@ class RLExtraSchedule:
         rows = ds.select(idx)
         return [self.job.encode(p) for p in rows["prompt"]], list(rows["answer"])
 
-    def validation_reward(self) -> float:
-        prompts, answers = self.validation
-        k = self.job.cfg.schedule.validation_samples
-        result = self.job.groups.generate(prompts, self.job.sampling(k, seed=self.job.cfg.seed + 777))
-        scores = self.job.scorer.score_batch(self.job.cfg.data.verifier, result.response_text,
-                                             [answers[i] for i in result.prompt_index])
-        return sum(scores) / len(scores)
+    # ------------------------------------------------------------------------------------------ the loop
 
     def before_step(self, step: int) -> None:
-        if (step - 1) % self.m == 0:  # a cycle starts: anchor = current weights
+        first, last = (step - 1) % self.m == 0, step % self.m == 0
+        if first:
             self.cycle += 1
-            self.job.groups.call_learners("extra_snapshot")
             self.phase_run = self.job.tracker.start_phase(
                 f"rl-phase-{self.cycle}", "rl_phase", {"cycle": self.cycle, "first_rl_step": step, "m": self.m})
+        if (first and self.xcfg.anchor == "cycle_start") or (last and self.xcfg.anchor == "previous_step"):
+            self.job.groups.call_learners("extra_snapshot")
 
     def after_step(self, step: int, metrics: dict) -> dict:
         self.virtual_step += 1
@@ -359,80 +440,102 @@ class RLExtraSchedule:
         out = {"virtual_step": self.virtual_step}
         if step % self.m == 0:
             self.job.tracker.end_phase(self.phase_run)
+            self.phase_run = None
             out.update(self.extrapolate(step))
             out["virtual_step"] = self.virtual_step
         return out
 
-    def _try(self, beta: float):
-        """Project with β from the pre-projection weights and sync; returns the (all-reduced) stats."""
-        groups = self.job.groups
-        stats = groups.call_learners("extra_project", beta)[0]
-        if stats.finite:
-            groups.sync_weights(float(self.job.cfg.rollout.bucket_mb))
-        return stats
-
-    def _undo(self) -> None:
-        self.job.groups.call_learners("extra_rollback")
-        self.job.groups.sync_weights(float(self.job.cfg.rollout.bucket_mb))
-
     def extrapolate(self, step: int) -> dict:
+        import ray
+
         job, s = self.job, self.job.cfg.schedule
         run = job.tracker.start_phase(f"extrapolation-{self.cycle}", "extrapolation_phase",
-                                      {"cycle": self.cycle, "beta_max": self.beta, "beta_mode": s.beta_mode,
-                                       "m": self.m, "n": self.n, "rl_step": step,
-                                       "tensors_projected": len(self.selected)})
-        start = time.perf_counter()
-        before = self.validation_reward() if self.validation else None
-        decisions, tried = [], {}
-        betas = [self.beta * f for f in s.candidates] if s.beta_mode == "adaptive" else [self.beta]
-        betas = [b for b in betas if b > 1.0] or [self.beta]
-        stats = None
-        for i, beta in enumerate(betas):
-            if i:
-                job.groups.call_learners("extra_rollback")  # every candidate starts from the same weights
-            stats = self._try(beta)
-            if not stats.finite:
-                decisions.append(f"beta={beta:.4g}: non-finite weights")
-                tried[beta] = float("-inf")
-                continue
-            tried[beta] = self.validation_reward() if self.validation else float("nan")
-        chosen = max(tried, key=lambda b: tried[b]) if self.validation else betas[0]
-        ok = stats is not None and tried[chosen] != float("-inf")
-        if ok and before is not None and s.beta_mode == "adaptive" and not tried[chosen] > before:
-            decisions.append(f"no candidate beat beta=1 ({before:.3f}); keeping the unprojected weights")
-            ok = False
-        if ok and before is not None and s.guard_margin is not None and tried[chosen] < before - s.guard_margin:
-            decisions.append(f"validation reward {tried[chosen]:.3f} < {before:.3f} - {s.guard_margin}: rolled back")
-            ok = False
-        if ok and s.beta_mode == "adaptive" and chosen != betas[-1]:
-            job.groups.call_learners("extra_rollback")
-            stats = self._try(chosen)
-        rolled_back = not ok
-        if rolled_back:
-            self._undo()
-            self.counters["projections_rolled_back"] += 1
-            self.beta = 1.0 + (self.beta - 1.0) * s.shrink  # be more careful next cycle
-            if not stats.finite and not s.guard_nan:
-                raise RuntimeError("RL-Extra: projection produced NaN/Inf and schedule.guard_nan is off")
-        else:
-            self.counters["projections_made"] += 1
-            self.virtual_step += round((chosen - 1.0) * self.m)
-        elapsed = time.perf_counter() - start
+                                      {"cycle": self.cycle, "beta_mode": s.beta_mode, "m": self.m, "n": s.n,
+                                       "rl_step": step, "selection": s.selection, "velocity": s.velocity,
+                                       "anchor": s.anchor, "tensors_eligible": len(self.selected)})
+        eval_before = job.evaluate() if s.eval_around_projection else None
+        rec = ray.get(self.actor.extrapolate.remote(self.cycle, job.groups.weight_version))
+        job.groups.weight_version = rec.weight_version
+        self.counters[f"projections_{rec.outcome}"] += 1
+        span = rec.steps_in_cycle if self.xcfg.anchor == "cycle_start" else 1
+        if rec.outcome == "made":
+            self.virtual_step += round((rec.beta - 1.0) * span)
+        eval_after = job.evaluate() if s.eval_around_projection and rec.outcome == "made" else eval_before
         result = {
-            "extra/beta": chosen if not rolled_back else 1.0,
-            "extra/displacement_norm": stats.displacement_norm,
-            "extra/projected_frac": stats.projected_numel / max(1, stats.total_numel),
-            "extra/rolled_back": float(rolled_back),
-            "extra/time_s": elapsed,
-            "extra/val_reward_before": before,
-            "extra/val_reward_after": (tried[chosen] if not rolled_back else before) if before is not None else None,
+            "extra/beta": rec.beta,
+            "extra/beta_max": rec.beta_max,
+            "extra/made": float(rec.outcome == "made"),
+            "extra/rolled_back": float(rec.outcome == "rolled_back"),
+            "extra/skipped": float(rec.outcome == "skipped"),
+            "extra/drift_share": rec.drift_share,
+            "extra/r2_median": rec.r2_median,
+            "extra/r2_frac_above_0_7": rec.r2_frac_above_0_7,
+            "extra/displacement_norm": rec.displacement_norm,
+            "extra/selected_frac": rec.selected_frac,
+            "extra/selected_tensors": rec.selected_tensors,
+            "extra/projected_frac": rec.projected_frac,
+            "extra/time_s": rec.time_s,
+            "extra/val_reward_before": rec.val_reward_before,
+            "extra/val_reward_after": rec.val_reward_after,
         }
+        if eval_before is not None:
+            result["extra/eval_acc_before"] = eval_before["eval/avg_at_k"]
+            result["extra/eval_acc_after"] = eval_after["eval/avg_at_k"]
+        result = {k: v for k, v in result.items() if v is None or not (isinstance(v, float) and math.isnan(v))}
         job.tracker.log_phase_metrics(run, {**result, "virtual_step": self.virtual_step}, step)
-        job.tracker.log_json({"candidates": {str(b): r for b, r in tried.items()}, "chosen": chosen,
-                              "rolled_back": rolled_back, "decisions": decisions},
+        record = {k: v for k, v in vars(rec).items() if k != "drift_share_per_tensor"}
+        record.update(rl_step=step, virtual_step=self.virtual_step, eval_before=eval_before, eval_after=eval_after)
+        self.records.append(record)
+        job.tracker.log_json({**record, "drift_share_per_tensor": rec.drift_share_per_tensor},
                              f"rl_extra/extrapolation-{self.cycle}.json")
         job.tracker.end_phase(run)
+        what = {"made": f"projected with beta={rec.beta:.3g}", "skipped": "skipped",
+                "rolled_back": "rolled back"}[rec.outcome]
+        job.log(f"cycle {self.cycle} (rl_step {step}): {what}; drift share {rec.drift_share:.3f}, "
+                f"R² median {rec.r2_median:.3f}, selected {rec.selected_frac:.1%}"
+                + (f" — {'; '.join(rec.reasons)}" if rec.reasons else ""))
         return result
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict:
+        import ray
+
+        return {"cycle": self.cycle, "virtual_step": self.virtual_step, "counters": dict(self.counters),
+                "phase_run": self.phase_run, "policy": ray.get(self.actor.state.remote()), "records": self.records}
+
+    def load_state(self, state: dict) -> None:
+        import ray
+
+        self.cycle, self.virtual_step = int(state["cycle"]), int(state["virtual_step"])
+        self.counters.update(state["counters"])
+        self.phase_run = state.get("phase_run")
+        self.records = list(state.get("records", []))
+        ray.get(self.actor.load_state.remote(state["policy"]))
+        if self.phase_run:
+            self.job.tracker.reopen_phase(self.phase_run)
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.close.remote(), timeout=30)
+        finally:
+            ray.kill(self.actor)
+
+
+def complete_checkpoints(root: str) -> list[str]:
+    """Checkpoint tags under `root` that finished writing (have rlextra_state.json), oldest first."""
+    tags = [d for d in os.listdir(root) if d.startswith("rl_step_") and os.path.exists(os.path.join(root, d, "rlextra_state.json"))]
+    return sorted(tags, key=lambda d: int(d.split("_")[-1]))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _from_jsonable(x):
+    return tuple(_from_jsonable(v) for v in x) if isinstance(x, list) else x
 
 
 def _mean(values) -> float:

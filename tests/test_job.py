@@ -102,7 +102,8 @@ def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = small_job_overrides(cache_dir, tmp_path, steps=2) + [
         f"algo={algo}", "trainer.eval_every=0", "trainer.save_final=false",
-        "schedule=rl_extra", "schedule.m=1", "schedule.n=1", *extra]
+        "schedule=rl_extra", "schedule.m=1", "schedule.n=1", "schedule.beta_mode=schedule",
+        "schedule.selection=names", *extra]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     assert summary["projections_made"] == 2 and summary["virtual_steps"] == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -153,7 +154,8 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
-        "schedule=rl_extra", "schedule.m=2", "schedule.n=3", f"schedule.beta={'null' if beta is None else beta}",
+        "schedule=rl_extra", "schedule.m=2", "schedule.n=3", "schedule.selection=names",
+        f"schedule.beta_mode={'schedule' if beta is None else 'fixed'}", f"schedule.beta={'null' if beta is None else beta}",
         "trainer.eval_every=0", "trainer.save_final=false"]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     assert summary["rl_steps"] == 4
@@ -169,7 +171,7 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
     for run in children:
         assert run.info.status == "FINISHED"
         if run.data.tags["rlextra.kind"] == "extrapolation_phase":
-            assert float(run.data.params["beta_max"]) >= (2.5 if beta is None else 1e44)
+            assert run.data.metrics["extra/beta_max"] >= (2.5 if beta is None else 1e44)
             assert run.data.metrics["extra/rolled_back"] == float(bool(rolled_back))
             assert 0 < run.data.metrics["extra/projected_frac"] < 1  # norm layers are not projected
             assert run.data.metrics["extra/displacement_norm"] > 0
@@ -193,10 +195,10 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     extra = (["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"] if mode == "adaptive"
-             else ["schedule.beta=1e5", "schedule.guard_margin=0.05"])
+             else ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"])
     overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
         "schedule=rl_extra", "schedule.m=2", "schedule.n=2", "schedule.validation_prompts=16",
-        "trainer.eval_every=0", "trainer.save_final=false", *extra]
+        "schedule.selection=names", "trainer.eval_every=0", "trainer.save_final=false", *extra]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = summary["mlflow_run_id"]
@@ -211,12 +213,13 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     if mode == "adaptive":
         assert all(len(log["candidates"]) == 3 for log in logs)  # all three fractions of β = 2 (or 1.5) are > 1
         for log in logs:
-            if not log["rolled_back"]:
-                assert log["candidates"][str(log["chosen"])] == max(log["candidates"].values())
+            if log["outcome"] == "made":
+                assert log["candidates"][f"{log['beta']:.4g}"] == max(log["candidates"].values())
+                assert log["val_reward_after"] > log["val_reward_before"]
         assert summary["projections_made"] + summary["projections_rolled_back"] == 2
     else:
         assert summary["projections_rolled_back"] == 2 and summary["projections_made"] == 0
-        assert all(any("rolled back" in d for d in log["decisions"]) for log in logs)
+        assert all(log["outcome"] == "rolled_back" and any("rolled back" in d for d in log["reasons"]) for log in logs)
         assert summary["virtual_steps"] == 4
 
 

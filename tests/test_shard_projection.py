@@ -98,3 +98,91 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
             torch.testing.assert_close(restored[name], after_step[name], rtol=0, atol=0, msg=f"{name} not restored")
     finally:
         _stop_group(ray, actors)
+
+
+def _cos(a: dict, b: dict, names) -> float:
+    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in names)
+    na = sum(float((a[n].double() ** 2).sum()) for n in names)
+    nb = sum(float((b[n].double() ** 2).sum()) for n in names)
+    return dot / (na * nb) ** 0.5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_session, toy_model_path, stage):
+    """On 2 real ranks: the top-fraction selection is one global threshold, the least-squares projection equals
+    a per-element polyfit of the gathered trajectory, the drift share equals the gathered cosine, and an
+    optimizer reset makes the next Adam step a full-lr sign step."""
+    import numpy as np
+
+    ray = ray_session
+    lr = 1e-3
+    spec = LearnerSpec(model_path=toy_model_path, world_size=2, zero_stage=stage, dtype="fp32", lr=lr,
+                       micro_batch_size=8, samples_per_rank=8, num_threads=1, loss_agg="seq-mean-token-mean")
+    batches = []
+    for seed in range(3):
+        b = _random_batch(toy_model_path, seed=seed)
+        b.old_logp = _behaviour_logp(toy_model_path, b)
+        batches.append(b)
+    actors = _start_group(ray, spec)
+    try:
+        ray.get([a.extra_setup.remote(("*",), None, None, "least_squares", 512) for a in actors])
+        ray.get([a.extra_snapshot.remote() for a in actors])
+        traj = [_full(ray, actors)]
+        for b in batches:
+            ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(b, 2))])
+            traj.append(_full(ray, actors))
+        eligible = [n for n in traj[0] if "norm" not in n]
+
+        stats = ray.get([a.extra_end_cycle.remote("top_elements", 0.7, 0.2) for a in actors])
+        assert stats[0].drift_share != stats[0].drift_share, "no previous cycle: drift share is NaN"
+        assert stats[0].steps == 3 and stats[0].selected_numel == stats[1].selected_numel
+        assert 0.15 < stats[0].selected_numel / stats[0].eligible_numel < 0.25
+        r2 = stats[0].r2_values + stats[1].r2_values
+        assert r2 and all(0.0 <= v <= 1.0 for v in r2)
+
+        beta = 2.0
+        ray.get([a.extra_project.remote(beta) for a in actors])
+        projected = _full(ray, actors)
+        t = np.arange(4.0)
+        moved_scores, still_scores = [], []
+        for name in traj[0]:
+            ys = np.stack([traj[k][name].double().numpy().ravel() for k in range(4)])  # (4, numel)
+            slope = ((t - t.mean())[:, None] * (ys - ys.mean(0))).sum(0) / ((t - t.mean()) ** 2).sum()
+            last, new = ys[-1], projected[name].double().numpy().ravel()
+            moved = new != last
+            if "norm" in name:
+                assert not moved.any(), f"{name} (norm) moved"
+                continue
+            expected = last + (beta - 1.0) * 3 * slope
+            np.testing.assert_allclose(new[moved], expected[moved], rtol=1e-5, atol=1e-7, err_msg=name)
+            score = np.abs(last - ys[0])
+            moved_scores.append(score[moved])
+            still_scores.append(score[~moved])
+        assert np.concatenate(moved_scores).min() >= np.concatenate(still_scores).max() * (1 - 1e-6), \
+            "one global threshold: every projected element moved more than every unprojected one"
+
+        # cycle 2 (from the unprojected weights): drift share = cosine of the two gathered displacements
+        ray.get([a.extra_rollback.remote() for a in actors])
+        ray.get([a.extra_snapshot.remote() for a in actors])
+        start = _full(ray, actors)
+        for b in batches:
+            ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(b, 2))])
+        end = _full(ray, actors)
+        d1 = {n: traj[-1][n] - traj[0][n] for n in eligible}
+        d2 = {n: end[n] - start[n] for n in eligible}
+        stats = ray.get([a.extra_end_cycle.remote("tensor_drift", -1.0, 0.1) for a in actors])
+        assert stats[0].drift_share == pytest.approx(_cos(d1, d2, eligible), rel=1e-6)
+        name = eligible[0]
+        assert stats[0].drift_share_per_tensor[name] == pytest.approx(_cos(d1, d2, [name]), rel=1e-6)
+        assert stats[0].selected_numel == stats[0].eligible_numel  # threshold −1: every eligible tensor
+
+        # reset: the next Adam step is a fresh one (|Δ| ≈ lr wherever the gradient is non-zero)
+        assert min(ray.get([a.extra_reset_optimizer.remote() for a in actors])) > 0
+        before = _full(ray, actors)
+        ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(batches[0], 2))])
+        after = _full(ray, actors)
+        steps = torch.cat([(after[n] - before[n]).abs().ravel() for n in eligible])
+        steps = steps[steps > 0]
+        assert steps.max() <= lr * 1.01 and steps.median() > 0.9 * lr
+    finally:
+        _stop_group(ray, actors)
