@@ -1,0 +1,762 @@
+"""Evaluate checkpoints: Avg@k and the unbiased Pass@k per dataset, through the vLLM rollout actors.
+
+    python -m orchestrator.evaluate                                     # the toy model on the toy task, k = 8
+    python -m orchestrator.evaluate 'eval.checkpoints=[ckpt/rl_step_0/hf,ckpt/rl_step_300/hf]' \\
+        'eval.datasets=[toy_add,toy_mul]' eval.k=16
+    python -m orchestrator.evaluate --logits-extrapolation \\
+        eval.logits_extrapolation.t0_path=ckpt/rl_step_0/hf eval.logits_extrapolation.t1_path=ckpt/rl_step_300/hf \\
+        'eval.logits_extrapolation.steps=[0,300,900]'
+
+For every checkpoint × dataset: `eval.k` samples per prompt (temperature / top-p from `eval`, the paper's 0.6 /
+0.95 by default; max tokens from `rollout.max_tokens` unless `eval.max_tokens`), scored by the dataset's
+verifier in the scoring pool's worker processes. Reported per dataset: Avg@k (mean score over all samples),
+Pass@k and Pass@j for j = 1, 2, 4, … < k (Chen et al.'s unbiased estimator from the k samples; a sample counts
+as correct when its score is 1), mean response length and the share cut by the length cap. Results go to one
+JSON file, one MLflow run (`eval/<dataset>/<metric>`, step = the checkpoint's RL step when every checkpoint
+has a distinct one, else its index; the config as params, the JSON as artifact) and a table on stdout.
+
+Choices:
+- **One engine for many checkpoints.** The rollout actors start once; each next checkpoint's safetensors are
+  streamed into the running engines through the same worker-extension path the training sync uses
+  (`RolloutActor.update_weights`, buckets ending at layer edges, one bucket in the driver at a time). Measured
+  on the tiny model: a reload takes ~10 ms against ~4-5 s for a fresh actor. Checkpoints whose config or
+  tokenizer differ from the loaded one (or hub ids, or .bin weights) get a fresh engine instead.
+- **Logits extrapolation** (`--logits-extrapolation`, or `eval.logits_extrapolation.enabled=true`) samples from
+  `l_t0 + α (l_t1 − l_t0)` with `linearity.logits_extrapolation` — two transformers models in lockstep, batched
+  across prompts and samples — in the driver process (on a GPU cluster give the driver a GPU, e.g.
+  `ray job submit --entrypoint-num-gpus 1`), and is scored by the same code. α from `steps: [t0, t1, target]` or
+  explicit. vLLM is not involved (nor started, unless checkpoints are listed too), so the two can be compared:
+  `eval.checkpoints=[t0, t1]` with the flag evaluates both checkpoints and their extrapolation in one run.
+- The literal `--logits-extrapolation` flag is rewritten to its Hydra override before Hydra parses argv.
+- A bad value fails before anything starts, with one line naming the field (exit 2), e.g.
+  `config error: eval.checkpoints[1]: expected a checkpoint directory with config.json (or a hub id), got '/x'`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from orchestrator.config import ConfigError, _choice, _float, _get, _int
+from orchestrator.train import pass_at_k
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ARGV_FLAGS = {"--logits-extrapolation": "eval.logits_extrapolation.enabled=true"}
+# config.json keys that do not change what a checkpoint's engine looks like
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """One model to evaluate: a local HF directory or a hub id, and its RL step when known."""
+
+    path: str
+    step: int | None = None
+
+
+@dataclass
+class DatasetSpec:
+    """One eval dataset: its label, its data config (the `data` group's fields) and the field name for errors."""
+
+    name: str
+    data: DictConfig
+    field: str  # "data" or "eval.datasets[i]"
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one target (checkpoint or logits extrapolation) on one dataset."""
+
+    target: str
+    kind: str  # checkpoint | logits_extrapolation
+    step: int
+    dataset: str
+    verifier: str
+    num_prompts: int
+    k: int
+    avg_at_k: float
+    pass_at_k: float
+    pass_at: dict[str, float]
+    response_length: float
+    truncated_frac: float
+    gen_time_s: float
+    tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def pass_levels(k: int) -> list[int]:
+    """The j of the Pass@j curve: powers of two below k, then k."""
+    levels, j = [], 1
+    while j < k:
+        levels.append(j)
+        j *= 2
+    return levels + [k]
+
+
+def sample_metrics(scores: list[float], k: int) -> dict:
+    """Avg@k and Pass@j (j in pass_levels(k)) from prompt-major scores of k samples per prompt.
+
+    Avg@k is the mean score (fractional scores count as such); for Pass@j a sample is correct when its score
+    is 1, and each prompt's unbiased estimate 1 − C(k − c, j) / C(k, j) is averaged over prompts."""
+    if not scores or len(scores) % k:
+        raise ValueError(f"scores: expected a non-empty multiple of k={k} values, got {len(scores)}")
+    correct = [sum(1 for s in scores[i : i + k] if s >= 1.0) for i in range(0, len(scores), k)]
+    curve = {str(j): sum(pass_at_k(k, c, j) for c in correct) / len(correct) for j in pass_levels(k)}
+    return {"avg_at_k": sum(scores) / len(scores), "pass_at_k": curve[str(k)], "pass_at": curve}
+
+
+# ----------------------------------------------------------------------------------------------- argv
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """Map the literal CLI flags (`--logits-extrapolation`) to their Hydra overrides; leave the rest alone."""
+    return [ARGV_FLAGS.get(a, a) for a in argv]
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+def _check_checkpoint(path, where: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: expected a checkpoint path or hub id, got {path!r}")
+    local = os.path.expanduser(path)
+    if _looks_local(path) and not (Path(local) / "config.json").is_file():
+        raise ConfigError(f"{where}: expected a checkpoint directory with config.json (or a hub id), got {path!r}")
+    return local if _looks_local(path) else path
+
+
+def _check_data(d: DictConfig, where: str, max_tokens: int | None, max_model_len: int) -> None:
+    from verifiers import VERIFIERS
+
+    view = OmegaConf.create({"data": d})
+    source = _choice(view, "data.source", ["toy", "files", "hub"])
+    if source == "toy":
+        _choice(view, "data.toy.op", ["add", "mul", "code"])
+        _int(view, "data.toy.digits", lo=1, hi=6)
+        _int(view, "data.toy.num_eval", lo=1)
+    elif source == "files":
+        _get(view, "data.eval_files")
+    else:
+        _get(view, "data.hub_id")
+    _choice(view, "data.verifier", sorted(VERIFIERS))
+    prompt_tokens = _int(view, "data.max_prompt_tokens", lo=1)
+    if "{prompt}" not in str(_get(view, "data.prompt_template")):
+        raise ConfigError(f"data.prompt_template: expected a format string containing {{prompt}}, got {d.prompt_template!r}")
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise ConfigError(f"data.max_prompt_tokens: expected max_prompt_tokens + max tokens ({prompt_tokens} + "
+                          f"{max_tokens}) <= rollout.max_model_len ({max_model_len})")
+
+
+def _check_logits_extrapolation(cfg: DictConfig) -> None:
+    p = "eval.logits_extrapolation"
+    lx = cfg.eval.logits_extrapolation
+    for key in ("t0_path", "t1_path"):
+        if lx[key] is None:
+            raise ConfigError(f"{p}.{key}: expected a checkpoint path when {p}.enabled is true, got None")
+        _check_checkpoint(lx[key], f"{p}.{key}")
+    if (lx.alpha is None) == (lx.steps is None):
+        raise ConfigError(f"{p}.alpha: expected exactly one of alpha or steps=[t0, t1, target], "
+                          f"got alpha={lx.alpha!r}, steps={_plain(lx.steps)!r}")
+    if lx.alpha is not None:
+        _float(cfg, f"{p}.alpha")
+    else:
+        steps = _plain(lx.steps)
+        if (not isinstance(steps, list) or len(steps) != 3
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps) or steps[0] == steps[1]):
+            raise ConfigError(f"{p}.steps: expected three numbers [t0, t1, target] with t1 != t0, got {steps!r}")
+    _choice(cfg, f"{p}.dtype", ["float32", "bfloat16", "float16"])
+    _choice(cfg, f"{p}.device", ["auto", "cpu", "cuda"])
+    _int(cfg, f"{p}.max_batch_rows", lo=int(cfg.eval.k))
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line naming the field) on the first bad value; touches nothing on disk."""
+    _int(cfg, "seed", lo=0)
+    e = "eval"
+    _int(cfg, f"{e}.k", lo=1)
+    _float(cfg, f"{e}.temperature", lo=0)
+    _float(cfg, f"{e}.top_p", lo=0, hi=1, lo_open=True)
+    for key in ("max_tokens", "max_prompts"):
+        if _get(cfg, f"{e}.{key}") is not None:
+            _int(cfg, f"{e}.{key}", lo=1)
+    ckpts = _get(cfg, f"{e}.checkpoints")
+    if ckpts is not None:
+        if not isinstance(ckpts, ListConfig) or len(ckpts) == 0:
+            raise ConfigError(f"{e}.checkpoints: expected a non-empty list of checkpoint paths or null, got {_plain(ckpts)!r}")
+        for i, path in enumerate(ckpts):
+            _check_checkpoint(path, f"{e}.checkpoints[{i}]")
+    lx_on = bool(cfg.eval.logits_extrapolation.enabled)
+    if lx_on:
+        _check_logits_extrapolation(cfg)
+    _int(cfg, "reward.num_workers", lo=1)
+    _float(cfg, "reward.timeout_s", lo=0, lo_open=True)
+    uses_vllm = ckpts is not None or not lx_on
+    if uses_vllm:
+        _check_vllm_side(cfg, default_model=ckpts is None)
+    max_model_len = int(cfg.rollout.max_model_len)
+    for ds in resolve_datasets(cfg):
+        try:
+            _check_data(ds.data, ds.field, max_tokens(cfg) if uses_vllm else None, max_model_len)
+        except ConfigError as exc:
+            raise _relabel(exc, ds.field) from None
+
+
+def _check_vllm_side(cfg: DictConfig, default_model: bool) -> None:
+    """rollout.*, cluster.* and (when no checkpoint is listed) the model config's model."""
+    from orchestrator.cluster import validate_cluster
+
+    r = "rollout"
+    _int(cfg, f"{r}.num_actors", lo=1)
+    _float(cfg, f"{r}.num_cpus", lo=0)
+    _float(cfg, f"{r}.num_gpus", lo=0)
+    _choice(cfg, f"{r}.dtype", ["float32", "bfloat16", "float16", "auto"])
+    _int(cfg, f"{r}.max_model_len", lo=2)
+    _int(cfg, f"{r}.kv_cache_mb", lo=0)
+    _int(cfg, f"{r}.max_tokens", lo=1)
+    validate_cluster(cfg)
+    source = _choice(cfg, "model.source", ["toy", "path"])
+    if default_model and source == "path":
+        _check_checkpoint(_get(cfg, "model.path"), "model.path")
+    if default_model and source == "toy" and cfg.data.source != "toy":
+        raise ConfigError(f"eval.checkpoints: expected a list of checkpoints with data.source={cfg.data.source} "
+                          "(the default toy model is built from a toy data config), got null")
+
+
+def _relabel(exc: ConfigError, where: str) -> ConfigError:
+    """A `data.<x>` error about dataset `where` says `where.<x>`."""
+    msg = str(exc)
+    return ConfigError(where + msg[len("data"):] if msg.startswith("data.") and where != "data" else msg)
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
+
+
+def max_tokens(cfg: DictConfig) -> int:
+    return int(cfg.eval.max_tokens if cfg.eval.max_tokens is not None else cfg.rollout.max_tokens)
+
+
+# ------------------------------------------------------------------------------------ datasets, models
+
+
+def _load_group(name: str, where: str) -> DictConfig:
+    path = CONF_DIR / "data" / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        groups = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+        raise ConfigError(f"{where}: expected a data group name (one of {groups}) or a dict, got {name!r}")
+    node = OmegaConf.load(path)
+    if path.read_text().lstrip().startswith("# @package _global_"):
+        node = node.data  # a global group also sets other sections (model, rollout); only its data applies here
+    return node
+
+
+def _dataset_label(d: DictConfig) -> str:
+    if d.source == "toy":
+        return f"toy_{d.toy.op}{d.toy.digits}"
+    if d.source == "files":
+        files = d.eval_files
+        return Path(str(files if isinstance(files, str) else files[0])).stem
+    return str(d.hub_id).replace("/", "_")
+
+
+def resolve_datasets(cfg: DictConfig) -> list[DatasetSpec]:
+    """`eval.datasets` entries (group names or dicts) → DatasetSpecs; null → the `data` config."""
+    entries = cfg.eval.datasets
+    if entries is None:
+        return [DatasetSpec(_dataset_label(cfg.data), cfg.data, "data")]
+    if not isinstance(entries, ListConfig) or len(entries) == 0:
+        raise ConfigError(f"eval.datasets: expected a non-empty list of data-group names or dicts, or null, got {_plain(entries)!r}")
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"eval.datasets[{i}]"
+        if isinstance(entry, DictConfig):
+            over = OmegaConf.to_container(entry, resolve=True)
+            name, group = over.pop("name", None), over.pop("group", None)
+            base = _load_group(group, f"{where}.group") if group is not None else OmegaConf.create(_plain(cfg.data))
+            OmegaConf.set_struct(base, True)
+            try:
+                data = OmegaConf.merge(base, over)
+            except Exception as exc:  # an unknown key (struct mode) or a type clash
+                raise ConfigError(f"{where}: {' '.join(str(exc).split())[:200]}") from None
+            label = name or group or _dataset_label(data)
+        else:
+            data, label = _load_group(entry, where), entry
+        specs.append(DatasetSpec(str(label), data, where))
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"eval.datasets: expected distinct dataset names, got {dup!r} twice (give each a `name`)")
+    return specs
+
+
+def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[str]]:
+    """The dataset's held-out split as (prompt texts, reference answers), the first `eval.max_prompts`."""
+    import datasets
+
+    from orchestrator.data import _load_files, _map_fields, toy_task_spec
+    from orchestrator.toy_task import write_toy_dataset
+
+    datasets.disable_progress_bars()
+    d = ds.data
+    try:
+        if d.source == "toy":
+            paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", toy_task_spec(OmegaConf.create({"seed": cfg.seed, "data": d})))
+            split = _load_files(str(paths["eval"]), "eval_files")
+        elif d.source == "files":
+            split = _load_files(d.eval_files, "eval_files")
+        else:
+            split = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
+        split = _map_fields(split, d, "eval")
+    except ConfigError as exc:
+        raise _relabel(exc, ds.field) from None
+    n = len(split) if cfg.eval.max_prompts is None else min(len(split), int(cfg.eval.max_prompts))
+    split = split.select(range(n))
+    return list(split["prompt"]), list(split["answer"])
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The RL step of a checkpoint: `rl_step` in a sibling/parent rlextra_state.json, else an `rl_step_<N>` folder."""
+    p = Path(path)
+    for state in (p / "rlextra_state.json", p.parent / "rlextra_state.json"):
+        if state.is_file():
+            try:
+                return int(json.loads(state.read_text())["rl_step"])
+            except (ValueError, KeyError, TypeError):
+                pass
+    for part in reversed(p.parts):
+        m = re.fullmatch(r"rl_step_(\d+)", part)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def engine_signature(path: str) -> str | None:
+    """A hash of what a vLLM engine fixes at start (model config, tokenizer files); None when the weights can't
+    be streamed into a running engine (hub id, no safetensors)."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or not _safetensors_files(p):
+        return None
+    config = {k: v for k, v in json.loads((p / "config.json").read_text()).items() if k not in _VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in _TOKENIZER_FILES:
+        if (p / name).is_file():
+            h.update(name.encode() + (p / name).read_bytes())
+    return h.hexdigest()
+
+
+def _safetensors_files(p: Path) -> list[Path]:
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        return [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
+
+
+def checkpoint_buckets(path: str, bucket_mb: float):
+    """Yield the checkpoint's tensors as buckets [(name, tensor), ...] of about `bucket_mb`, ending only at
+    decoder-layer edges (what the engine's layer-wise reload needs). Only one bucket is in memory at a time."""
+    from safetensors import safe_open
+
+    from actors.rollout import layer_key
+
+    where: dict[str, tuple[Path, int]] = {}  # name -> (file, bytes)
+    for f in _safetensors_files(Path(path)):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                numel = 1
+                for d in sl.get_shape():
+                    numel *= d
+                where[name] = (f, numel * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+    layers: dict[str, list[str]] = {}
+    for name in sorted(where):
+        layers.setdefault(layer_key(name), []).append(name)
+    limit, plan, current, size = bucket_mb * 2**20, [], [], 0
+    for names in layers.values():
+        current += names
+        size += sum(where[n][1] for n in names)
+        if size >= limit:
+            plan.append(current)
+            current, size = [], 0
+    if current:
+        plan.append(current)
+    for names in plan:
+        bucket = []
+        for name in names:
+            with safe_open(str(where[name][0]), framework="pt") as h:
+                bucket.append((name, h.get_tensor(name)))
+        yield bucket
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+class RolloutEngines:
+    """The vLLM rollout actors, holding one checkpoint at a time: started once, then reloaded in place when the
+    next checkpoint has the same architecture and tokenizer, restarted otherwise."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.groups = None
+        self.signature: str | None = None
+
+    def load(self, path: str) -> dict:
+        """Make the engines hold `path`. Returns {"how": start | reload | restart, "load_s": seconds}."""
+        start = time.perf_counter()
+        sig = engine_signature(path)
+        if self.groups is not None and sig is not None and sig == self.signature:
+            self._reload(path)
+            how = "reload"
+        else:
+            how = "start" if self.groups is None else "restart"
+            self.shutdown()
+            self.groups = self._start(path)
+        self.signature = sig
+        return {"how": how, "load_s": time.perf_counter() - start}
+
+    def _start(self, path: str):
+        """Reserve one bundle per rollout actor (cluster.placement_strategy) and start the actors on `path`."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.rollout import RolloutActor
+        from orchestrator.cluster import ActorGroups, rollout_actor_env
+        from orchestrator.config import rollout_spec
+
+        rc, c = self.cfg.rollout, self.cfg.cluster
+        res = {"CPU": float(rc.num_cpus), **({"GPU": float(rc.num_gpus)} if rc.num_gpus else {}),
+               **{k: float(v) for k, v in (c.get("rollout_resources") or {}).items()}}
+        res = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}  # Ray refuses empty bundles
+        strategy = str(c.get("rollout_strategy") or c.placement_strategy)
+        pg = placement_group([dict(res) for _ in range(rc.num_actors)], strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=float(c.get("placement_timeout_s", 300)))
+        if not ready:
+            remove_placement_group(pg)
+            raise RuntimeError(f"cluster: could not reserve {rc.num_actors} rollout bundles {res} ({strategy}); "
+                               f"available: {ray.available_resources()}")
+        env = {"env_vars": rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))}
+        actors = [
+            ray.remote(RolloutActor).options(
+                num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
+            ).remote(rollout_spec(self.cfg, path, i))
+            for i in range(rc.num_actors)
+        ]
+        groups = ActorGroups(rollouts=actors, learners=[], placement_groups=[pg])
+        try:
+            ray.get([a.ping.remote() for a in actors])
+        except Exception:
+            groups.shutdown()
+            raise
+        return groups
+
+    def _reload(self, path: str) -> None:
+        import ray
+
+        from actors.rollout import to_transport
+
+        version = self.groups.weight_version + 1
+        for bucket in checkpoint_buckets(path, float(self.cfg.rollout.bucket_mb)):
+            ref = ray.put([[(n, to_transport(t)) for n, t in bucket]])
+            ray.get([r.update_weights.remote(ref, version) for r in self.groups.rollouts])
+        self.groups.weight_version = version
+
+    def generate(self, prompt_ids, sampling):
+        return self.groups.generate(prompt_ids, sampling)
+
+    def shutdown(self) -> None:
+        if self.groups is not None:
+            self.groups.shutdown()
+            self.groups = None
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class Generations:
+    """What one target produced on one dataset, prompt-major (k per prompt)."""
+
+    response_ids: list[list[int]]
+    texts: list[str]
+    finished: list[bool]
+    gen_time_s: float
+
+
+class Evaluation:
+    """Holds the evaluation's components; `run()` evaluates every target on every dataset. Separate from Hydra
+    so tests can drive it."""
+
+    def __init__(self, cfg: DictConfig, output_dir: str):
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.rows: dict[str, tuple[list[str], list[str]]] = {}
+        self.results: list[EvalResult] = []
+        self.loads: list[dict] = []
+
+    def setup(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from orchestrator.data import resolve_model
+        from orchestrator.tracking import Tracker
+        from verifiers.pool import ScoringPool
+
+        cfg = self.cfg
+        validate_eval(cfg)
+        hf_logging.disable_progress_bar()
+        self.datasets = resolve_datasets(cfg)
+        paths = list(cfg.eval.checkpoints) if cfg.eval.checkpoints is not None else (
+            [] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=_console)])
+        paths = [_check_checkpoint(p, "eval.checkpoints") for p in paths]
+        self.checkpoints = [CheckpointSpec(p, checkpoint_step(p)) for p in paths]
+        for ds in self.datasets:
+            self.rows[ds.name] = load_eval_rows(cfg, ds)
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=float(cfg.reward.timeout_s))
+        self.tracker = Tracker(cfg, run_name=cfg.eval.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.tracker.log_config(cfg)
+        if self.tracker.enabled:
+            self.tracker.client.set_tag(self.tracker.run_id, "rlextra.kind", "eval")
+        self.engines = None
+        if self.checkpoints:
+            from orchestrator.cluster import init_ray
+
+            self.ray_started = init_ray(cfg)
+            self.engines = RolloutEngines(cfg)
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _steps(self) -> list[int]:
+        steps = [c.step for c in self.checkpoints]
+        if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+            return steps
+        return list(range(len(self.checkpoints)))
+
+    def _encoder(self, tokenizer, ds: DatasetSpec):
+        from orchestrator.data import PromptEncoder
+
+        encode = PromptEncoder(tokenizer, bool(ds.data.apply_chat_template), int(ds.data.max_prompt_tokens))
+        try:
+            return [encode(p) for p in self.rows[ds.name][0]]
+        except ConfigError as exc:
+            raise _relabel(exc, ds.field) from None
+
+    def _vllm_generate(self, prompt_ids: list[list[int]]) -> Generations:
+        from actors.types import SamplingConfig
+
+        e = self.cfg.eval
+        sampling = SamplingConfig(n=int(e.k), temperature=float(e.temperature), top_p=float(e.top_p),
+                                  max_tokens=max_tokens(self.cfg), seed=int(self.cfg.seed))
+        out = self.engines.generate(prompt_ids, sampling)
+        return Generations(out.response_ids, out.response_text, out.finished, out.gen_time_s)
+
+    def _score(self, target: str, kind: str, step: int, ds: DatasetSpec, gen: Generations, extra=None) -> EvalResult:
+        k = int(self.cfg.eval.k)
+        answers = self.rows[ds.name][1]
+        refs = [answers[j // k] for j in range(len(gen.texts))]
+        scores = self.scorer.score_batch(str(ds.data.verifier), gen.texts, refs)
+        tokens = sum(len(r) for r in gen.response_ids)
+        result = EvalResult(
+            target=target, kind=kind, step=step, dataset=ds.name, verifier=str(ds.data.verifier),
+            num_prompts=len(answers), k=k, **sample_metrics(scores, k),
+            response_length=tokens / len(gen.response_ids),
+            truncated_frac=1.0 - sum(gen.finished) / len(gen.finished),
+            gen_time_s=gen.gen_time_s, tokens_per_s=tokens / max(gen.gen_time_s, 1e-9), extra=extra or {},
+        )
+        if self.cfg.eval.save_samples:
+            self._save_samples(result, ds, gen, scores)
+        prefix = "eval" if kind == "checkpoint" else "logits_extra"
+        name = _metric_name(ds.name)
+        metrics = {f"{prefix}/{name}/avg_at_k": result.avg_at_k, f"{prefix}/{name}/pass_at_k": result.pass_at_k,
+                   f"{prefix}/{name}/response_length": result.response_length,
+                   f"{prefix}/{name}/truncated_frac": result.truncated_frac,
+                   **{f"{prefix}/{name}/pass_at_{j}": v for j, v in result.pass_at.items() if int(j) != k}}
+        self.tracker.log_metrics(metrics, step=step)
+        self.results.append(result)
+        return result
+
+    def _save_samples(self, result: EvalResult, ds: DatasetSpec, gen: Generations, scores: list[float]) -> None:
+        prompts, answers = self.rows[ds.name]
+        k = result.k
+        folder = Path(self.output_path()).parent / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = f"{len(self.results):03d}-{_metric_name(Path(result.target).name or result.target)}-{_metric_name(ds.name)}"
+        with open(folder / f"{tag.replace('/', '_')}.jsonl", "w") as f:
+            for j, (text, score, done) in enumerate(zip(gen.texts, scores, gen.finished)):
+                f.write(json.dumps({"target": result.target, "dataset": ds.name, "prompt_index": j // k,
+                                    "prompt": prompts[j // k], "answer": answers[j // k], "response": text,
+                                    "score": score, "finished": done}) + "\n")
+
+    def output_path(self) -> str:
+        return str(self.cfg.eval.output or os.path.join(self.output_dir, "eval.json"))
+
+    # ----------------------------------------------------------------------------------------- targets
+
+    def _evaluate_checkpoints(self, bar) -> None:
+        from transformers import AutoTokenizer
+
+        for ckpt, step in zip(self.checkpoints, self._steps()):
+            load = self.engines.load(ckpt.path)
+            self.loads.append({"checkpoint": ckpt.path, **load})
+            tok = AutoTokenizer.from_pretrained(ckpt.path)
+            for ds in self.datasets:
+                gen = self._vllm_generate(self._encoder(tok, ds))
+                r = self._score(ckpt.path, "checkpoint", step, ds, gen)
+                _advance(bar, r)
+
+    def _evaluate_logits_extrapolation(self, bar) -> None:
+        from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig, alpha_from_steps, load_pair
+
+        lx, e = self.cfg.eval.logits_extrapolation, self.cfg.eval
+        steps = _plain(lx.steps)
+        alpha = float(lx.alpha) if lx.alpha is not None else alpha_from_steps(*steps)
+        m0, m1, tok = load_pair(_check_checkpoint(lx.t0_path, "t0_path"), _check_checkpoint(lx.t1_path, "t1_path"),
+                                str(lx.dtype), str(lx.device))
+        eos = {tok.eos_token_id} | set(_as_list(m1.generation_config.eos_token_id))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        sampler = LogitsExtrapolationSampler(m0, m1, eos_ids=[x for x in eos if x is not None], pad_id=pad)
+        cfg = SamplerConfig(alpha=alpha, n=int(e.k), temperature=float(e.temperature), top_p=float(e.top_p),
+                            max_tokens=max_tokens(self.cfg), seed=int(self.cfg.seed), max_batch_rows=int(lx.max_batch_rows))
+        target = f"logits-extrapolation(alpha={alpha:g})"
+        step = int(steps[2]) if steps is not None else 0
+        info = {"t0_path": lx.t0_path, "t1_path": lx.t1_path, "alpha": alpha, "steps": steps,
+                "device": str(sampler.device), "dtype": str(lx.dtype)}
+        self.tracker.log_metrics({"logits_extra/alpha": alpha}, step=step)
+        for ds in self.datasets:
+            out = sampler.generate(self._encoder(tok, ds), cfg)
+            texts = [tok.decode(r, skip_special_tokens=True) for r in out.response_ids]
+            gen = Generations(out.response_ids, texts, out.finished, out.gen_time_s)
+            _advance(bar, self._score(target, "logits_extrapolation", step, ds, gen, extra=info))
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        start = time.perf_counter()
+        lx_on = bool(self.cfg.eval.logits_extrapolation.enabled)
+        total = (len(self.checkpoints) + int(lx_on)) * len(self.datasets)
+        bar = tqdm(total=total, desc="eval", disable=not self.cfg.eval.progress, file=sys.stdout, dynamic_ncols=True)
+        if self.checkpoints:
+            self._evaluate_checkpoints(bar)
+        if lx_on:
+            self._evaluate_logits_extrapolation(bar)
+        bar.close()
+        summary = self._summary(time.perf_counter() - start)
+        path = self.output_path()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+        self.tracker.log_artifact(path)
+        print_results(self.results)
+        _console(f"results: {path}; MLflow run {self.tracker.run_id} at {self.tracker.uri}")
+        return summary
+
+    def _summary(self, wall: float) -> dict:
+        e = self.cfg.eval
+        return {
+            "settings": {"k": int(e.k), "temperature": float(e.temperature), "top_p": float(e.top_p),
+                         "max_tokens": max_tokens(self.cfg), "seed": int(self.cfg.seed), "max_prompts": e.max_prompts},
+            "checkpoints": [asdict(c) for c in self.checkpoints],
+            "datasets": [{"name": d.name, "verifier": str(d.data.verifier), "num_prompts": len(self.rows[d.name][0])}
+                         for d in self.datasets],
+            "results": [asdict(r) for r in self.results],
+            "engine_loads": self.loads,
+            "wall_time_s": wall,
+            "mlflow_run_id": self.tracker.run_id,
+            "mlflow_tracking_uri": self.tracker.uri,
+        }
+
+    def close(self, status: str = "FINISHED") -> None:
+        import ray
+
+        for closer in (
+            lambda: self.engines.shutdown() if getattr(self, "engines", None) else None,
+            lambda: self.scorer.close() if hasattr(self, "scorer") else None,
+            lambda: self.tracker.finish(status) if hasattr(self, "tracker") else None,
+            lambda: ray.shutdown() if getattr(self, "ray_started", False) else None,
+        ):
+            try:
+                closer()
+            except Exception as exc:  # keep closing the rest
+                _console(f"warning: shutdown step failed: {exc}")
+
+
+def _advance(bar, r: EvalResult) -> None:
+    bar.set_postfix(dataset=r.dataset, avg=f"{r.avg_at_k:.3f}", pass_k=f"{r.pass_at_k:.3f}")
+    bar.update(1)
+
+
+def _as_list(x) -> list:
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def _console(msg: str) -> None:
+    print(f"[rlextra] {msg}", flush=True)
+
+
+def print_results(results: list[EvalResult]) -> None:
+    if not results:
+        return
+    k = results[0].k
+    head = ("target", "step", "dataset", f"Avg@{k}", f"Pass@{k}", "len", "tok/s")
+    rows = [(r.target if len(r.target) <= 48 else "…" + r.target[-47:], str(r.step), r.dataset, f"{r.avg_at_k:.3f}",
+             f"{r.pass_at_k:.3f}", f"{r.response_length:.1f}", f"{r.tokens_per_s:.0f}") for r in results]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print("\n" + line.format(*head))
+    for row in rows:
+        print(line.format(*row))
+    print(flush=True)
+
+
+def run_evaluation(cfg: DictConfig, output_dir: str) -> dict:
+    ev = Evaluation(cfg, output_dir)
+    status = "FAILED"
+    try:
+        ev.setup()
+        summary = ev.run()
+        status = "FINISHED"
+        return summary
+    finally:
+        ev.close(status)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = rewrite_argv(sys.argv)
+    main()
