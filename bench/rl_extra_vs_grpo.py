@@ -1,16 +1,15 @@
 """RL-Extra vs GRPO on the embedded toy task: eval accuracy against *real* RL steps and wall time, one run.
 
-Every configuration starts from the same warm start and seed; GRPO gets a small learning-rate sweep so the
-comparison is against GRPO at its own best lr. Eval (Avg@4 on held-out prompts) runs every `--eval-every`
-real steps; for RL-Extra the eval grid is aligned with the cycle, so accuracy is seen just after each
-projection. Reported per configuration: real steps to reach `--target` accuracy, the ratio to the best GRPO,
-final accuracy, wall time, and (RL-Extra) the mean projection time as a fraction of an RL step.
+Every configuration starts from the same warm start; each runs with every seed (default 3). GRPO gets a
+learning-rate sweep so the comparison is against GRPO at its own best lr. Eval (Avg@4 on held-out prompts)
+runs every `--eval-every` real steps, aligned with the cycles, so accuracy is also seen right after each
+projection; with `schedule.eval_around_projection` every projection is additionally evaluated just before
+and just after. Reported per configuration (means over seeds): real steps to reach `--target` accuracy, the
+ratio to the best GRPO, final accuracy, wall-time ratio, cycle overhead (extrapolation phase time — monitor,
+candidates, validation, sync — as a fraction of a mean RL step), the monitor's drift share and median R²,
+and the projections made / skipped / rolled back with the accuracy before → after each one.
 
-Configurations: GRPO at two lrs, RL-Extra with fixed β at two (m, n), and adaptive β (line search on a
-validation batch, with the reward guard). `auto` (the linearity monitor) is not built yet. One seed by default;
-`--seeds 0,1,2` for more.
-
-    python bench/rl_extra_vs_grpo.py [--steps 100] [--seeds 0] [--target 0.7]
+    python bench/rl_extra_vs_grpo.py [--steps 80] [--seeds 0,1,2] [--target 0.7] [--configs a,b,...]
 """
 
 from __future__ import annotations
@@ -48,10 +47,17 @@ def run_one(name, overrides, seed, steps, eval_every, out_dir, db):
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     acc = sorted((m.step, m.value) for m in client.get_metric_history(summary["mlflow_run_id"], "eval/avg_at_k"))
     step_t = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "time/step_s")]
-    extra_t = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "extra/time_s")]
+    records = summary.get("extrapolations", [])
+    extra_t = [r["time_s"] for r in records]
     return {"curve": acc, "wall_s": wall, "final": acc[-1][1], "mean_step_s": sum(step_t) / len(step_t),
             "mean_projection_s": (sum(extra_t) / len(extra_t)) if extra_t else None,
-            "virtual_steps": summary["virtual_steps"]}
+            "virtual_steps": summary["virtual_steps"],
+            "projections": [{"rl_step": r["rl_step"], "outcome": r["outcome"], "beta": r["beta"],
+                             "drift_share": r["drift_share"], "r2_median": r["r2_median"],
+                             "selected_frac": r["selected_frac"],
+                             "acc_before": (r["eval_before"] or {}).get("eval/avg_at_k"),
+                             "acc_after": (r["eval_after"] or {}).get("eval/avg_at_k")} for r in records],
+            "counts": {k: summary.get(k, 0) for k in ("projections_made", "projections_skipped", "projections_rolled_back")}}
 
 
 def steps_to(curve, target):
@@ -63,21 +69,36 @@ def steps_to(curve, target):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--configs", default="", help="comma-separated subset of the configuration names")
     ap.add_argument("--target", type=float, default=0.7)
     ap.add_argument("--eval-every", type=int, default=10)
     args = ap.parse_args()
 
+    rx = ["schedule=rl_extra", "schedule.eval_around_projection=true"]
     configs = {
-        "grpo-lr3e-5": ["learner.lr=3e-5"],
-        "grpo-lr6e-5": ["learner.lr=6e-5"],
-        "rl_extra-m10n10-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=10"],
-        "rl_extra-m10n20-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=20"],
-        "rl_extra-m10n20-adaptive-lr3e-5": ["learner.lr=3e-5", "schedule=rl_extra", "schedule.m=10", "schedule.n=20",
-                                            "schedule.beta_mode=adaptive", "schedule.candidates=[0.25,0.5,1.0]",
-                                            "schedule.guard_margin=0.02"],
+        "grpo-lr3e-5": ["schedule=rl", "learner.lr=3e-5"],
+        "grpo-lr6e-5": ["schedule=rl", "learner.lr=6e-5"],
+        "grpo-lr1e-4": ["schedule=rl", "learner.lr=1e-4"],
+        # the paper's RL-Extra: all (non-norm) weights, β = (m + n) / m every cycle
+        "rx-m10n10-schedule-all-lr6e-5": ["learner.lr=6e-5", *rx, "schedule.m=10", "schedule.n=10",
+                                          "schedule.beta_mode=schedule", "schedule.selection=names"],
+        # selection by measured linearity (top 5 % of elements by steady displacement)
+        "rx-m10n30-schedule-top5-lr1e-4": ["learner.lr=1e-4", *rx, "schedule.m=10", "schedule.n=30",
+                                           "schedule.beta_mode=schedule", "schedule.selection_fraction=0.05"],
+        "rx-m10n30-auto-top5-lr1e-4": ["learner.lr=1e-4", *rx, "schedule.m=10", "schedule.n=30",
+                                       "schedule.beta_mode=auto", "schedule.selection_fraction=0.05",
+                                       "schedule.candidates=[0.25,0.5,1.0]"],
+        "rx-m10n30-auto-top5-lr6e-5": ["learner.lr=6e-5", *rx, "schedule.m=10", "schedule.n=30",
+                                       "schedule.beta_mode=auto", "schedule.selection_fraction=0.05",
+                                       "schedule.candidates=[0.25,0.5,1.0]"],
     }
+    if args.configs:
+        unknown = set(args.configs.split(",")) - set(configs)
+        if unknown:
+            ap.error(f"--configs: unknown {sorted(unknown)}; expected some of {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k in args.configs.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
     ray = start_ray()
     results = {}
@@ -87,17 +108,32 @@ def main():
             RESULTS.mkdir(parents=True, exist_ok=True)
             for name, overrides in configs.items():
                 results[name] = [run_one(name, overrides, s, args.steps, args.eval_every, tmp, db) for s in seeds]
-                r = results[name][0]
-                print(f"{name:>24}: final {r['final']:.3f}  steps to {args.target}: {steps_to(r['curve'], args.target)}"
-                      f"  wall {r['wall_s']:.0f} s  curve {[round(v, 3) for _, v in r['curve']]}", flush=True)
+                for seed, r in zip(seeds, results[name]):
+                    print(f"{name:>32} seed {seed}: final {r['final']:.3f}  steps to {args.target}: "
+                          f"{steps_to(r['curve'], args.target)}  wall {r['wall_s']:.0f} s  "
+                          f"curve {[round(v, 3) for _, v in r['curve']]}", flush=True)
+                    for p in r["projections"]:
+                        print(f"{'':>34}step {p['rl_step']}: {p['outcome']} beta={p['beta']:.3g} drift "
+                              f"{p['drift_share']:.3f} R2 {p['r2_median']:.3f} acc {p['acc_before']} -> {p['acc_after']}",
+                              flush=True)
     finally:
         ray.shutdown()
 
     rows = {}
     for name, runs in results.items():
         hits = [steps_to(r["curve"], args.target) for r in runs]
+        projections = [p for r in runs for p in r["projections"]]
+        finite = lambda xs: [x for x in xs if x is not None and x == x]  # noqa: E731
+        drift, r2 = finite(p["drift_share"] for p in projections), finite(p["r2_median"] for p in projections)
+        jumps = finite((p["acc_after"] - p["acc_before"]) if p["acc_after"] is not None and p["acc_before"] is not None
+                       else None for p in projections if p["outcome"] == "made")
         rows[name] = {
             "steps_to_target": None if None in hits else sum(hits) / len(hits),
+            "steps_to_target_per_seed": hits,
+            "drift_share_mean": sum(drift) / len(drift) if drift else None,
+            "r2_median_mean": sum(r2) / len(r2) if r2 else None,
+            "acc_jump_per_projection_mean": sum(jumps) / len(jumps) if jumps else None,
+            **{k: sum(r["counts"][k] for r in runs) for k in runs[0]["counts"]},
             "final_acc": sum(r["final"] for r in runs) / len(runs),
             "wall_s": sum(r["wall_s"] for r in runs) / len(runs),
             "cycle_overhead_frac": (sum(r["mean_projection_s"] for r in runs) / sum(r["mean_step_s"] for r in runs)
@@ -111,7 +147,7 @@ def main():
         row["step_ratio_vs_best_grpo"] = (a / b) if a and b else None
         row["wall_ratio_vs_best_grpo"] = best_grpo["wall_s"] / row["wall_s"]
         row["final_acc_delta"] = row["final_acc"] - best_grpo["final_acc"]
-    extra = {k: v for k, v in rows.items() if k.startswith("rl_extra")}
+    extra = {k: v for k, v in rows.items() if k.startswith("rx")}
     eligible = {k: v for k, v in extra.items() if v["step_ratio_vs_best_grpo"] and v["final_acc_delta"] >= -0.01}
     best = max(eligible, key=lambda k: eligible[k]["step_ratio_vs_best_grpo"]) if eligible else None
     _plot(results, args.target)
@@ -122,7 +158,8 @@ def main():
           "final_acc_delta": round(rows[best]["final_acc_delta"], 4) if best else None,
           "cycle_overhead_frac": round(rows[best]["cycle_overhead_frac"], 4) if best else None,
           "configs": {k: {kk: (round(vv, 4) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in rows.items()},
-          "curves": {k: v[0]["curve"] for k, v in results.items()},
+          "curves": {k: [r["curve"] for r in v] for k, v in results.items()},
+          "projections": {k: [r["projections"] for r in v] for k, v in results.items() if k.startswith("rx")},
           "plot": str(RESULTS / "rl_extra_vs_grpo.png")})
 
 
@@ -134,10 +171,11 @@ def _plot(results, target):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in results.items():
-        steps, accs = zip(*runs[0]["curve"])
+        steps = [s for s, _ in runs[0]["curve"]]
+        accs = [sum(r["curve"][i][1] for r in runs) / len(runs) for i in range(len(steps))]  # mean over seeds
         style = "-" if name.startswith("grpo") else "--"
         axes[0].plot(steps, accs, style, marker="o", ms=3, label=name)
-        scale = runs[0]["wall_s"] / max(steps)
+        scale = sum(r["wall_s"] for r in runs) / len(runs) / max(steps)
         axes[1].plot([s * scale for s in steps], accs, style, marker="o", ms=3, label=name)
     for ax, xlabel in zip(axes, ("real RL steps", "wall time (s, approx.)")):
         ax.axhline(target, color="grey", lw=0.8, ls=":")
@@ -145,7 +183,7 @@ def _plot(results, target):
         ax.set_ylabel("eval Avg@4")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("RL-Extra vs GRPO (toy task, seed 0)")
+    fig.suptitle(f"RL-Extra vs GRPO (toy task, mean over {len(next(iter(results.values())))} seeds)")
     fig.tight_layout()
     fig.savefig(RESULTS / "rl_extra_vs_grpo.png", dpi=120)
 
