@@ -130,7 +130,9 @@ class AnalysisConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "AnalysisConfig":
-        """From a dict / OmegaConf node of field values; an unknown key is a one-line error naming it."""
+        """From a dict / OmegaConf node of field values; an unknown key is a one-line error naming it.
+
+        An ``enabled`` key (the on/off switch of a config group such as ``analysis.enabled``) is ignored."""
         if values is None:
             return cls()
         if isinstance(values, cls):
@@ -139,6 +141,8 @@ class AnalysisConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
         for key, value in dict(values).items():
+            if key == "enabled":
+                continue
             if key not in known:
                 raise AnalysisError(f"analysis.{key}: unknown field (known: {', '.join(known)})")
             kwargs[key] = _coerce(key, value, type(getattr(defaults, key)))

@@ -174,11 +174,12 @@ def token_groups_figure(path, groups: dict[str, dict[str, Any]], r2: np.ndarray,
     ax = axes[3]
     for k, g in enumerate(TOKEN_GROUPS):
         m = group_of == k
-        ax.scatter(change[m], np.nan_to_num(r2[m], nan=0.0), s=6, alpha=0.5, color=GROUP_COLOURS[g], label=GROUP_TITLES[g])
+        ax.scatter(np.maximum(change[m], 1e-4), np.nan_to_num(r2[m], nan=0.0), s=6, alpha=0.5, color=GROUP_COLOURS[g],
+                   label=GROUP_TITLES[g])
     ax.axvline(change_threshold, color="black", ls="--", lw=0.8)
     ax.axhline(r2_threshold, color="black", ls="--", lw=0.8)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("log-prob change over the series (max − min, nats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("log-prob change over the series (max − min, nats; floor 1e-4)")
     ax.set_ylabel("R²")
     ax.set_title("every probe token")
     ax.legend(fontsize=7)

@@ -279,6 +279,7 @@ def _logprob_result(acc: SeriesAccumulator, probes, lengths, tok, cfg: AnalysisC
         members = np.nonzero(group_of == k)[0]
         tracked = [int(e) for e in members if int(e) in row_of]
         tracked.sort(key=lambda e: -change[e])  # the most-moving first (for "stable": the least stable)
+        tracked = _distinct_tokens_first(tracked, lambda e: probes[probe_of[e]].response_ids[pos_of[e]])
         groups[g] = {
             "count": int(members.size), "frac": float(members.size / max(1, len(r2))),
             "r2_mean": float(np.nanmean(r2[members])) if members.size and np.isfinite(r2[members]).any() else None,
@@ -295,6 +296,15 @@ def _logprob_result(acc: SeriesAccumulator, probes, lengths, tok, cfg: AnalysisC
         "groups": groups,
         "_arrays": {"r2": r2, "change": change, "group_of": group_of},
     }  # fmt: skip
+
+
+def _distinct_tokens_first(order: list[int], token_of) -> list[int]:
+    """``order`` with the first occurrence of each token id moved ahead (examples show different tokens)."""
+    seen, first, rest = set(), [], []
+    for e in order:
+        (rest if token_of(e) in seen else first).append(e)
+        seen.add(token_of(e))
+    return first + rest
 
 
 def _by_quartile(r2: np.ndarray, change: np.ndarray) -> list[dict[str, float]]:

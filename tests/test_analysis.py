@@ -118,6 +118,17 @@ def test_duplicate_step_and_too_few_points_are_one_line_errors():
         acc.r2()
 
 
+def test_config_from_a_mapping_names_the_bad_field():
+    assert AnalysisConfig.from_mapping({"enabled": True, "weight_fraction": 0.01, "track": 8.0, "plots": False}) == AnalysisConfig(
+        weight_fraction=0.01, track=8, plots=False)
+    with pytest.raises(AnalysisError, match=r"^analysis.weight_fractoin: unknown field"):
+        AnalysisConfig.from_mapping({"weight_fractoin": 0.01})
+    with pytest.raises(AnalysisError, match=r"^analysis.plots: expected bool, got 'false'"):
+        AnalysisConfig.from_mapping({"plots": "false"})
+    with pytest.raises(AnalysisError, match=r"^analysis.min_distinct: expected an integer >= 1, got 0"):
+        AnalysisConfig.from_mapping({"min_distinct": 0})
+
+
 # ------------------------------------------------------------------------------------------------ sampling
 
 
@@ -349,7 +360,7 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(small_job_overrides(cache_dir, tmp_path, steps=6) + [
-        "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0", "trainer.eval_every=0", "learner.lr=5e-4"])
+        "schedule=rl", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0", "trainer.eval_every=0", "learner.lr=5e-4"])
     summary = run_job(cfg, str(tmp_path / "out"))
     eval_file = write_toy_dataset(Path(cache_dir) / "data", toy_task_spec(cfg))["eval"]
 
