@@ -179,7 +179,10 @@ def token_groups_figure(path, groups: dict[str, dict[str, Any]], r2: np.ndarray,
     ax.axvline(change_threshold, color="black", ls="--", lw=0.8)
     ax.axhline(r2_threshold, color="black", ls="--", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("log-prob change over the series (max − min, nats; floor 1e-4)")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("log-prob change, max − min (nats)")
     ax.set_ylabel("R²")
     ax.set_title("every probe token")
     ax.legend(fontsize=7)
