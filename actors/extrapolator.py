@@ -159,10 +159,9 @@ class ExtrapolationRecord:
 class ExtrapolatorActor:
     """Owns the policy; runs one extrapolation phase per call against the live learner and rollout actors."""
 
-    def __init__(self, cfg: ExtrapolationConfig, groups, validation: tuple | None, sampling, verifier: str,
+    def __init__(self, cfg: ExtrapolationConfig, validation: tuple | None, sampling, verifier: str,
                  reward_timeout_s: float = 10.0, bucket_mb: float = 64.0):
         """
-        groups: the job's `ActorGroups` (actor handles; its weight version is refreshed by every call).
         validation: (prompt ids, answers) of the fixed validation batch, or None when no scoring is needed.
         sampling: `SamplingConfig` for validation rollouts (fixed seed: candidates see the same randomness).
         """
@@ -170,7 +169,7 @@ class ExtrapolatorActor:
 
         self.policy = ExtrapolationPolicy(cfg)
         self.cfg = cfg
-        self.groups = groups
+        self.groups = None  # the job's `ActorGroups`, handed over with every call (learners may be restarted)
         self.validation = validation
         self.sampling = sampling
         self.verifier = verifier
@@ -207,11 +206,15 @@ class ExtrapolatorActor:
 
     # ------------------------------------------------------------------------------------------ phase
 
-    def extrapolate(self, cycle: int, weight_version: int) -> ExtrapolationRecord:
-        """The end of cycle `cycle`: monitor, gate, try candidates, decide, apply or roll back."""
+    def extrapolate(self, cycle: int, groups) -> tuple[ExtrapolationRecord, object]:
+        """The end of cycle `cycle`: monitor, gate, try candidates, decide, apply or roll back.
+
+        groups: the job's `ActorGroups`; returned with the weight version (and any restarted rollout engine)
+        as they are after this phase."""
         start = time.perf_counter()
         cfg, policy = self.cfg, self.policy
-        self.groups.weight_version = weight_version
+        self.groups = groups
+        weight_version = groups.weight_version
         beta_max = policy.beta_max
         per_rank = self.groups.call_learners("extra_end_cycle", cfg.selection, cfg.selection_threshold,
                                              cfg.selection_fraction)
@@ -265,7 +268,7 @@ class ExtrapolatorActor:
         record.val_reward_after = tried[decision.beta] if before is not None else None
         return self._finish(record, start)
 
-    def _finish(self, record: ExtrapolationRecord, start: float) -> ExtrapolationRecord:
+    def _finish(self, record: ExtrapolationRecord, start: float) -> tuple[ExtrapolationRecord, object]:
         record.weight_version = self.groups.weight_version
         record.time_s = time.perf_counter() - start
-        return record
+        return record, self.groups

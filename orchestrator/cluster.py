@@ -250,6 +250,8 @@ class ActorGroups:
     bucket_mb: float = 64.0
     rollout_restarts: int = 0
     log: Callable[[str], None] = _console
+    learner_factory: Callable | None = None  # (rank, master_addr, port) -> a new learner actor in rank's bundle
+    learner_rendezvous: Callable | None = None  # () -> (rank 0's node address, a free port there)
 
     # ----------------------------------------------------------------------------------------- rollout
 
@@ -377,6 +379,25 @@ class ActorGroups:
         loads = list(results.values())
         return {"version": version, "tensors": loads[0]["tensors"], "load_s": max(r["time_s"] for r in loads)}
 
+    def restart_learners(self) -> None:
+        """Replace every learner rank (a collective group cannot lose one member): kill them all, start new
+        ones in the same bundles with a fresh rendezvous, and set them up (initial weights; the caller loads a
+        checkpoint)."""
+        import ray
+
+        if self.learner_factory is None or self.learner_rendezvous is None:
+            raise RuntimeError("cluster: these actor groups cannot restart their learners (no factory)")
+        start = time.perf_counter()
+        for actor in self.learners:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        addr, port = self.learner_rendezvous()
+        self.learners = [self.learner_factory(rank, addr, port) for rank in range(len(self.learners))]
+        ray.get([l.setup.remote() for l in self.learners])
+        self.log(f"cluster: learner group restarted ({len(self.learners)} ranks, {time.perf_counter() - start:.1f} s)")
+
     def call_learners(self, method: str, *args, **kwargs) -> list:
         import ray
 
@@ -432,20 +453,24 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
 
     learner_env = learner_actor_env(lc.num_threads, bool(lc.num_gpus))
     LearnerRemote = ray.remote(LearnerActor)
-    # The rendezvous point is rank 0's node: ask a task placed in rank 0's bundle for its address and a free port.
-    master_addr, port = ray.get(
-        ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), _free_port()))
-        .options(scheduling_strategy=_slot_strategy(pgs, plan.learner_slots[0]))
-        .remote()
-    )
-    learners = [
-        placed(LearnerRemote, plan.learner_slots[rank], lc, learner_env).remote(learner, rank, master_addr, port)
-        for rank in range(learner.world_size)
-    ]
+    def rendezvous():
+        """Rank 0's node address and a free port there (asked of a task placed in rank 0's bundle)."""
+        return ray.get(
+            ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), _free_port()))
+            .options(scheduling_strategy=_slot_strategy(pgs, plan.learner_slots[0]))
+            .remote()
+        )
+
+    def start_learner(rank: int, master_addr: str, port: int):
+        return placed(LearnerRemote, plan.learner_slots[rank], lc, learner_env).remote(learner, rank, master_addr, port)
+
+    master_addr, port = rendezvous()
+    learners = [start_learner(rank, master_addr, port) for rank in range(learner.world_size)]
     groups = ActorGroups(
         rollouts=rollouts, learners=learners, placement_groups=pgs, rollout_specs=list(rollout_specs),
         rollout_names=names, rollout_factory=start_rollout, max_rollout_restarts=int(c.get("max_rollout_restarts", 0)),
-        bucket_mb=float(rc.get("bucket_mb", 64.0)), log=log,
+        bucket_mb=float(rc.get("bucket_mb", 64.0)), log=log, learner_factory=start_learner,
+        learner_rendezvous=rendezvous,
     )
     try:
         ray.get([l.setup.remote() for l in learners] + [r.ping.remote() for r in rollouts])

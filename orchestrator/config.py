@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, f"{t}.checkpoint_every", lo=0)
     _int(cfg, f"{t}.keep_checkpoints", lo=0)
     _choice(cfg, f"{t}.resume", ["auto", "never"])
+    _int(cfg, f"{t}.max_learner_restarts", lo=0)
 
     _choice(cfg, "model.source", ["toy", "path"])
     if cfg.model.source == "path" and not _get(cfg, "model.path"):

@@ -71,6 +71,15 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
+    def prepare_replay(self, logged_through: int) -> None:
+        """Steps up to `logged_through` will be run again (after a learner restart): don't log them twice, and
+        let the phases they open continue their existing nested runs."""
+        self.skip_through = max(self.skip_through, logged_through)
+        if self.enabled:
+            children = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=5000)
+            self._existing_phases = {r.info.run_name: r.info.run_id for r in children}
+
     def reopen_phase(self, run_id: str) -> None:
         """A phase run that a checkpoint interrupted is RUNNING again after a resume."""
         if self.enabled and run_id:

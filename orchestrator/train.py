@@ -84,6 +84,7 @@ class Job:
         self.log = _console
         self.extra = None
         self.resume = None
+        self.learner_restarts = 0
 
     # ----------------------------------------------------------------------------------------- set-up
 
@@ -270,6 +271,62 @@ class Job:
                  f"data position {self.cursor.position}, MLflow run {self.tracker.run_id})")
         return int(state["rl_step"]) + 1
 
+    def one_step(self, step: int) -> dict:
+        """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
+        if self.extra:
+            self.extra.before_step(step)
+        m = self.rl_step(step)
+        m["rl_step"] = step
+        if self.extra:
+            m.update(self.extra.after_step(step, m))
+        else:
+            m["virtual_step"] = step
+        return m
+
+    # ---------------------------------------------------------------------------------------- failures
+
+    def learner_died(self, exc: Exception) -> bool:
+        """Did `exc` come from a learner rank that is gone? (pings every rank; a dead one fails at once)"""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not isinstance(exc, RayActorError) and "RayActorError" not in type(exc).__name__:
+            return False
+        for learner in self.groups.learners:
+            try:
+                ray.get(learner.ping.remote(), timeout=60)
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                return True
+        return False
+
+    def recover_learners(self, failed_step: int, exc: Exception) -> int:
+        """Restart the learner group, reload the newest complete checkpoint (or the initial weights), and
+        return the step to continue from. Steps already logged are replayed identically but not logged twice."""
+        limit = int(self.cfg.trainer.max_learner_restarts)
+        self.learner_restarts += 1
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if self.learner_restarts > limit:
+            raise RuntimeError(f"learner group failed at rl_step {failed_step} and no restart is left "
+                               f"(trainer.max_learner_restarts={limit}): {reason}") from exc
+        self.log(f"learner rank died at rl_step {failed_step} ({reason}); restarting the learner group "
+                 f"({self.learner_restarts}/{limit})")
+        self.groups.restart_learners()
+        if self.extra:
+            self.extra.setup_learners()
+        self.tracker.prepare_replay(failed_step - 1)
+        root = os.path.join(self.output_dir, "checkpoints")
+        tags = complete_checkpoints(root) if os.path.isdir(root) else []
+        if tags:
+            with open(os.path.join(root, tags[-1], "rlextra_state.json")) as f:
+                return self.restore(tags[-1], json.load(f))
+        self.log("no checkpoint yet: starting again from the initial weights")
+        self.cursor.position = 0
+        self.step_times = []
+        self.groups.sync_weights(float(self.cfg.rollout.bucket_mb))
+        if self.extra:
+            self.extra.reset_state()
+        return 1
+
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict:
@@ -289,25 +346,29 @@ class Job:
             self.log(f"eval before training: greedy {before['eval/greedy_accuracy']:.3f}, "
                      f"avg@{tr.eval_samples} {before['eval/avg_at_k']:.3f}")
         last_eval = before
-        bar = tqdm(range(first_step, tr.total_steps + 1), desc="rl", disable=not tr.progress, file=sys.stdout,
-                   dynamic_ncols=True, initial=first_step - 1, total=tr.total_steps)
-        for step in bar:
-            if self.extra:
-                self.extra.before_step(step)
-            m = self.rl_step(step)
-            m["rl_step"] = step
-            if self.extra:
-                m.update(self.extra.after_step(step, m))
-            else:
-                m["virtual_step"] = step
+        bar = tqdm(total=tr.total_steps, initial=first_step - 1, desc="rl", disable=not tr.progress, file=sys.stdout,
+                   dynamic_ncols=True)
+        step = first_step
+        while step <= tr.total_steps:
+            try:
+                m = self.one_step(step)
+            except Exception as exc:  # a dead learner rank: restart the group from the last checkpoint
+                if not self.learner_died(exc):
+                    raise
+                step = self.recover_learners(step, exc)
+                bar.n = step - 1
+                bar.refresh()
+                continue
             if tr.eval_every and step % tr.eval_every == 0 and step != tr.total_steps:
                 last_eval = self.evaluate()
                 m.update(last_eval)
             self.tracker.log_metrics(m, step=step)
             self.step_times.append(m["time/step_s"])
+            bar.update(1)
             bar.set_postfix(reward=f"{m['train/reward_mean']:.3f}", acc=f"{last_eval['eval/avg_at_k']:.3f}")
             if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step != tr.total_steps:
                 self.save_checkpoint(step)
+            step += 1
         bar.close()
         after = self.evaluate() if tr.total_steps else before
         self.tracker.log_metrics(after, step=tr.total_steps)
@@ -326,6 +387,8 @@ class Job:
             "eval_pass_at_k_after": after["eval/pass_at_k"],
             "eval_k": tr.eval_samples,
             "resumed_from_step": first_step - 1 if self.resume else None,
+            "learner_restarts": self.learner_restarts,
+            "rollout_restarts": getattr(self.groups, "rollout_restarts", 0),
             "wall_time_s": wall,
             "setup_time_s": self.setup_time_s,
             "mean_step_time_s": _mean(self.step_times) if self.step_times else 0.0,
@@ -396,22 +459,36 @@ class RLExtraSchedule:
         self.job, s = job, job.cfg.schedule
         self.xcfg = extrapolation_config(s)
         self.m = self.xcfg.m
+        self.setup_learners()
+        self.reset_state()
+        validation = self._validation_batch() if self.xcfg.needs_validation else None
+        sampling = job.sampling(int(s.validation_samples), seed=job.cfg.seed + 777)
+        self.actor = ray.remote(ExtrapolatorActor).options(num_cpus=0, max_concurrency=1).remote(
+            self.xcfg, validation, sampling, str(job.cfg.data.verifier),
+            float(job.cfg.reward.timeout_s), float(job.cfg.rollout.bucket_mb))
+        job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
+
+    def setup_learners(self) -> None:
+        """Give every learner rank its projector (at start, and after a learner group restart)."""
+        s = self.job.cfg.schedule
         exclude = None if s.exclude is None else list(s.exclude)
-        info = job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device, str(s.velocity),
-                                        int(s.monitor_samples))
+        info = self.job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device,
+                                             str(s.velocity), int(s.monitor_samples))
         self.selected = sorted({n for i in info for n in i["selected"]})
         self.skipped = sorted({n for i in info for n in i["skipped"]})
+
+    def reset_state(self) -> None:
         self.virtual_step = 0
         self.cycle = 0
         self.phase_run = None
         self.counters = {"projections_made": 0, "projections_skipped": 0, "projections_rolled_back": 0}
         self.records: list[dict] = []
-        validation = self._validation_batch() if self.xcfg.needs_validation else None
-        sampling = job.sampling(int(s.validation_samples), seed=job.cfg.seed + 777)
-        self.actor = ray.remote(ExtrapolatorActor).options(num_cpus=0, max_concurrency=1).remote(
-            self.xcfg, job.groups, validation, sampling, str(job.cfg.data.verifier),
-            float(job.cfg.reward.timeout_s), float(job.cfg.rollout.bucket_mb))
-        job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
+        if hasattr(self, "actor"):
+            import ray
+
+            from actors.extrapolator import ExtrapolationPolicy
+
+            ray.get(self.actor.load_state.remote({"beta_max": ExtrapolationPolicy(self.xcfg).beta_max}))
 
     def _validation_batch(self):
         """A fixed slice of the train split (never the held-out eval split) to score candidate projections."""
@@ -441,8 +518,10 @@ class RLExtraSchedule:
         if step % self.m == 0:
             self.job.tracker.end_phase(self.phase_run)
             self.phase_run = None
-            out.update(self.extrapolate(step))
-            out["virtual_step"] = self.virtual_step
+            # No projection after the job's last real step: nothing would re-ground it (cycle 1 + m of the paper).
+            if step != self.job.cfg.trainer.total_steps:
+                out.update(self.extrapolate(step))
+                out["virtual_step"] = self.virtual_step
         return out
 
     def extrapolate(self, step: int) -> dict:
@@ -454,8 +533,10 @@ class RLExtraSchedule:
                                        "rl_step": step, "selection": s.selection, "velocity": s.velocity,
                                        "anchor": s.anchor, "tensors_eligible": len(self.selected)})
         eval_before = job.evaluate() if s.eval_around_projection else None
-        rec = ray.get(self.actor.extrapolate.remote(self.cycle, job.groups.weight_version))
-        job.groups.weight_version = rec.weight_version
+        rec, groups = ray.get(self.actor.extrapolate.remote(self.cycle, job.groups))
+        job.groups.weight_version = groups.weight_version
+        job.groups.rollouts = groups.rollouts  # a rollout engine the extrapolator had to restart
+        job.groups.rollout_restarts = getattr(groups, "rollout_restarts", 0)
         self.counters[f"projections_{rec.outcome}"] += 1
         span = rec.steps_in_cycle if self.xcfg.anchor == "cycle_start" else 1
         if rec.outcome == "made":

@@ -100,22 +100,22 @@ def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monk
     from orchestrator.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = small_job_overrides(cache_dir, tmp_path, steps=2) + [
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=3) + [
         f"algo={algo}", "trainer.eval_every=0", "trainer.save_final=false",
         "schedule=rl_extra", "schedule.m=1", "schedule.n=1", "schedule.beta_mode=schedule",
         "schedule.selection=names", *extra]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
-    assert summary["projections_made"] == 2 and summary["virtual_steps"] == 4
+    assert summary["projections_made"] == 2 and summary["virtual_steps"] == 5  # none after the last step
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["algo.name"] == algo and run.info.status == "FINISHED"
     losses = client.get_metric_history(run.info.run_id, "train/loss")
-    assert len(losses) == 2 and all(m.value == m.value for m in losses)  # finite (not NaN)
+    assert len(losses) == 3 and all(m.value == m.value for m in losses)  # finite (not NaN)
     grad = client.get_metric_history(run.info.run_id, "train/grad_norm")
     assert all(m.value > 0 for m in grad), "the policy received a gradient"
     kl_ref = client.get_metric_history(run.info.run_id, "train/kl_ref")
     if "algo.kl_coef=0.05" in extra:
-        assert len(kl_ref) == 2 and kl_ref[0].value == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
+        assert len(kl_ref) == 3 and kl_ref[0].value == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
         assert kl_ref[1].value > 0  # step 2: the policy has moved away from the reference
     else:
         assert kl_ref == []
@@ -146,28 +146,29 @@ def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("beta, rolled_back", [(None, 0), (1e45, 2)])
 def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back):
-    """schedule=rl_extra: 2 cycles of (m=2 real, n=3 virtual) steps, each phase a nested MLflow run. β = 1e45
-    overflows fp32 (an injected fault): the guard must roll both projections back."""
+    """schedule=rl_extra: 2 cycles of (m=2 real, n=3 virtual) steps and a last real step (no projection after
+    the job's last step), each phase a nested MLflow run. β = 1e45 overflows fp32 (an injected fault): the
+    guard must roll both projections back."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=5) + [
         "schedule=rl_extra", "schedule.m=2", "schedule.n=3", "schedule.selection=names",
         f"schedule.beta_mode={'schedule' if beta is None else 'fixed'}", f"schedule.beta={'null' if beta is None else beta}",
         "trainer.eval_every=0", "trainer.save_final=false"]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
-    assert summary["rl_steps"] == 4
+    assert summary["rl_steps"] == 5
     assert summary["projections_made"] == 2 - rolled_back and summary["projections_rolled_back"] == rolled_back
-    assert summary["virtual_steps"] == 4 + 3 * (2 - rolled_back)
+    assert summary["virtual_steps"] == 5 + 3 * (2 - rolled_back)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = summary["mlflow_run_id"]
     exp = client.get_run(parent).info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     kinds = sorted(r.data.tags["rlextra.kind"] for r in children)
-    assert kinds == ["extrapolation_phase"] * 2 + ["rl_phase"] * 2
+    assert kinds == ["extrapolation_phase"] * 2 + ["rl_phase"] * 3
     for run in children:
         assert run.info.status == "FINISHED"
         if run.data.tags["rlextra.kind"] == "extrapolation_phase":
@@ -176,9 +177,10 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
             assert 0 < run.data.metrics["extra/projected_frac"] < 1  # norm layers are not projected
             assert run.data.metrics["extra/displacement_norm"] > 0
     versions = [m.value for m in client.get_metric_history(parent, "perf/weight_version")]
-    assert versions == [1.0, 2.0, 4.0, 5.0], "each projection is synced to the rollout engines as a new version"
+    # each extrapolation phase pushes one new version: the projected weights, or (NaN guard) the restored ones
+    assert versions == [1.0, 2.0, 4.0, 5.0, 7.0], "each projection is synced to the rollout engines as a new version"
     virtual = [m.value for m in client.get_metric_history(parent, "virtual_step")]
-    assert virtual == ([1.0, 5.0, 6.0, 10.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0])
+    assert virtual == ([1.0, 5.0, 6.0, 10.0, 11.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0, 5.0])
 
 
 @pytest.mark.slow
@@ -196,7 +198,7 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     extra = (["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"] if mode == "adaptive"
              else ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"])
-    overrides = small_job_overrides(cache_dir, tmp_path, steps=4) + [
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=5) + [
         "schedule=rl_extra", "schedule.m=2", "schedule.n=2", "schedule.validation_prompts=16",
         "schedule.selection=names", "trainer.eval_every=0", "trainer.save_final=false", *extra]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
@@ -220,7 +222,7 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     else:
         assert summary["projections_rolled_back"] == 2 and summary["projections_made"] == 0
         assert all(log["outcome"] == "rolled_back" and any("rolled back" in d for d in log["reasons"]) for log in logs)
-        assert summary["virtual_steps"] == 4
+        assert summary["virtual_steps"] == 5
 
 
 def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:

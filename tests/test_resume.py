@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _command(cache_dir, tmp_path, out: Path, db: Path) -> list[str]:
-    overrides = [o for o in small_job_overrides(cache_dir, tmp_path, steps=6) if not o.startswith(("trainer.output_dir", "tracking.tracking_uri"))]
+    overrides = [o for o in small_job_overrides(cache_dir, tmp_path, steps=7) if not o.startswith(("trainer.output_dir", "tracking.tracking_uri"))]
     return [sys.executable, "-m", "orchestrator.train", *overrides,
             f"trainer.output_dir={out}", f"tracking.tracking_uri=sqlite:///{db}", f"hydra.run.dir={out}/hydra",
             "trainer.eval_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0",
@@ -82,7 +82,7 @@ def test_killed_mid_cycle_and_resumed_equals_uninterrupted(toy_model_path, cache
     summary = json.loads((out / "summary.json").read_text())
     ref = json.loads((ref_out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 4 and ref["resumed_from_step"] is None
-    assert summary["virtual_steps"] == ref["virtual_steps"] == 12
+    assert summary["virtual_steps"] == ref["virtual_steps"] == 13  # 7 real + 2 projections of 3
     assert summary["projections_made"] == ref["projections_made"] == 2
 
     got, want = _weights(Path(summary["final_checkpoint"])), _weights(Path(ref["final_checkpoint"]))
@@ -93,8 +93,8 @@ def test_killed_mid_cycle_and_resumed_equals_uninterrupted(toy_model_path, cache
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     run_id = summary["mlflow_run_id"]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "rl_step")] == [1, 2, 3, 4, 5, 6], "each step once"
+    assert [m.step for m in client.get_metric_history(run_id, "rl_step")] == [1, 2, 3, 4, 5, 6, 7], "each step once"
     exp = client.get_run(run_id).info.experiment_id
     assert len(client.search_runs([exp], filter_string="tags.rlextra.kind = 'job'")) == 1, "one job run, continued"
     phases = [r.info.run_name for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")]
-    assert sorted(phases) == ["extrapolation-1", "extrapolation-2", "rl-phase-1", "rl-phase-2"]
+    assert sorted(phases) == ["extrapolation-1", "extrapolation-2", "rl-phase-1", "rl-phase-2", "rl-phase-3"]
