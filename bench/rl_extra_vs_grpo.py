@@ -69,30 +69,27 @@ def steps_to(curve, target):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--configs", default="", help="comma-separated subset of the configuration names")
     ap.add_argument("--target", type=float, default=0.7)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
     args = ap.parse_args()
 
     rx = ["schedule=rl_extra", "schedule.eval_around_projection=true"]
     configs = {
-        "grpo-lr3e-5": ["schedule=rl", "learner.lr=3e-5"],
         "grpo-lr6e-5": ["schedule=rl", "learner.lr=6e-5"],
         "grpo-lr1e-4": ["schedule=rl", "learner.lr=1e-4"],
+        "grpo-lr2e-4": ["schedule=rl", "learner.lr=2e-4"],
         # the paper's RL-Extra: all (non-norm) weights, β = (m + n) / m every cycle
-        "rx-m10n10-schedule-all-lr6e-5": ["learner.lr=6e-5", *rx, "schedule.m=10", "schedule.n=10",
+        "rx-m10n10-schedule-all-lr1e-4": ["learner.lr=1e-4", *rx, "schedule.m=10", "schedule.n=10",
                                           "schedule.beta_mode=schedule", "schedule.selection=names"],
-        # selection by measured linearity (top 5 % of elements by steady displacement)
+        # selection by measured linearity: the top 5 % of elements by steady displacement, β = 4
         "rx-m10n30-schedule-top5-lr1e-4": ["learner.lr=1e-4", *rx, "schedule.m=10", "schedule.n=30",
                                            "schedule.beta_mode=schedule", "schedule.selection_fraction=0.05"],
+        # the default: auto (monitor gate + validation line search over β ∈ {2, 4}) on the top 5 %
         "rx-m10n30-auto-top5-lr1e-4": ["learner.lr=1e-4", *rx, "schedule.m=10", "schedule.n=30",
-                                       "schedule.beta_mode=auto", "schedule.selection_fraction=0.05",
-                                       "schedule.candidates=[0.25,0.5,1.0]"],
-        "rx-m10n30-auto-top5-lr6e-5": ["learner.lr=6e-5", *rx, "schedule.m=10", "schedule.n=30",
-                                       "schedule.beta_mode=auto", "schedule.selection_fraction=0.05",
-                                       "schedule.candidates=[0.25,0.5,1.0]"],
+                                       "schedule.beta_mode=auto", "schedule.selection_fraction=0.05"],
     }
     if args.configs:
         unknown = set(args.configs.split(",")) - set(configs)
