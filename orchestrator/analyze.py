@@ -216,10 +216,12 @@ def _generate(model, tok, prompts: list[list[int]], cfg: AnalysisConfig) -> list
             ids[b, width - len(p) :] = torch.tensor(p)
             mask[b, width - len(p) :] = 1
         greedy = cfg.probe_temperature == 0
+        # plain sampling at the temperature: top_k=0 / top_p=1 switch off generation_config's defaults (top_k 50)
+        sampling = {} if greedy else {"temperature": cfg.probe_temperature, "top_p": 1.0, "top_k": 0}
         gen = model.generate(
             input_ids=ids.to(cfg.device), attention_mask=mask.to(cfg.device), max_new_tokens=cfg.probe_max_tokens,
-            do_sample=not greedy, temperature=None if greedy else cfg.probe_temperature, top_p=None, top_k=None,
-            num_return_sequences=cfg.samples_per_probe, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+            do_sample=not greedy, num_return_sequences=cfg.samples_per_probe, pad_token_id=pad,
+            eos_token_id=tok.eos_token_id, **sampling,
         )  # fmt: skip
         for i, row in enumerate(gen[:, width:].tolist()):
             resp = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
