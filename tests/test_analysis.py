@@ -307,6 +307,23 @@ def test_analyze_run_on_synthetic_checkpoints_writes_json_and_plots(tmp_path):
     assert not list((tmp_path / "again").glob("*.png"))
 
 
+def test_probe_prompts_come_from_a_hydra_run_dirs_eval_split(tmp_path):
+    """`--run-dir` of a `python -m orchestrator.train` run: the probes default to its held-out eval prompts."""
+    from omegaconf import OmegaConf
+
+    from orchestrator.analyze import load_probe_file, prompts_from_run
+    from tests.test_job import compose_cfg
+
+    cfg = compose_cfg([f"model.cache_dir={tmp_path / 'cache'}", "data.toy.num_train=50", "data.toy.num_eval=7"])
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    prompts = prompts_from_run(tmp_path / "run")
+    assert len(prompts) == 7 and all(p.endswith("=") and "+" in p for p in prompts)
+    assert prompts_from_run(tmp_path) is None  # no .hydra: no default probes
+    (tmp_path / "p.txt").write_text("1+2=\n\n3+4=\n")
+    assert load_probe_file(tmp_path / "p.txt") == [{"prompt": "1+2="}, {"prompt": "3+4="}]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
