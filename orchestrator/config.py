@@ -66,6 +66,13 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, f"{t}.checkpoint_every", lo=0)
     _int(cfg, f"{t}.keep_checkpoints", lo=0)
     _choice(cfg, f"{t}.resume", ["auto", "never"])
+    if cfg.get("analysis") is not None and bool(cfg.analysis.enabled):
+        if not cfg.trainer.checkpoint_every:
+            raise ConfigError("analysis.enabled: needs checkpoints to analyse; expected trainer.checkpoint_every > 0")
+        if cfg.trainer.keep_checkpoints not in (0,) and cfg.trainer.keep_checkpoints < 3:
+            raise ConfigError("analysis.enabled: needs at least 3 kept checkpoints; expected trainer.keep_checkpoints 0 or >= 3")
+        if not cfg.trainer.save_final:
+            raise ConfigError("analysis.enabled: the final checkpoint ends the series; expected trainer.save_final=true")
     _int(cfg, f"{t}.max_learner_restarts", lo=0)
 
     _choice(cfg, "model.source", ["toy", "path"])

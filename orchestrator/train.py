@@ -271,6 +271,26 @@ class Job:
                  f"data position {self.cursor.position}, MLflow run {self.tracker.run_id})")
         return int(state["rl_step"]) + 1
 
+    def analyze_own_checkpoints(self) -> dict:
+        """analysis.enabled: R² of weights, token log-probs and activations over this job's checkpoints (the
+        starting model as step 0 when it is a local directory); JSON + PNGs under output_dir/linearity and as
+        MLflow artifacts. Returns the headline numbers for the summary."""
+        from orchestrator.analyze import analyze_run, discover_run_checkpoints
+
+        found = [(c.step, str(c.path)) for c in discover_run_checkpoints(self.output_dir, include_base=False)]
+        if os.path.isdir(self.model_path):
+            found = [(0.0, self.model_path)] + found
+        a = self.cfg.analysis
+        options = {k: a[k] for k in ("weight_fraction", "num_probes", "samples_per_probe", "plots")}
+        prompts = [self.eval_ds[i]["prompt"] for i in range(min(int(a.num_probes), len(self.eval_ds)))]
+        result = analyze_run(found, os.path.join(self.output_dir, "linearity"), options, prompts=prompts,
+                             chat_template=bool(self.cfg.data.apply_chat_template),
+                             mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri, log=self.log)
+        r2 = result.get("weights", {}).get("r2", {})
+        return {"checkpoints": len(found), "weights_r2_median": r2.get("median"),
+                "weights_frac_above_0_7": r2.get("frac_above_0.7"),
+                "output": os.path.join(self.output_dir, "linearity")}
+
     def one_step(self, step: int) -> dict:
         """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
         if self.extra:
@@ -373,6 +393,7 @@ class Job:
         after = self.evaluate() if tr.total_steps else before
         self.tracker.log_metrics(after, step=tr.total_steps)
         final_ckpt = self.save_checkpoint(tr.total_steps) if tr.save_final else None
+        linearity = self.analyze_own_checkpoints() if cfg.get("analysis") is not None and cfg.analysis.enabled else None
         wall = time.perf_counter() - start
         summary = {
             "rl_steps": tr.total_steps,
@@ -397,6 +418,8 @@ class Job:
             "final_checkpoint": final_ckpt,
             "model_path": self.model_path,
         }
+        if linearity is not None:
+            summary["linearity"] = linearity
         if self.extra:
             summary["extrapolations"] = self.extra.records
         os.makedirs(self.output_dir, exist_ok=True)

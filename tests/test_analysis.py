@@ -377,8 +377,12 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(small_job_overrides(cache_dir, tmp_path, steps=6) + [
-        "schedule=rl", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0", "trainer.eval_every=0", "learner.lr=5e-4"])
+        "schedule=rl", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0", "trainer.eval_every=0", "learner.lr=5e-4",
+        "analysis.enabled=true", "analysis.num_probes=8", "analysis.weight_fraction=0.01", "analysis.plots=false"])
     summary = run_job(cfg, str(tmp_path / "out"))
+    # the trainer's own end-of-job analysis (analysis.enabled): the warm start + 3 checkpoints
+    assert summary["linearity"]["checkpoints"] == 4 and 0.0 <= summary["linearity"]["weights_r2_median"] <= 1.0
+    assert json.loads((tmp_path / "out" / "linearity" / "linearity.json").read_text())["steps"] == [0, 2, 4, 6]
     eval_file = write_toy_dataset(Path(cache_dir) / "data", toy_task_spec(cfg))["eval"]
 
     code = main(["--run-dir", str(tmp_path / "out"), "--probes", str(eval_file), "--num-probes", "16",
@@ -399,4 +403,5 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "linearity")}
     assert {"linearity/linearity.json", "linearity/overview.png", "linearity/probes.jsonl"} <= artifacts
     median = client.get_metric_history(summary["mlflow_run_id"], "linearity/weight_r2_median")
-    assert len(median) == 1 and median[0].step == 6 and median[0].value == pytest.approx(w["r2"]["median"])
+    assert len(median) == 2 and median[-1].step == 6  # the job's analysis, then the CLI's
+    assert median[-1].value == pytest.approx(w["r2"]["median"])
