@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,7 +266,7 @@ def _wait_for_job_api(address: str, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """`ray start --head` on loopback with its own temp dir and ports; yields the dashboard (job API) URL."""
     temp_dir = tempfile.mkdtemp(prefix="rxj", dir="/tmp")  # short: Ray's unix sockets live under it
     # Every port explicit: another Ray on this machine holds the defaults (the agent's 52365 above all).
@@ -289,8 +290,6 @@ def ray_head(tmp_path):
     finally:
         _kill_tree(head.pid)
         left = [p for p in _descendants_of_group(head.pid) if _alive(p)]
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"processes of the test's Ray head still alive: {left}"
 
