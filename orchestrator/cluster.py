@@ -119,6 +119,7 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=str(cfg.cluster.address), log_to_driver=bool(cfg.cluster.log_to_driver))
     else:
         ray.init(
+            address="local",  # always a new in-process Ray, even when another runs on this machine
             num_cpus=cfg.cluster.num_cpus,
             include_dashboard=False,
             log_to_driver=bool(cfg.cluster.log_to_driver),

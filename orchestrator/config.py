@@ -210,8 +210,9 @@ def validate(cfg: DictConfig) -> None:
         except ValueError as exc:
             raise ConfigError(f"schedule: {exc}") from None
 
-    _choice(cfg, "cluster.mode", ["local", "existing"])
-    _choice(cfg, "cluster.placement_strategy", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    from orchestrator.cluster import validate_cluster
+
+    validate_cluster(cfg)  # cluster.* (mode, address, strategies, resources, restarts)
 
 
 def learner_spec(cfg: DictConfig, model_path: str) -> LearnerSpec:

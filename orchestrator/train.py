@@ -208,6 +208,7 @@ class Job:
             "train/lr": metrics_per_rank[0].lr,
             "perf/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
             "perf/weight_version": sync["version"],
+            "cluster/rollout_restarts": self.groups.rollout_restarts,
             "time/step_s": step_time,
             **times,
         }
