@@ -21,10 +21,15 @@ Choices:
   token. Rows that emit an EOS token leave the batch, from both caches at once (``batch_select_indices``), so
   finished samples cost nothing afterwards.
 - **Sampling as vLLM does it.** Mixing in fp32 whatever the models' dtype; then temperature, then top-p
-  (nucleus: the smallest set of tokens whose probability reaches ``top_p``, at least one kept), then a draw
-  from a seeded ``torch.Generator``. ``temperature = 0`` is greedy (argmax of the mixed logits). The log-prob
+  (nucleus: the smallest set of most likely tokens whose probability reaches ``top_p``, at least one kept), then a
+  draw from a seeded ``torch.Generator``. ``temperature = 0`` is greedy (argmax of the mixed logits). The log-prob
   returned for each sampled token is that of the distribution it was drawn from (``log_softmax`` of the
   filtered, tempered logits — vLLM's ``processed_logprobs``).
+- **No full-vocabulary sort per step.** The nucleus is searched among the 64 most likely tokens (``topk``),
+  then 1024 for rows whose nucleus is wider, then a full sort for the rest, and the draw is an inverse-CDF lookup
+  (cumsum + binary search) instead of ``torch.multinomial``: on this CPU, with Qwen's 152k vocabulary and 64
+  rows, the sort took 3.4 s and multinomial 1 s per step; topk + inverse CDF take tens of milliseconds. The
+  whole-vocabulary rule (``top_p_filter``) stays as the reference the tests compare against.
 - The response of a row includes its EOS token when it stopped on one (as vLLM's ``token_ids`` do);
   ``finished`` says whether it did, or was cut by ``max_tokens``.
 - Deterministic for a given seed, prompt list and ``max_batch_rows`` (the generator is shared by the chunk's rows).
@@ -49,6 +54,7 @@ __all__ = [
     "mix_logits",
     "top_p_filter",
     "processed_logits",
+    "sample_top_p",
     "left_pad",
     "load_pair",
 ]
@@ -68,17 +74,17 @@ def mix_logits(l0: Tensor, l1: Tensor, alpha: float) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filtering: logits outside the smallest set whose probability mass reaches ``top_p`` become −inf.
+    """Nucleus filtering over the whole vocabulary (the reference rule): logits outside the smallest set of most
+    likely tokens whose probability reaches ``top_p`` become −inf.
 
-    Same rule as vLLM and transformers' ``TopPLogitsWarper``: sort ascending, drop tokens whose cumulative
-    probability is ≤ 1 − top_p, always keep the most likely token. logits: [B, V] → [B, V] (a new tensor).
+    A token is kept when the probability mass of the tokens ranked above it is < ``top_p`` (so the most likely
+    token is always kept) — the rule of vLLM and transformers' ``TopPLogitsWarper``. logits: [B, V] → [B, V].
     """
     if top_p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cum <= 1.0 - top_p
-    drop_sorted[..., -1] = False
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -86,11 +92,55 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 def processed_logits(l0: Tensor, l1: Tensor, alpha: float, temperature: float, top_p: float) -> Tensor:
     """The logits a sample is drawn from: mix, divide by the temperature, top-p filter. [B, V] → [B, V] fp32.
 
-    ``temperature == 0`` (greedy) returns the mixed logits unscaled and unfiltered."""
+    ``temperature == 0`` (greedy) returns the mixed logits unscaled and unfiltered. The sampler draws from the
+    same distribution without materialising it (see ``sample_top_p``)."""
     mixed = mix_logits(l0, l1, alpha)
     if temperature == 0:
         return mixed
     return top_p_filter(mixed / float(temperature), top_p)
+
+
+def _inverse_cdf(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One index per row drawn from unnormalised non-negative weights [B, N] → [B] (exact; zero weights are
+    never drawn). A cumsum and a binary search: on CPU far cheaper than ``torch.multinomial`` over a vocabulary."""
+    cum = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cum.dtype)
+    idx = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    return idx.clamp_max(probs.shape[-1] - 1).squeeze(-1)
+
+
+def _draw_from_sorted(sorted_probs: Tensor, order: Tensor, top_p: float, generator: torch.Generator):
+    """Nucleus draw given probabilities sorted descending [B, K] and their token ids [B, K] (K may be a prefix of
+    the vocabulary that contains the nucleus). Returns (tokens [B], log-probs [B] under the renormalised nucleus)."""
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+    kept = sorted_probs.masked_fill(before >= top_p, 0.0)
+    pick = _inverse_cdf(kept, generator)[:, None]
+    logp = kept.gather(-1, pick).log() - kept.sum(dim=-1, keepdim=True).log()
+    return order.gather(-1, pick).squeeze(-1), logp.squeeze(-1)
+
+
+def sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator,
+                 candidates: Sequence[int] = (64, 1024)) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from ``softmax(top_p_filter(logits, top_p))``; returns (tokens [B], log-probs [B]).
+
+    The same distribution as filtering the whole vocabulary, without sorting it: the nucleus is looked for among
+    the most likely ``candidates[0]`` tokens (``topk``); rows whose nucleus is wider retry with the next, larger
+    candidate count, and finally with a full sort. logits: [B, V], already divided by the temperature."""
+    V = logits.shape[-1]
+    probs = logits.softmax(dim=-1)
+    if top_p >= 1.0:
+        tok = _inverse_cdf(probs, generator)
+        return tok, probs.gather(-1, tok[:, None]).log().squeeze(-1)
+    sizes = [int(c) for c in candidates if int(c) < V]
+    if not sizes:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        return _draw_from_sorted(sorted_probs, order, top_p, generator)
+    top, idx = probs.topk(sizes[0], dim=-1)  # descending
+    tok, logp = _draw_from_sorted(top, idx, top_p, generator)
+    wide = (top.sum(dim=-1) < top_p).nonzero().squeeze(-1)  # nucleus not inside the candidates
+    if wide.numel():
+        tok[wide], logp[wide] = sample_top_p(logits[wide], top_p, generator, candidates=sizes[1:])
+    return tok, logp
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[Tensor, Tensor, Tensor]:
@@ -208,13 +258,11 @@ class LogitsExtrapolationSampler:
 
     def _draw(self, l0: Tensor, l1: Tensor, cfg: SamplerConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Next token and its log-prob for each active row: [A], [A]."""
-        logits = processed_logits(l0, l1, cfg.alpha, cfg.temperature, cfg.top_p)
-        logp = torch.log_softmax(logits, dim=-1)
+        mixed = mix_logits(l0, l1, cfg.alpha)
         if cfg.temperature == 0:
-            tok = logits.argmax(dim=-1)
-        else:
-            tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+            best, tok = mixed.softmax(dim=-1).max(dim=-1)
+            return tok, best.log()
+        return sample_top_p(mixed / float(cfg.temperature), cfg.top_p, gen)
 
     def _generate_chunk(self, prompts, cfg: SamplerConfig, gen: torch.Generator):
         """Decode one chunk of prompts × n rows. Returns per-row token lists, log-prob lists, finished flags."""

@@ -552,7 +552,7 @@ class Evaluation:
             return steps
         return list(range(len(self.checkpoints)))
 
-    def _encoder(self, tokenizer, ds: DatasetSpec):
+    def _encode(self, tokenizer, ds: DatasetSpec):
         from orchestrator.data import PromptEncoder
 
         encode = PromptEncoder(tokenizer, bool(ds.data.apply_chat_template), int(ds.data.max_prompt_tokens))
@@ -620,7 +620,7 @@ class Evaluation:
             self.loads.append({"checkpoint": ckpt.path, **load})
             tok = AutoTokenizer.from_pretrained(ckpt.path)
             for ds in self.datasets:
-                gen = self._vllm_generate(self._encoder(tok, ds))
+                gen = self._vllm_generate(self._encode(tok, ds))
                 r = self._score(ckpt.path, "checkpoint", step, ds, gen)
                 _advance(bar, r)
 
@@ -643,7 +643,7 @@ class Evaluation:
                 "device": str(sampler.device), "dtype": str(lx.dtype)}
         self.tracker.log_metrics({"logits_extra/alpha": alpha}, step=step)
         for ds in self.datasets:
-            out = sampler.generate(self._encoder(tok, ds), cfg)
+            out = sampler.generate(self._encode(tok, ds), cfg)
             texts = [tok.decode(r, skip_special_tokens=True) for r in out.response_ids]
             gen = Generations(out.response_ids, texts, out.finished, out.gen_time_s)
             _advance(bar, self._score(target, "logits_extrapolation", step, ds, gen, extra=info))

@@ -20,6 +20,7 @@ from linearity.logits_extrapolation import (
     alpha_from_steps,
     left_pad,
     mix_logits,
+    sample_top_p,
     top_p_filter,
 )
 from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
@@ -85,6 +86,30 @@ def test_top_p_filter_hand_computed():
     assert torch.equal(top_p_filter(logits, 0.7)[0, :2], logits[0, :2])  # kept logits are untouched
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sample_top_p_draws_from_the_whole_vocabulary_rule(top_p):
+    """The sampler's fast path (nucleus among the top 2, then top 64 candidates, then a full sort; inverse-CDF
+    draw) against the reference rule on the whole vocabulary: a very peaked row (nucleus in the first tier), a
+    peaked row (second tier), a flat row (full sort); log-probs equal to log_softmax(top_p_filter(logits)), and
+    frequencies over 10000 draws."""
+    gen = torch.Generator().manual_seed(0)
+    V, draws, flat_draws = 1000, 10000, 200
+    rows = torch.randn(3, V, generator=gen) * torch.tensor([[12.0], [4.0], [0.1]])
+    logits = torch.cat([rows[:2].repeat_interleave(draws, dim=0), rows[2:].expand(flat_draws, V)])
+    tok, logp = sample_top_p(logits, top_p, gen, candidates=(2, 64))
+    spans = [(0, draws), (draws, 2 * draws), (2 * draws, 2 * draws + flat_draws)]
+    for row, (a, b) in enumerate(spans):
+        ref = torch.log_softmax(top_p_filter(logits[a : a + 1], top_p), -1)[0]
+        assert torch.isfinite(ref[tok[a:b]]).all(), "a token outside the nucleus was drawn"
+        torch.testing.assert_close(logp[a:b], ref[tok[a:b]], atol=1e-4, rtol=0)
+        if row < 2:  # the frequencies follow the nucleus (a flat row has too many tokens to check)
+            freq = torch.bincount(tok[a:b], minlength=V).float() / draws
+            assert 0.5 * (freq - ref.exp()).abs().sum().item() < 0.04
+    if top_p < 1:
+        nucleus = [int(torch.isfinite(top_p_filter(logits[a : a + 1], top_p)).sum()) for a, _ in spans]
+        assert nucleus[0] <= 2 < nucleus[1] <= 64 < nucleus[2], nucleus  # every tier was exercised
+
+
 def test_left_pad_positions():
     ids, mask, pos = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
@@ -114,10 +139,10 @@ def test_greedy_at_alpha_0_and_1_equals_each_models_greedy(pair, alpha, which):
     model = (m0, m1)[which]
     out = sampler.generate(prompts, SamplerConfig(alpha=alpha, n=2, temperature=0.0, max_tokens=12))
     assert out.prompt_index == [i for i in range(len(prompts)) for _ in range(2)]
+    refs = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in prompts]
     for j, i in enumerate(out.prompt_index):
-        p = prompts[i]
-        ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        ref = refs[i]
         assert out.response_ids[j] == ref, (alpha, PROMPTS[i])
         assert out.finished[j] == (ref[-1] == tok.eos_token_id)
     assert any(out.finished) and not all(out.finished), "the prompts should exercise both EOS and the length cap"
