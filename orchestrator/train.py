@@ -391,6 +391,8 @@ class Job:
                 self.save_checkpoint(step)
             step += 1
         bar.close()
+        if self.extra:
+            self.extra.finish()
         after = self.evaluate() if tr.total_steps else before
         self.tracker.log_metrics(after, step=tr.total_steps)
         final_ckpt = self.save_checkpoint(tr.total_steps) if tr.save_final else None
@@ -619,6 +621,12 @@ class RLExtraSchedule:
         ray.get(self.actor.load_state.remote(state["policy"]))
         if self.phase_run:
             self.job.tracker.reopen_phase(self.phase_run)
+
+    def finish(self) -> None:
+        """The job's last steps may form a partial cycle: close its RL phase run."""
+        if self.phase_run:
+            self.job.tracker.end_phase(self.phase_run)
+            self.phase_run = None
 
     def close(self) -> None:
         import ray
