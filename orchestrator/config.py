@@ -50,6 +50,17 @@ def _choice(cfg, path, choices):
     return v
 
 
+def validate_rollout_engine(cfg: DictConfig) -> None:
+    """rollout.* that place and size the vLLM engines (shared by the job and `orchestrator.evaluate`)."""
+    r = "rollout"
+    _int(cfg, f"{r}.num_actors", lo=1)
+    _float(cfg, f"{r}.num_cpus", lo=0)
+    _float(cfg, f"{r}.num_gpus", lo=0)
+    _choice(cfg, f"{r}.dtype", ["float32", "bfloat16", "float16", "auto"])
+    _int(cfg, f"{r}.max_model_len", lo=2)
+    _int(cfg, f"{r}.kv_cache_mb", lo=0)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad field."""
     from actors.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, POLICY_LOSSES
@@ -120,12 +131,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "algo.kl_kind", ["k1", "k2", "k3"])
 
     r = "rollout"
-    _int(cfg, f"{r}.num_actors", lo=1)
-    _float(cfg, f"{r}.num_cpus", lo=0)
-    _float(cfg, f"{r}.num_gpus", lo=0)
-    _choice(cfg, f"{r}.dtype", ["float32", "bfloat16", "float16", "auto"])
-    _int(cfg, f"{r}.max_model_len", lo=2)
-    _int(cfg, f"{r}.kv_cache_mb", lo=0)
+    validate_rollout_engine(cfg)
     _float(cfg, f"{r}.temperature", lo=0, lo_open=True)
     _float(cfg, f"{r}.top_p", lo=0, hi=1, lo_open=True)
     _int(cfg, f"{r}.max_tokens", lo=1)

@@ -222,15 +222,10 @@ def validate_eval(cfg: DictConfig) -> None:
 def _check_vllm_side(cfg: DictConfig, default_model: bool) -> None:
     """rollout.*, cluster.* and (when no checkpoint is listed) the model config's model."""
     from orchestrator.cluster import validate_cluster
+    from orchestrator.config import validate_rollout_engine
 
-    r = "rollout"
-    _int(cfg, f"{r}.num_actors", lo=1)
-    _float(cfg, f"{r}.num_cpus", lo=0)
-    _float(cfg, f"{r}.num_gpus", lo=0)
-    _choice(cfg, f"{r}.dtype", ["float32", "bfloat16", "float16", "auto"])
-    _int(cfg, f"{r}.max_model_len", lo=2)
-    _int(cfg, f"{r}.kv_cache_mb", lo=0)
-    _int(cfg, f"{r}.max_tokens", lo=1)
+    validate_rollout_engine(cfg)
+    _int(cfg, "rollout.max_tokens", lo=1)
     validate_cluster(cfg)
     source = _choice(cfg, "model.source", ["toy", "path"])
     if default_model and source == "path":
