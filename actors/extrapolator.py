@@ -64,6 +64,7 @@ class ExtrapolationConfig:
 class Decision:
     beta: float | None  # the β to keep, or None: leave the weights unprojected
     reasons: list[str] = field(default_factory=list)
+    guard_fired: bool = False  # None because something went wrong (NaN/Inf, reward collapse), not for lack of gain
 
 
 class ExtrapolationPolicy:
@@ -106,7 +107,7 @@ class ExtrapolationPolicy:
         reasons = [f"beta={b:.4g}: non-finite weights" for b, r in tried.items() if r == -math.inf]
         finite = {b: r for b, r in tried.items() if r != -math.inf}
         if not finite:
-            return Decision(None, reasons or ["no candidate"])
+            return Decision(None, reasons or ["no candidate"], guard_fired=True)
         if before is None:  # no validation: the single β of fixed / schedule
             return Decision(max(finite), reasons)
         best = max(finite, key=lambda b: (finite[b], -b))  # ties: the smaller step
@@ -115,7 +116,7 @@ class ExtrapolationPolicy:
                                              f"{finite[best]:.3f} at beta={best:.4g}); kept the unprojected weights"])
         if self.cfg.guard_margin is not None and finite[best] < before - self.cfg.guard_margin:
             return Decision(None, reasons + [f"validation reward {finite[best]:.3f} < {before:.3f} - "
-                                             f"{self.cfg.guard_margin}: rolled back"])
+                                             f"{self.cfg.guard_margin}: rolled back"], guard_fired=True)
         return Decision(best, reasons)
 
     def on_rollback(self) -> None:
@@ -254,8 +255,11 @@ class ExtrapolatorActor:
             self._rollback_and_sync()
             if any(r == -math.inf for r in tried.values()) and not cfg.guard_nan:
                 raise RuntimeError("RL-Extra: projection produced NaN/Inf and schedule.guard_nan is off")
-            record.outcome = "rolled_back"  # projected, then undone: the next cycle tries a smaller β
-            policy.on_rollback()
+            if decision.guard_fired:  # something went wrong: undone, and the next cycle tries a smaller β
+                record.outcome = "rolled_back"
+                policy.on_rollback()
+            else:  # validation saw no gain over β = 1 (often a tie on a small batch): undone, β kept
+                record.outcome = "skipped"
             record.val_reward_after = before
             return self._finish(record, start)
         if decision.beta != list(tried)[-1]:  # the shards hold the last candidate: redo the chosen one

@@ -48,6 +48,7 @@ def test_line_search_never_keeps_a_beta_below_not_projecting(mode):
     assert p.choose(0.50, {1.5: 0.58, 2.0: 0.52}).beta == 1.5
     d = p.choose(0.50, {1.5: 0.49, 2.0: 0.50})  # a tie with β = 1 is not a gain
     assert d.beta is None and "no candidate beat beta=1" in d.reasons[0]
+    assert not d.guard_fired, "no gain is not a fault: β must not shrink for it"
     assert p.choose(0.5, {1.5: 0.6, 2.0: 0.6}).beta == 1.5, "ties go to the smaller step"
     # property: whatever the rewards, a kept β validates strictly above β = 1
     import random
@@ -64,9 +65,9 @@ def test_guard_margin_and_nan_and_shrink():
     p = policy(beta_mode="fixed", beta=3.0, guard_margin=0.05)
     assert p.choose(0.60, {3.0: 0.56}).beta == 3.0  # within the margin
     d = p.choose(0.60, {3.0: 0.50})
-    assert d.beta is None and "rolled back" in d.reasons[-1]
+    assert d.beta is None and "rolled back" in d.reasons[-1] and d.guard_fired
     d = p.choose(None, {3.0: -math.inf})
-    assert d.beta is None and "non-finite" in d.reasons[0]
+    assert d.beta is None and "non-finite" in d.reasons[0] and d.guard_fired
     p.on_rollback()
     assert p.beta_max == pytest.approx(2.0) and p.betas() == [2.0]  # 1 + (3 − 1) · 0.5
     q = policy(beta_mode="fixed", beta=3.0)
