@@ -47,7 +47,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from orchestrator.config import ConfigError, _choice, _float, _get, _int
-from orchestrator.train import pass_at_k
+from orchestrator.train import pass_at_k, run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ARGV_FLAGS = {"--logits-extrapolation": "eval.logits_extrapolation.enabled=true"}
@@ -730,15 +730,7 @@ def print_results(results: list[EvalResult]) -> None:
 
 
 def run_evaluation(cfg: DictConfig, output_dir: str) -> dict:
-    ev = Evaluation(cfg, output_dir)
-    status = "FAILED"
-    try:
-        ev.setup()
-        summary = ev.run()
-        status = "FINISHED"
-        return summary
-    finally:
-        ev.close(status)
+    return run_to_completion(Evaluation(cfg, output_dir))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

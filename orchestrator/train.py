@@ -681,16 +681,20 @@ def print_summary(summary: dict) -> None:
     print("=" * (width + 40), flush=True)
 
 
-def run_job(cfg: DictConfig, output_dir: str) -> dict:
-    job = Job(cfg, output_dir)
+def run_to_completion(task) -> dict:
+    """setup() → run() → close(status): the MLflow run ends FINISHED only when run() returned."""
     status = "FAILED"
     try:
-        job.setup()
-        summary = job.run()
+        task.setup()
+        summary = task.run()
         status = "FINISHED"
         return summary
     finally:
-        job.close(status)
+        task.close(status)
+
+
+def run_job(cfg: DictConfig, output_dir: str) -> dict:
+    return run_to_completion(Job(cfg, output_dir))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
