@@ -227,7 +227,8 @@ class ExtrapolatorActor:
             cycle=cycle, outcome="skipped", beta=1.0, beta_max=beta_max, steps_in_cycle=cs.steps,
             drift_share=cs.drift_share, r2_median=r2_median, r2_frac_above_0_7=r2_above,
             displacement_norm=cs.displacement_norm, selected_frac=cs.selected_numel / max(1, cs.eligible_numel),
-            selected_tensors=cs.selected_tensors, projected_numel=0, projected_frac=0.0, val_reward_before=None, val_reward_after=None,
+            selected_tensors=cs.selected_tensors, projected_numel=0, projected_frac=0.0, val_reward_before=None,
+            val_reward_after=None,
             candidates={}, reasons=[], optimizer_reset=False, weight_version=weight_version, time_s=0.0,
             drift_share_per_tensor=cs.drift_share_per_tensor,
         )
