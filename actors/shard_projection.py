@@ -229,7 +229,8 @@ class ShardProjector:
             self.masks = self._top_element_masks(fraction)
         counts = self._all_reduce([float(self._projected_numel()), float(sum(int(self._name_mask(i).sum())
                                    for i in range(len(self.masters))))])
-        selected_tensors = self._all_reduce([1.0 if self._name_has_selected(n) else 0.0 for n in self.param_names])
+        holding = self._names_with_selected()
+        selected_tensors = self._all_reduce([1.0 if n in holding else 0.0 for n in self.param_names])
         r2 = self._sample_r2()
         # d_prev ← d_now, for the next cycle's drift share and consistency
         torch._foreach_copy_(self.prev, self.masters)
@@ -346,13 +347,10 @@ class ShardProjector:
 
     # -------------------------------------------------------------------------------------------- stats
 
-    def _name_has_selected(self, name: str) -> bool:
-        for flat_i, group in enumerate(self.slices):
-            m = self.masks[flat_i]
-            for n, s, e in group:
-                if n == name and s < e and (m is None or bool(m[s:e].any())):
-                    return True
-        return False
+    def _names_with_selected(self) -> set[str]:
+        """Parameters with at least one element in this cycle's masks (this rank's slices)."""
+        return {n for group, m in zip(self.slices, self.masks) for n, s, e in group
+                if s < e and (m is None or bool(m[s:e].any()))}
 
     def _per_name_sums(self) -> torch.Tensor:
         index = {n: i for i, n in enumerate(self.param_names)}
@@ -378,19 +376,19 @@ class ShardProjector:
             masks.append(mask)
         return masks
 
-    def _consistency_score(self, i: int, s: int, e: int) -> torch.Tensor:
+    def _consistency_score(self, i: int, where) -> torch.Tensor:
         """|d_now| where the element moved the same way as in the previous cycle (|d_now| in the first), 0 outside
-        the name globs."""
+        the name globs; `where` picks elements of flat i (a slice or an index tensor)."""
         w, a = self.masters[i], self.anchors[i].to(self.masters[i].device)
-        d = w[s:e].float() - a[s:e].float()
+        d = w[where].float() - a[where].float()
         score = d.abs()
         if self.has_prev:
-            score = score * ((d * self.prev[i][s:e].to(w.device).float()) > 0)
-        return score * self._name_mask(i)[s:e]
+            score = score * ((d * self.prev[i].to(w.device)[where].float()) > 0)
+        return score * self._name_mask(i)[where]
 
     def _top_element_masks(self, fraction: float, sample_size: int = 1 << 16) -> list[torch.Tensor]:
         if fraction >= 1.0:
-            return [self._name_mask(i) & (self._consistency_score(i, 0, m.numel()) > 0) for i, m in enumerate(self.masters)]
+            return [self._name_mask(i) & (self._consistency_score(i, slice(None)) > 0) for i in range(len(self.masters))]
         # A uniform sample of this rank's scores (equal size on every rank), gathered: the global threshold.
         total = sum(m.numel() for m in self.masters)
         gen = torch.Generator().manual_seed(1234 + self._rank())
@@ -402,12 +400,7 @@ class ShardProjector:
         for i, m in enumerate(self.masters):
             lo, hi = int(torch.searchsorted(idx, offsets[i])), int(torch.searchsorted(idx, offsets[i + 1]))
             if hi > lo:
-                local = (idx[lo:hi] - offsets[i]).to(m.device)
-                d = m[local].float() - self.anchors[i].to(m.device)[local].float()
-                sc = d.abs()
-                if self.has_prev:
-                    sc = sc * ((d * self.prev[i].to(m.device)[local].float()) > 0)
-                parts.append((sc * self._name_mask(i)[local]).cpu())
+                parts.append(self._consistency_score(i, (idx[lo:hi] - offsets[i]).to(m.device)).cpu())
         sample = torch.cat(parts)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             gathered = [torch.empty_like(sample) for _ in range(torch.distributed.get_world_size())]
@@ -419,7 +412,7 @@ class ShardProjector:
         for i, m in enumerate(self.masters):
             out = torch.empty(m.numel(), dtype=torch.bool, device=m.device)
             for s, e in _chunks(m.numel(), CHUNK):
-                sc = self._consistency_score(i, s, e)
+                sc = self._consistency_score(i, slice(s, e))
                 out[s:e] = (sc >= thr) & (sc > 0)
             masks.append(out)
         return masks
