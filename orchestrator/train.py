@@ -244,9 +244,11 @@ class Job:
         return hf_dir
 
     def resume_state(self) -> tuple[str, dict] | None:
-        """The newest complete checkpoint under output_dir/checkpoints when trainer.resume=auto, else None."""
-        if self.cfg.trainer.resume != "auto":
-            return None
+        """The newest complete checkpoint when trainer.resume=auto, else None."""
+        return self.newest_checkpoint() if self.cfg.trainer.resume == "auto" else None
+
+    def newest_checkpoint(self) -> tuple[str, dict] | None:
+        """(tag, rlextra_state.json) of the newest complete checkpoint under output_dir/checkpoints, or None."""
         root = os.path.join(self.output_dir, "checkpoints")
         tags = complete_checkpoints(root) if os.path.isdir(root) else []
         if not tags:
@@ -335,11 +337,9 @@ class Job:
         if self.extra:
             self.extra.setup_learners()
         self.tracker.prepare_replay(failed_step - 1)
-        root = os.path.join(self.output_dir, "checkpoints")
-        tags = complete_checkpoints(root) if os.path.isdir(root) else []
-        if tags:
-            with open(os.path.join(root, tags[-1], "rlextra_state.json")) as f:
-                return self.restore(tags[-1], json.load(f))
+        found = self.newest_checkpoint()
+        if found:
+            return self.restore(*found)
         self.log("no checkpoint yet: starting again from the initial weights")
         self.cursor.position = 0
         self.step_times = []
