@@ -32,7 +32,8 @@ losses differentiate through ``logp`` only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -140,7 +141,7 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
 # --------------------------------------------------------------------------------------------------
 
 
-def masked_sum(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``values`` weighted by ``mask``.
 
     Args:
@@ -157,7 +158,7 @@ def masked_sum(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tenso
     return weighted.sum() if dim is None else weighted.sum(dim=dim)
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``values`` over the elements selected by ``mask``; 0 where nothing is selected.
 
     Same as verl: ``masked_sum / (mask.sum() + 1e-8)``. The 1e-8 is invisible in float32 for counts >= 1
@@ -402,9 +403,7 @@ def _rfpp_estimator(rewards, group_ids, response_mask, *, eps: float = 1e-6, gam
 
 
 @register_advantage("reinforce_plus_plus_baseline")
-def _rfpp_baseline_estimator(
-    rewards, group_ids, response_mask, *, eps: float = 1e-6, gamma: float = 1.0
-) -> Tensor:
+def _rfpp_baseline_estimator(rewards, group_ids, response_mask, *, eps: float = 1e-6, gamma: float = 1.0) -> Tensor:
     return reinforce_pp_baseline_advantages(rewards, group_ids, response_mask, eps=eps)
 
 
@@ -427,9 +426,9 @@ def agg_loss(
     agg: str,
     *,
     dp_size: int = 1,
-    batch_num_tokens: Optional[float] = None,
-    global_batch_size: Optional[float] = None,
-    loss_scale_factor: Optional[float] = None,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+    loss_scale_factor: float | None = None,
 ) -> Tensor:
     """Aggregate a per-token loss matrix into a scalar (verl ``agg_loss``).
 
@@ -507,7 +506,7 @@ def ppo_clip_loss(
     clip_high: float = 0.2,
     agg: str = "token-mean",
     clip_ratio_c: float = 3.0,
-    agg_kwargs: Optional[Mapping[str, Any]] = None,
+    agg_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Dual-clip PPO policy loss (verl ``compute_policy_loss_vanilla``).
 
@@ -572,7 +571,7 @@ def gspo_loss(
     clip_high: float = 4e-4,
     agg: str = "seq-mean-token-mean",
     clip_ratio_c: float = 3.0,
-    agg_kwargs: Optional[Mapping[str, Any]] = None,
+    agg_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """GSPO policy loss (verl ``compute_policy_loss_gspo``, https://arxiv.org/abs/2507.18071).
 
@@ -622,11 +621,11 @@ def policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    clip_low: Optional[float] = None,
-    clip_high: Optional[float] = None,
-    agg: Optional[str] = None,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    agg: str | None = None,
     clip_ratio_c: float = 3.0,
-    agg_kwargs: Optional[Mapping[str, Any]] = None,
+    agg_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Compute the registered policy loss ``kind`` (``"ppo_clip"``, ``"gspo"``, ...).
 
@@ -691,4 +690,3 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     if kind == "abs":
         return (logp - ref_logp).abs()
     raise ValueError(f"unknown kl penalty {kind!r}; known: {', '.join(KL_PENALTY_KINDS)}")
-

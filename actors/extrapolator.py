@@ -112,11 +112,21 @@ class ExtrapolationPolicy:
             return Decision(max(finite), reasons)
         best = max(finite, key=lambda b: (finite[b], -b))  # ties: the smaller step
         if self.cfg.beta_mode in ("adaptive", "auto") and not finite[best] > before:
-            return Decision(None, reasons + [f"no candidate beat beta=1 ({before:.3f} vs best "
-                                             f"{finite[best]:.3f} at beta={best:.4g}); kept the unprojected weights"])
+            return Decision(
+                None,
+                reasons
+                + [
+                    f"no candidate beat beta=1 ({before:.3f} vs best "
+                    f"{finite[best]:.3f} at beta={best:.4g}); kept the unprojected weights"
+                ],
+            )
         if self.cfg.guard_margin is not None and finite[best] < before - self.cfg.guard_margin:
-            return Decision(None, reasons + [f"validation reward {finite[best]:.3f} < {before:.3f} - "
-                                             f"{self.cfg.guard_margin}: rolled back"], guard_fired=True)
+            return Decision(
+                None,
+                reasons
+                + [f"validation reward {finite[best]:.3f} < {before:.3f} - {self.cfg.guard_margin}: rolled back"],
+                guard_fired=True,
+            )
         return Decision(best, reasons)
 
     def on_rollback(self) -> None:
@@ -160,8 +170,15 @@ class ExtrapolationRecord:
 class ExtrapolatorActor:
     """Owns the policy; runs one extrapolation phase per call against the live learner and rollout actors."""
 
-    def __init__(self, cfg: ExtrapolationConfig, validation: tuple | None, sampling, verifier: str,
-                 reward_timeout_s: float = 10.0, bucket_mb: float = 64.0):
+    def __init__(
+        self,
+        cfg: ExtrapolationConfig,
+        validation: tuple | None,
+        sampling,
+        verifier: str,
+        reward_timeout_s: float = 10.0,
+        bucket_mb: float = 64.0,
+    ):
         """
         validation: (prompt ids, answers) of the fixed validation batch, or None when no scoring is needed.
         sampling: `SamplingConfig` for validation rollouts (fixed seed: candidates see the same randomness).
@@ -217,19 +234,34 @@ class ExtrapolatorActor:
         self.groups = groups
         weight_version = groups.weight_version
         beta_max = policy.beta_max
-        per_rank = self.groups.call_learners("extra_end_cycle", cfg.selection, cfg.selection_threshold,
-                                             cfg.selection_fraction)
+        per_rank = self.groups.call_learners(
+            "extra_end_cycle", cfg.selection, cfg.selection_threshold, cfg.selection_fraction
+        )
         cs = per_rank[0]
         r2 = [v for s in per_rank for v in s.r2_values]
         r2_median = statistics.median(r2) if r2 else math.nan
         r2_above = sum(v > 0.7 for v in r2) / len(r2) if r2 else math.nan
         record = ExtrapolationRecord(
-            cycle=cycle, outcome="skipped", beta=1.0, beta_max=beta_max, steps_in_cycle=cs.steps,
-            drift_share=cs.drift_share, r2_median=r2_median, r2_frac_above_0_7=r2_above,
-            displacement_norm=cs.displacement_norm, selected_frac=cs.selected_numel / max(1, cs.eligible_numel),
-            selected_tensors=cs.selected_tensors, projected_numel=0, projected_frac=0.0, val_reward_before=None,
+            cycle=cycle,
+            outcome="skipped",
+            beta=1.0,
+            beta_max=beta_max,
+            steps_in_cycle=cs.steps,
+            drift_share=cs.drift_share,
+            r2_median=r2_median,
+            r2_frac_above_0_7=r2_above,
+            displacement_norm=cs.displacement_norm,
+            selected_frac=cs.selected_numel / max(1, cs.eligible_numel),
+            selected_tensors=cs.selected_tensors,
+            projected_numel=0,
+            projected_frac=0.0,
+            val_reward_before=None,
             val_reward_after=None,
-            candidates={}, reasons=[], optimizer_reset=False, weight_version=weight_version, time_s=0.0,
+            candidates={},
+            reasons=[],
+            optimizer_reset=False,
+            weight_version=weight_version,
+            time_s=0.0,
             drift_share_per_tensor=cs.drift_share_per_tensor,
         )
         ok, why = policy.gate(cs.drift_share, r2_median)

@@ -333,14 +333,28 @@ class LearnerActor:
 
     # ---------------------------------------------------------------------------------------- RL-Extra
 
-    def extra_setup(self, include=("*",), exclude=None, anchor_device: str | None = None,
-                    velocity: str = "two_point", monitor_samples: int = 2048) -> dict:
+    def extra_setup(
+        self,
+        include=("*",),
+        exclude=None,
+        anchor_device: str | None = None,
+        velocity: str = "two_point",
+        monitor_samples: int = 2048,
+    ) -> dict:
         """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py).
         From now on every optimizer step also feeds the projector's statistics (`observe`)."""
         from actors.shard_projection import ShardProjector
 
-        self.projector = ShardProjector(self.engine, self.spec.zero_stage, include, exclude, anchor_device,
-                                        velocity=velocity, monitor_samples=monitor_samples, seed=self.spec.seed)
+        self.projector = ShardProjector(
+            self.engine,
+            self.spec.zero_stage,
+            include,
+            exclude,
+            anchor_device,
+            velocity=velocity,
+            monitor_samples=monitor_samples,
+            seed=self.spec.seed,
+        )
         return {"selected": self.projector.selected_names, "skipped": self.projector.skipped_names}
 
     def extra_snapshot(self) -> None:
@@ -433,4 +447,3 @@ def _to_device(batch: TrainBatch, device) -> TrainBatch:
         advantages=batch.advantages.to(device),
         temperature=batch.temperature,
     )
-

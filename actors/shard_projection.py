@@ -78,9 +78,18 @@ class CycleStats:
 class ShardProjector:
     """Holds a rank's anchor and statistics and performs snapshot / observe / end_cycle / project / rollback."""
 
-    def __init__(self, engine, stage: int, include=("*",), exclude=None, anchor_device: str | None = None,
-                 keep_backup: bool = True, velocity: str = "two_point", monitor_samples: int = 2048,
-                 seed: int = 0):
+    def __init__(
+        self,
+        engine,
+        stage: int,
+        include=("*",),
+        exclude=None,
+        anchor_device: str | None = None,
+        keep_backup: bool = True,
+        velocity: str = "two_point",
+        monitor_samples: int = 2048,
+        seed: int = 0,
+    ):
         if velocity not in VELOCITY_MODES:
             raise ValueError(f"velocity: expected one of {VELOCITY_MODES}, got {velocity!r}")
         self.engine = engine
@@ -101,8 +110,11 @@ class ShardProjector:
         self.has_anchor = False
         self.steps_observed = 0
         self.velocity = velocity
-        self.trend = (TrendAccumulator(self.masters, reference=self.anchors, track_r2=False)
-                      if velocity == "least_squares" else None)
+        self.trend = (
+            TrendAccumulator(self.masters, reference=self.anchors, track_r2=False)
+            if velocity == "least_squares"
+            else None
+        )
         if self.trend is not None and self.anchors[0].device != self.masters[0].device:
             raise ValueError("velocity=least_squares needs the anchors on the shard's device (anchor_device: null)")
         gen = torch.Generator().manual_seed(seed * 7919 + self._rank())
@@ -174,7 +186,9 @@ class ShardProjector:
 
     def _name_mask(self, i: int) -> torch.Tensor:
         m = self.name_masks[i]
-        return m if m is not None else torch.ones(self.masters[i].numel(), dtype=torch.bool, device=self.masters[i].device)
+        return (
+            m if m is not None else torch.ones(self.masters[i].numel(), dtype=torch.bool, device=self.masters[i].device)
+        )
 
     # ------------------------------------------------------------------------------------------- actions
 
@@ -227,8 +241,12 @@ class ShardProjector:
             self.masks = self._masks_for_names(keep)
         else:
             self.masks = self._top_element_masks(fraction)
-        counts = self._all_reduce([float(self._projected_numel()), float(sum(int(self._name_mask(i).sum())
-                                   for i in range(len(self.masters))))])
+        counts = self._all_reduce(
+            [
+                float(self._projected_numel()),
+                float(sum(int(self._name_mask(i).sum()) for i in range(len(self.masters)))),
+            ]
+        )
         holding = self._names_with_selected()
         selected_tensors = self._all_reduce([1.0 if n in holding else 0.0 for n in self.param_names])
         r2 = self._sample_r2()
@@ -236,10 +254,16 @@ class ShardProjector:
         torch._foreach_copy_(self.prev, self.masters)
         torch._foreach_sub_(self.prev, self.anchors)
         self.has_prev = True
-        return CycleStats(steps=self.steps_observed, drift_share=drift, drift_share_per_tensor=per_tensor,
-                          displacement_norm=math.sqrt(float(tot[2])), selected_numel=int(counts[0]),
-                          eligible_numel=int(counts[1]), selected_tensors=sum(1 for v in selected_tensors if v > 0),
-                          r2_values=r2)
+        return CycleStats(
+            steps=self.steps_observed,
+            drift_share=drift,
+            drift_share_per_tensor=per_tensor,
+            displacement_norm=math.sqrt(float(tot[2])),
+            selected_numel=int(counts[0]),
+            eligible_numel=int(counts[1]),
+            selected_tensors=sum(1 for v in selected_tensors if v > 0),
+            r2_values=r2,
+        )
 
     @torch.no_grad()
     def project(self, beta: float) -> ProjectionStats:
@@ -256,10 +280,17 @@ class ShardProjector:
             anchors = [a.to(m.device) if a.device != m.device else a for a, m in zip(self.anchors, self.masters)]
             project_(self.masters, anchors, beta, self.masks)
         finite = all(bool(torch.isfinite(m).all()) for m in self.masters)
-        sums = self._all_reduce([sq, float(self._projected_numel()), float(self._total_numel()), 0.0 if finite else 1.0])
+        sums = self._all_reduce(
+            [sq, float(self._projected_numel()), float(self._total_numel()), 0.0 if finite else 1.0]
+        )
         self.refresh_low_precision()
-        return ProjectionStats(beta=beta, projected_numel=int(sums[1]), total_numel=int(sums[2]),
-                               displacement_norm=math.sqrt(sums[0]), finite=sums[3] == 0.0)
+        return ProjectionStats(
+            beta=beta,
+            projected_numel=int(sums[1]),
+            total_numel=int(sums[2]),
+            displacement_norm=math.sqrt(sums[0]),
+            finite=sums[3] == 0.0,
+        )
 
     def _project_least_squares_(self, beta: float) -> None:
         """W += (β − 1) · m · v on the selected elements, v the fitted slope per step (comoment / S_tt)."""
@@ -329,8 +360,9 @@ class ShardProjector:
         }
         if self.trend is not None:
             t = self.trend.state_dict()
-            state["trend"] = {k: ([x.detach().cpu().clone() for x in v] if isinstance(v, list) else v)
-                              for k, v in t.items()}
+            state["trend"] = {
+                k: ([x.detach().cpu().clone() for x in v] if isinstance(v, list) else v) for k, v in t.items()
+            }
         return state
 
     @torch.no_grad()
@@ -349,8 +381,12 @@ class ShardProjector:
 
     def _names_with_selected(self) -> set[str]:
         """Parameters with at least one element in this cycle's masks (this rank's slices)."""
-        return {n for group, m in zip(self.slices, self.masks) for n, s, e in group
-                if s < e and (m is None or bool(m[s:e].any()))}
+        return {
+            n
+            for group, m in zip(self.slices, self.masks)
+            for n, s, e in group
+            if s < e and (m is None or bool(m[s:e].any()))
+        }
 
     def _per_name_sums(self) -> torch.Tensor:
         index = {n: i for i, n in enumerate(self.param_names)}
@@ -388,7 +424,9 @@ class ShardProjector:
 
     def _top_element_masks(self, fraction: float, sample_size: int = 1 << 16) -> list[torch.Tensor]:
         if fraction >= 1.0:
-            return [self._name_mask(i) & (self._consistency_score(i, slice(None)) > 0) for i in range(len(self.masters))]
+            return [
+                self._name_mask(i) & (self._consistency_score(i, slice(None)) > 0) for i in range(len(self.masters))
+            ]
         # A uniform sample of this rank's scores (equal size on every rank), gathered: the global threshold.
         total = sum(m.numel() for m in self.masters)
         gen = torch.Generator().manual_seed(1234 + self._rank())
@@ -432,7 +470,7 @@ class ShardProjector:
             if m is None:
                 total += float(displacement_stats(w, a)[1])
             else:
-                d = (w[m].float() - a[m].float())
+                d = w[m].float() - a[m].float()
                 total += float((d.double() ** 2).sum())
         return total
 

@@ -55,7 +55,7 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.responses.shape[0]
 
-    def slice(self, start: int, end: int) -> "TrainBatch":
+    def slice(self, start: int, end: int) -> TrainBatch:
         return TrainBatch(
             prompts=self.prompts[start:end],
             responses=self.responses[start:end],

@@ -30,7 +30,9 @@ def build_model_dir(shape: str, out_dir: Path) -> tuple[str, int]:
 
     path = out_dir / f"model-{shape}"
     tok = build_tokenizer()
-    model = build_tiny_model(TinyModelSpec(**SHAPES[shape]), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build_tiny_model(
+        TinyModelSpec(**SHAPES[shape]), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    )
     n_params = sum(p.numel() for p in model.parameters())
     if not (path / "config.json").exists():
         model.save_pretrained(path, safe_serialization=True)
@@ -42,7 +44,9 @@ def start_ray(num_cpus: int = 8):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     return ray
 
 

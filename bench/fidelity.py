@@ -74,7 +74,10 @@ class Evaluator:
         from orchestrator.data import toy_task_spec
         from orchestrator.toy_task import write_toy_dataset
 
-        rows = [json.loads(l) for l in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])]
+        rows = [
+            json.loads(line)
+            for line in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])
+        ]
         rows = rows[:n_prompts]
         self.prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
         self.answers = [r["answer"] for r in rows]
@@ -88,10 +91,21 @@ class Evaluator:
 
         score = get_verifier("arith")
         sampler = LogitsExtrapolationSampler(m0, m1, eos_ids=[self.tok.eos_token_id], pad_id=self.tok.pad_token_id)
-        out = sampler.generate(self.prompts, SamplerConfig(alpha=alpha, n=self.k, temperature=self.temperature,
-                                                           top_p=1.0, max_tokens=self.max_tokens, seed=self.seed))
-        scores = [score(self.tok.decode(r, skip_special_tokens=True), self.answers[i])
-                  for i, r in zip(out.prompt_index, out.response_ids)]
+        out = sampler.generate(
+            self.prompts,
+            SamplerConfig(
+                alpha=alpha,
+                n=self.k,
+                temperature=self.temperature,
+                top_p=1.0,
+                max_tokens=self.max_tokens,
+                seed=self.seed,
+            ),
+        )
+        scores = [
+            score(self.tok.decode(r, skip_special_tokens=True), self.answers[i])
+            for i, r in zip(out.prompt_index, out.response_ids)
+        ]
         per_prompt = [sum(scores[i * self.k : (i + 1) * self.k]) / self.k for i in range(len(self.prompts))]
         mean = sum(per_prompt) / len(per_prompt)
         var = sum((p - mean) ** 2 for p in per_prompt) / max(1, len(per_prompt) - 1)
@@ -114,7 +128,9 @@ def evaluate_real(ev: Evaluator, ckpts: dict[int, Path]) -> dict[int, dict]:
     return out
 
 
-def weight_extrapolation(ev: Evaluator, ckpts: dict[int, Path], t1s, multiples, tmp: Path) -> dict[int, dict[int, dict]]:
+def weight_extrapolation(
+    ev: Evaluator, ckpts: dict[int, Path], t1s, multiples, tmp: Path
+) -> dict[int, dict[int, dict]]:
     """{t1: {t′: result}} for t′ = t1 · multiple, extrapolated from (0, t1)."""
     from orchestrator.extrapolate import extrapolate_checkpoint
 
@@ -124,12 +140,23 @@ def weight_extrapolation(ev: Evaluator, ckpts: dict[int, Path], t1s, multiples, 
         for mult in multiples:
             target = int(round(t1 * mult))
             dst = tmp / f"extra_{t1}_{target}"
-            extrapolate_checkpoint(ckpts[0], ckpts[t1], dst, beta=target / t1, t0_step=0, t1_step=t1,
-                                   target_step=target, echo=lambda *_: None)
+            extrapolate_checkpoint(
+                ckpts[0],
+                ckpts[t1],
+                dst,
+                beta=target / t1,
+                t0_step=0,
+                t1_step=t1,
+                target_step=target,
+                echo=lambda *_: None,
+            )
             m = load(dst)
             out[t1][target] = ev(m, m, 1.0)
             shutil.rmtree(dst, ignore_errors=True)
-            print(f"  weights (0, {t1}) → t′ {target:>4} (β {target / t1:.2f}): Avg@{ev.k} {out[t1][target]['avg_at_k']:.3f}", flush=True)
+            print(
+                f"  weights (0, {t1}) → t′ {target:>4} (β {target / t1:.2f}): Avg@{ev.k} {out[t1][target]['avg_at_k']:.3f}",
+                flush=True,
+            )
     return out
 
 
@@ -139,7 +166,10 @@ def logits_extrapolation(ev: Evaluator, ckpts: dict[int, Path], t0: int, t1: int
     for target in targets:
         alpha = (target - t0) / (t1 - t0)
         out[target] = ev(m0, m1, alpha)
-        print(f"  logits ({t0}, {t1}) → t′ {target:>4} (α {alpha:.2f}): Avg@{ev.k} {out[target]['avg_at_k']:.3f}", flush=True)
+        print(
+            f"  logits ({t0}, {t1}) → t′ {target:>4} (α {alpha:.2f}): Avg@{ev.k} {out[target]['avg_at_k']:.3f}",
+            flush=True,
+        )
     return out
 
 
@@ -153,10 +183,18 @@ def verdict(analysis: dict, real: dict, wex: dict, lex: dict, last: int) -> dict
     moved = lp.get("r2_moving", {})
     quart = lp.get("r2_by_change_quartile", [])
     claims = {
-        "weights_linear (Fig. 1a: > 80 % of weights R² > 0.7)": (w["frac_above_0.7"] > 0.8, round(w["frac_above_0.7"], 3)),
-        "logprobs_linear (Fig. 1b: moved tokens' R² centred near 0.9)": (moved.get("median", 0) > 0.7, round(moved.get("median", float("nan")), 3)),
-        "larger_change_higher_r2 (§3.2)": (bool(quart) and quart[-1]["r2_mean"] > quart[0]["r2_mean"],
-                                           [round(q["r2_mean"], 3) for q in quart]),
+        "weights_linear (Fig. 1a: > 80 % of weights R² > 0.7)": (
+            w["frac_above_0.7"] > 0.8,
+            round(w["frac_above_0.7"], 3),
+        ),
+        "logprobs_linear (Fig. 1b: moved tokens' R² centred near 0.9)": (
+            moved.get("median", 0) > 0.7,
+            round(moved.get("median", float("nan")), 3),
+        ),
+        "larger_change_higher_r2 (§3.2)": (
+            bool(quart) and quart[-1]["r2_mean"] > quart[0]["r2_mean"],
+            [round(q["r2_mean"], 3) for q in quart],
+        ),
     }
     for t1, curve in wex.items():
         targets = sorted(curve)
@@ -166,14 +204,24 @@ def verdict(analysis: dict, real: dict, wex: dict, lex: dict, last: int) -> dict
         gain = max(accs) - base["avg_at_k"]
         claims[f"inverted_u from (0, {t1}) (Fig. 5: rises past t1, then falls)"] = (
             peak != targets[-1] and gain > 2 * base["se"] and accs[-1] < max(accs) - 2 * curve[peak]["se"],
-            {"peak_t": peak, "peak_acc": round(max(accs), 3), "acc_t1": round(base["avg_at_k"], 3),
-             "acc_last_t": round(accs[-1], 3)})
+            {
+                "peak_t": peak,
+                "peak_acc": round(max(accs), 3),
+                "acc_t1": round(base["avg_at_k"], 3),
+                "acc_last_t": round(accs[-1], 3),
+            },
+        )
     if lex:
         best_t = max(lex, key=lambda t: lex[t]["avg_at_k"])
         gain = lex[best_t]["avg_at_k"] - real[last]["avg_at_k"]
         claims["logits_extrapolation_beats_last_checkpoint (Fig. 4)"] = (
-            gain > 2 * real[last]["se"], {"best_t": best_t, "best_acc": round(lex[best_t]["avg_at_k"], 3),
-                                          "last_acc": round(real[last]["avg_at_k"], 3)})
+            gain > 2 * real[last]["se"],
+            {
+                "best_t": best_t,
+                "best_acc": round(lex[best_t]["avg_at_k"], 3),
+                "last_acc": round(real[last]["avg_at_k"], 3),
+            },
+        )
     return {k: {"holds": bool(v[0]), "numbers": v[1]} for k, v in claims.items()}
 
 
@@ -198,24 +246,52 @@ def plot(path: Path, real: dict, wex: dict, lex: dict, lex_pair, analysis: dict,
         ax.grid(alpha=0.3)
     for t1, curve in wex.items():
         ts = sorted(curve)
-        axes[1].errorbar(ts, [curve[t]["avg_at_k"] for t in ts], yerr=[curve[t]["se"] for t in ts], marker="s", ms=3,
-                         ls="--", label=f"weights extrapolated from (0, {t1})")
+        axes[1].errorbar(
+            ts,
+            [curve[t]["avg_at_k"] for t in ts],
+            yerr=[curve[t]["se"] for t in ts],
+            marker="s",
+            ms=3,
+            ls="--",
+            label=f"weights extrapolated from (0, {t1})",
+        )
         axes[1].axvline(t1, color="grey", lw=0.6, ls=":")
     axes[1].set_title("direct weight extrapolation (paper Fig. 5)")
     axes[1].legend(fontsize=8)
     if lex:
         ts = sorted(lex)
-        axes[2].errorbar(ts, [lex[t]["avg_at_k"] for t in ts], yerr=[lex[t]["se"] for t in ts], marker="^", ms=4,
-                         ls="--", color="#D55E00", label=f"logits extrapolated from {lex_pair}")
+        axes[2].errorbar(
+            ts,
+            [lex[t]["avg_at_k"] for t in ts],
+            yerr=[lex[t]["se"] for t in ts],
+            marker="^",
+            ms=4,
+            ls="--",
+            color="#D55E00",
+            label=f"logits extrapolated from {lex_pair}",
+        )
     axes[2].set_title("logits extrapolation vs the last checkpoint (paper Fig. 4)")
     axes[2].legend(fontsize=8)
     w = analysis["weights"]["r2"]["histogram"]
     centres = (np.array(w["bin_edges"][:-1]) + np.array(w["bin_edges"][1:])) / 2
-    axes[0].bar(centres, np.array(w["counts"]) / max(1, sum(w["counts"])), width=0.048, color="#0072B2", alpha=0.7, label="weights")
+    axes[0].bar(
+        centres,
+        np.array(w["counts"]) / max(1, sum(w["counts"])),
+        width=0.048,
+        color="#0072B2",
+        alpha=0.7,
+        label="weights",
+    )
     lp = analysis.get("logprobs", {}).get("r2_moving", {}).get("histogram")
     if lp:
-        axes[0].bar(centres, np.array(lp["counts"]) / max(1, sum(lp["counts"])), width=0.03, color="#009E73", alpha=0.7,
-                    label="token log-probs (moved)")
+        axes[0].bar(
+            centres,
+            np.array(lp["counts"]) / max(1, sum(lp["counts"])),
+            width=0.03,
+            color="#009E73",
+            alpha=0.7,
+            label="token log-probs (moved)",
+        )
     axes[0].axvline(0.7, color="black", ls="--", lw=1)
     axes[0].set_xlabel("R²")
     axes[0].set_ylabel("share")
@@ -238,12 +314,19 @@ def main():
     ap.add_argument("--logit-targets", type=float, nargs="+", default=[1.25, 1.5, 2, 3], help="t′ = T × these")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt (Avg@k)")
     ap.add_argument("--eval-prompts", type=int, default=300)
-    ap.add_argument("--weight-fraction", type=float, default=0.02, help="share of each tensor sampled (0.1 %% is ~500 elements here)")
+    ap.add_argument(
+        "--weight-fraction",
+        type=float,
+        default=0.02,
+        help="share of each tensor sampled (0.1 %% is ~500 elements here)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     for t1 in args.t1:
         if t1 % args.every or not 0 < t1 <= args.steps:
-            ap.error(f"--t1 {t1}: expected a checkpoint step (a multiple of --every {args.every} up to --steps {args.steps})")
+            ap.error(
+                f"--t1 {t1}: expected a checkpoint step (a multiple of --every {args.every} up to --steps {args.steps})"
+            )
 
     import torch
 
@@ -255,8 +338,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         cfg, summary, train_s = train(args, tmp / "run", tmp / "mlflow.db")
-        print(f"trained {args.steps} steps in {train_s:.0f} s (Avg@4 {summary['eval_accuracy_before']:.3f} → "
-              f"{summary['eval_accuracy_after']:.3f})", flush=True)
+        print(
+            f"trained {args.steps} steps in {train_s:.0f} s (Avg@4 {summary['eval_accuracy_before']:.3f} → "
+            f"{summary['eval_accuracy_after']:.3f})",
+            flush=True,
+        )
         series = discover_run_checkpoints(tmp / "run")
         ckpts = {int(c.step): c.path for c in series}
         missing = sorted({0, args.steps, *args.t1} - set(ckpts))
@@ -265,7 +351,10 @@ def main():
         from orchestrator.data import toy_task_spec
         from orchestrator.toy_task import write_toy_dataset
 
-        eval_rows = [json.loads(l) for l in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])]
+        eval_rows = [
+            json.loads(line)
+            for line in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])
+        ]
         t = time.perf_counter()
         analysis = analyze_run(series, OUT / "analysis", {"weight_fraction": args.weight_fraction, "num_probes": 64,
                                "samples_per_probe": 2, "probe_max_tokens": int(cfg.rollout.max_tokens)},

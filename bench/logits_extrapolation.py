@@ -46,9 +46,17 @@ def build_pair(shape: str, vocab: int):
 
     s = SHAPES[shape]
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
-        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"],
+        num_key_value_heads=s["num_kv_heads"],
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
         initializer_range=s["init"],
     )
     models = []
@@ -76,7 +84,10 @@ def loop_generate(m0, m1, prompts, alpha, n, temperature, top_p, max_tokens, eos
     with torch.inference_mode():
         for p in prompts:
             ids = torch.tensor([p]).expand(n, -1)
-            o0, o1 = m0(input_ids=ids, use_cache=True, logits_to_keep=1), m1(input_ids=ids, use_cache=True, logits_to_keep=1)
+            o0, o1 = (
+                m0(input_ids=ids, use_cache=True, logits_to_keep=1),
+                m1(input_ids=ids, use_cache=True, logits_to_keep=1),
+            )
             l0, l1, c0, c1 = o0.logits[:, -1], o1.logits[:, -1], o0.past_key_values, o1.past_key_values
             rows, active, pos = [[] for _ in range(n)], torch.arange(n), len(p)
             for step in range(max_tokens):
@@ -92,8 +103,12 @@ def loop_generate(m0, m1, prompts, alpha, n, temperature, top_p, max_tokens, eos
                     c1.batch_select_indices(keep)
                     active, tok = active[keep], tok[keep]
                 position = torch.full((tok.numel(), 1), pos)
-                o0 = m0(input_ids=tok[:, None], position_ids=position, past_key_values=c0, use_cache=True, logits_to_keep=1)
-                o1 = m1(input_ids=tok[:, None], position_ids=position, past_key_values=c1, use_cache=True, logits_to_keep=1)
+                o0 = m0(
+                    input_ids=tok[:, None], position_ids=position, past_key_values=c0, use_cache=True, logits_to_keep=1
+                )
+                o1 = m1(
+                    input_ids=tok[:, None], position_ids=position, past_key_values=c1, use_cache=True, logits_to_keep=1
+                )
                 l0, l1, pos = o0.logits[:, -1], o1.logits[:, -1], pos + 1
             out.extend(rows)
     return out
@@ -106,8 +121,20 @@ def nucleus_median(m0, m1, prompts, alpha: float, temperature: float, top_p: flo
     from linearity.logits_extrapolation import processed_logits
 
     with torch.inference_mode():
-        sizes = [int(torch.isfinite(processed_logits(m0(torch.tensor([p])).logits[:, -1], m1(torch.tensor([p])).logits[:, -1],
-                                                     alpha, temperature, top_p)).sum()) for p in prompts]
+        sizes = [
+            int(
+                torch.isfinite(
+                    processed_logits(
+                        m0(torch.tensor([p])).logits[:, -1],
+                        m1(torch.tensor([p])).logits[:, -1],
+                        alpha,
+                        temperature,
+                        top_p,
+                    )
+                ).sum()
+            )
+            for p in prompts
+        ]
     return sorted(sizes)[len(sizes) // 2]
 
 
@@ -134,8 +161,12 @@ def measure(shape: str, args) -> dict:
     greedy_l = loop_generate(m0, m1, few, args.alpha, 1, 0.0, 1.0, args.max_tokens, 2, 0)
 
     run = {
-        "batched": lambda: sampler.generate(prompts, SamplerConfig(**settings, max_batch_rows=args.max_batch_rows)).num_tokens,
-        "loop": lambda: sum(len(r) for r in loop_generate(m0, m1, prompts, args.alpha, args.k, 0.6, 0.95, args.max_tokens, 2, 0)),
+        "batched": lambda: (
+            sampler.generate(prompts, SamplerConfig(**settings, max_batch_rows=args.max_batch_rows)).num_tokens
+        ),
+        "loop": lambda: sum(
+            len(r) for r in loop_generate(m0, m1, prompts, args.alpha, args.k, 0.6, 0.95, args.max_tokens, 2, 0)
+        ),
     }
     totals = {name: [0.0, 0.0, 0] for name in run}
     for name in ("batched", "loop", "loop", "batched"):
@@ -144,14 +175,25 @@ def measure(shape: str, args) -> dict:
     (wb, cb, tb), (wl, cl, tl) = totals["batched"], totals["loop"]
     params = sum(p.numel() for p in m0.parameters())
     nucleus = nucleus_median(m0, m1, prompts[:8], args.alpha, 0.6, 0.95)
-    print(f"{shape}: {params / 1e6:.1f}M params x 2, nucleus ~{nucleus} tokens; batched {tb} tokens in {wb:.2f} s "
-          f"({tb / wb:.0f} tok/s, CPU {cb:.1f} s), loop {tl} tokens in {wl:.2f} s ({tl / wl:.0f} tok/s, CPU {cl:.1f} s)",
-          flush=True)
+    print(
+        f"{shape}: {params / 1e6:.1f}M params x 2, nucleus ~{nucleus} tokens; batched {tb} tokens in {wb:.2f} s "
+        f"({tb / wb:.0f} tok/s, CPU {cb:.1f} s), loop {tl} tokens in {wl:.2f} s ({tl / wl:.0f} tok/s, CPU {cl:.1f} s)",
+        flush=True,
+    )
     return {
-        "params_per_model": params, "batched_tokens": tb, "loop_tokens": tl, "batched_s": wb, "loop_s": wl,
-        "batched_cpu_s": cb, "loop_cpu_s": cl, "batched_tokens_per_s": tb / wb, "loop_tokens_per_s": tl / wl,
-        "speedup": (tb / wb) / (tl / wl), "speedup_cpu_time": (tb / cb) / (tl / cl),
-        "greedy_match": greedy_b == greedy_l, "nucleus_median": nucleus,
+        "params_per_model": params,
+        "batched_tokens": tb,
+        "loop_tokens": tl,
+        "batched_s": wb,
+        "loop_s": wl,
+        "batched_cpu_s": cb,
+        "loop_cpu_s": cl,
+        "batched_tokens_per_s": tb / wb,
+        "loop_tokens_per_s": tl / wl,
+        "speedup": (tb / wb) / (tl / wl),
+        "speedup_cpu_time": (tb / cb) / (tl / cl),
+        "greedy_match": greedy_b == greedy_l,
+        "nucleus_median": nucleus,
     }
 
 
@@ -164,7 +206,12 @@ def plot(results: dict, path) -> None:
     shapes = list(results)
     fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(shapes), 3.6))
     x = range(len(shapes))
-    ax.bar([i - 0.2 for i in x], [results[s]["loop_tokens_per_s"] for s in shapes], 0.4, label="prompt-by-prompt loop (paper)")
+    ax.bar(
+        [i - 0.2 for i in x],
+        [results[s]["loop_tokens_per_s"] for s in shapes],
+        0.4,
+        label="prompt-by-prompt loop (paper)",
+    )
     ax.bar([i + 0.2 for i in x], [results[s]["batched_tokens_per_s"] for s in shapes], 0.4, label="batched sampler")
     for i, s in enumerate(shapes):
         ax.text(i + 0.2, results[s]["batched_tokens_per_s"], f"{results[s]['speedup']:.1f}x", ha="center", va="bottom")
@@ -193,13 +240,27 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / "logits_extrapolation.png"
     plot(results, png)
-    emit({
-        "metric": "logits_extrapolation_speedup", "value": round(results[shapes[0]]["speedup"], 3), "goal": 5.0,
-        "unit": "x tokens/s, batched / prompt-by-prompt loop", "shape": shapes[0],
-        "settings": {"prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "alpha": args.alpha,
-                     "temperature": 0.6, "top_p": 0.95, "vocab": args.vocab, "threads": torch.get_num_threads()},
-        "shapes": results, "plot": str(png),
-    })
+    emit(
+        {
+            "metric": "logits_extrapolation_speedup",
+            "value": round(results[shapes[0]]["speedup"], 3),
+            "goal": 5.0,
+            "unit": "x tokens/s, batched / prompt-by-prompt loop",
+            "shape": shapes[0],
+            "settings": {
+                "prompts": args.prompts,
+                "k": args.k,
+                "max_tokens": args.max_tokens,
+                "alpha": args.alpha,
+                "temperature": 0.6,
+                "top_p": 0.95,
+                "vocab": args.vocab,
+                "threads": torch.get_num_threads(),
+            },
+            "shapes": results,
+            "plot": str(png),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ import sys
 import time
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import RESULTS, emit
-
 import torch
+from common import RESULTS, emit
 
 from linearity.projection import project_
 
@@ -165,8 +164,18 @@ def probe(variant: str, numel: int, dtype: torch.dtype, beta: float) -> dict:
 def measure_memory(numel: int, dtype_name: str, beta: float) -> dict[str, dict]:
     out = {}
     for v in VARIANTS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--probe", v, "--numel", str(numel),
-               "--dtype", dtype_name, "--beta", str(beta)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--probe",
+            v,
+            "--numel",
+            str(numel),
+            "--dtype",
+            dtype_name,
+            "--beta",
+            str(beta),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"memory probe {v} failed: {res.stderr[-2000:]}")
@@ -226,54 +235,66 @@ def main() -> None:
         return
 
     nbytes = args.numel * torch.tensor([], dtype=dtype).element_size()
-    print(f"buffer: {args.numel:,} {args.dtype} elements = {nbytes / 2**20:.0f} MiB (+ anchor); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, β = {args.beta}")
+    print(
+        f"buffer: {args.numel:,} {args.dtype} elements = {nbytes / 2**20:.0f} MiB (+ anchor); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, β = {args.beta}"
+    )
     t0 = time.perf_counter()
     times = time_variants(args.numel, dtype, args.beta, args.repeats)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     copy_s = med["copy"]
     for v in VARIANTS:
-        print(f"  {v:20s} {med[v] * 1e3:8.1f} ms   copy/this = {copy_s / med[v]:5.2f}   "
-              f"(min {min(times[v]) * 1e3:.1f}, max {max(times[v]) * 1e3:.1f} ms)")
+        print(
+            f"  {v:20s} {med[v] * 1e3:8.1f} ms   copy/this = {copy_s / med[v]:5.2f}   "
+            f"(min {min(times[v]) * 1e3:.1f}, max {max(times[v]) * 1e3:.1f} ms)"
+        )
 
     alloc = allocated_bytes(args.numel, dtype, args.beta)
-    print("fresh tensor bytes per call (dispatch watch): "
-          + ", ".join(f"{v} {b / 2**20:.1f} MiB" for v, b in alloc.items()))
+    print(
+        "fresh tensor bytes per call (dispatch watch): "
+        + ", ".join(f"{v} {b / 2**20:.1f} MiB" for v, b in alloc.items())
+    )
 
     mem = None
     if not args.no_memory:
         mem = measure_memory(args.numel, args.dtype, args.beta)
-        print("peak RSS overhead per call (fresh process): "
-              + ", ".join(f"{v} {m['peak_overhead_bytes'] / 2**20:.1f} MiB" for v, m in mem.items())
-              + f"  [{next(iter(mem.values()))['method']}]")
+        print(
+            "peak RSS overhead per call (fresh process): "
+            + ", ".join(f"{v} {m['peak_overhead_bytes'] / 2**20:.1f} MiB" for v, m in mem.items())
+            + f"  [{next(iter(mem.values()))['method']}]"
+        )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / "projection.png"
     overhead = {v: m["peak_overhead_bytes"] for v, m in mem.items()} if mem else None
     plot(png, {v: med[v] * 1e3 for v in VARIANTS}, overhead, args.numel, args.dtype)
     ratio = copy_s / med["project_lerp"]
-    print(f"headline: copy time / projection time = {ratio:.2f} (goal ≥ 0.8); plot {png}; "
-          f"{time.perf_counter() - t0:.1f} s")
-    emit({
-        "metric": "projection_throughput_over_copy",
-        "value": round(ratio, 3),
-        "goal": 0.8,
-        "numel": args.numel,
-        "dtype": args.dtype,
-        "buffer_bytes": nbytes,
-        "beta": args.beta,
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "median_ms": {v: round(med[v] * 1e3, 3) for v in VARIANTS},
-        "ratio_copy_over_variant": {v: round(copy_s / med[v], 3) for v in VARIANTS},
-        # memory traffic: copy reads W and writes dst (2 buffers); lerp reads W and A and writes W (3)
-        "copy_gb_per_s": round(2 * nbytes / copy_s / 1e9, 2),
-        "project_gb_per_s": round(3 * nbytes / med["project_lerp"] / 1e9, 2),
-        "peak_overhead_bytes": overhead["project_lerp"] if overhead else None,
-        "peak_overhead_bytes_by_variant": overhead,
-        "fresh_tensor_bytes_by_variant": alloc,
-        "plot": str(png.relative_to(common.ROOT)),
-    })
+    print(
+        f"headline: copy time / projection time = {ratio:.2f} (goal ≥ 0.8); plot {png}; "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    emit(
+        {
+            "metric": "projection_throughput_over_copy",
+            "value": round(ratio, 3),
+            "goal": 0.8,
+            "numel": args.numel,
+            "dtype": args.dtype,
+            "buffer_bytes": nbytes,
+            "beta": args.beta,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "median_ms": {v: round(med[v] * 1e3, 3) for v in VARIANTS},
+            "ratio_copy_over_variant": {v: round(copy_s / med[v], 3) for v in VARIANTS},
+            # memory traffic: copy reads W and writes dst (2 buffers); lerp reads W and A and writes W (3)
+            "copy_gb_per_s": round(2 * nbytes / copy_s / 1e9, 2),
+            "project_gb_per_s": round(3 * nbytes / med["project_lerp"] / 1e9, 2),
+            "peak_overhead_bytes": overhead["project_lerp"] if overhead else None,
+            "peak_overhead_bytes_by_variant": overhead,
+            "fresh_tensor_bytes_by_variant": alloc,
+            "plot": str(png.relative_to(common.ROOT)),
+        }
+    )
 
 
 if __name__ == "__main__":

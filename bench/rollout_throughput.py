@@ -33,11 +33,18 @@ def hf_generate_tokens_per_s(model_path, prompt_ids, samples, max_tokens, repeat
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_tokens,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
             )
         elapsed = time.perf_counter() - start
-        gen = out[:, ids.shape[1]:]
+        gen = out[:, ids.shape[1] :]
         # tokens up to and including the first EOS
         is_eos = gen == tok.eos_token_id
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((gen.shape[0],), gen.shape[1]))
@@ -50,8 +57,10 @@ def vllm_tokens_per_s(ray, model_path, prompt_ids, samples, max_tokens, repeats)
     from actors.types import SamplingConfig
     from orchestrator.cluster import rollout_actor_env
 
-    actor = ray.remote(RolloutActor).options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)}).remote(
-        RolloutSpec(model_path=model_path, max_model_len=64, kv_cache_mb=128, max_num_seqs=512)
+    actor = (
+        ray.remote(RolloutActor)
+        .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
+        .remote(RolloutSpec(model_path=model_path, max_model_len=64, kv_cache_mb=128, max_num_seqs=512))
     )
     try:
         ray.get(actor.generate.remote(prompt_ids[:4], SamplingConfig(n=2, max_tokens=4)))  # warm-up
@@ -89,14 +98,26 @@ def main():
             ray.shutdown()
         h = hf_generate_tokens_per_s(model_path, prompt_ids, args.samples, args.max_tokens, args.repeats)
     ratio = v / h
-    print(f"model: tiny Qwen2, {n_params} parameters; batch {args.prompts} prompts x {args.samples} samples, "
-          f"<= {args.max_tokens} tokens")
+    print(
+        f"model: tiny Qwen2, {n_params} parameters; batch {args.prompts} prompts x {args.samples} samples, "
+        f"<= {args.max_tokens} tokens"
+    )
     print(f"vLLM RolloutActor: {v:,.0f} tokens/s   transformers generate: {h:,.0f} tokens/s   ratio {ratio:.1f}x")
     _plot(v, h)
-    emit({"metric": "rollout_tokens_per_s_ratio_vllm_over_transformers", "value": round(ratio, 2), "goal": 10,
-          "vllm_tokens_per_s": round(v, 1), "transformers_tokens_per_s": round(h, 1), "prompts": args.prompts,
-          "samples": args.samples, "max_tokens": args.max_tokens, "params": n_params,
-          "plot": str(RESULTS / "rollout_throughput.png")})
+    emit(
+        {
+            "metric": "rollout_tokens_per_s_ratio_vllm_over_transformers",
+            "value": round(ratio, 2),
+            "goal": 10,
+            "vllm_tokens_per_s": round(v, 1),
+            "transformers_tokens_per_s": round(h, 1),
+            "prompts": args.prompts,
+            "samples": args.samples,
+            "max_tokens": args.max_tokens,
+            "params": n_params,
+            "plot": str(RESULTS / "rollout_throughput.png"),
+        }
+    )
 
 
 def _plot(v, h):

@@ -38,8 +38,10 @@ def main() -> None:
     refs = [t["answer"] for t in tasks]
     programs = len(tasks) * args.tests_per_task
     rep = isolation_report()
-    print(f"sandbox: python={rep['python']} netns={rep.get('netns')} pidns={rep.get('pidns')} "
-          f"readonly_root={rep.get('readonly_root')} uid={rep.get('uid')} limits={DEFAULT_LIMITS}")
+    print(
+        f"sandbox: python={rep['python']} netns={rep.get('netns')} pidns={rep.get('pidns')} "
+        f"readonly_root={rep.get('readonly_root')} uid={rep.get('uid')} limits={DEFAULT_LIMITS}"
+    )
     print(f"{len(tasks)} tasks x {args.tests_per_task} tests = {programs} programs")
 
     score = get_verifier("code")
@@ -56,8 +58,10 @@ def main() -> None:
         parallel = pool.score_batch("code", responses, refs)
         parallel_s = time.perf_counter() - t0
     parallel_rate = programs / parallel_s
-    print(f"parallel: {parallel_s:6.2f} s  {parallel_rate:7.1f} programs/s  "
-          f"({args.workers} workers, pool timeout {timeout:.0f} s)")
+    print(
+        f"parallel: {parallel_s:6.2f} s  {parallel_rate:7.1f} programs/s  "
+        f"({args.workers} workers, pool timeout {timeout:.0f} s)"
+    )
 
     bad = [i for i, (a, b) in enumerate(zip(serial, parallel)) if a != 1.0 or b != 1.0]
     if bad:
@@ -65,15 +69,17 @@ def main() -> None:
         sys.exit(1)
     ratio = parallel_rate / serial_rate
     print(f"parallel / serial = {ratio:.2f} (goal 1.5)")
-    emit({
-        "metric": "code_verifier_programs_per_s_parallel_over_serial",
-        "value": round(ratio, 3),
-        "goal": 1.5,
-        "serial_per_s": round(serial_rate, 2),
-        "parallel_per_s": round(parallel_rate, 2),
-        "workers": args.workers,
-        "programs": programs,
-    })
+    emit(
+        {
+            "metric": "code_verifier_programs_per_s_parallel_over_serial",
+            "value": round(ratio, 3),
+            "goal": 1.5,
+            "serial_per_s": round(serial_rate, 2),
+            "parallel_per_s": round(parallel_rate, 2),
+            "workers": args.workers,
+            "programs": programs,
+        }
+    )
 
 
 if __name__ == "__main__":

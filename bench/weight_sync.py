@@ -43,13 +43,21 @@ def sync_s(ray, model_path: str, repeats: int, world_size: int, zero_stage: int,
     from actors.rollout import RolloutSpec
     from orchestrator.cluster import start_actor_groups
 
-    cfg = OmegaConf.create({
-        "rollout": {"num_cpus": 1, "num_gpus": 0, "omp_threads": 1},
-        "learner": {"num_cpus": 1, "num_gpus": 0, "num_threads": 1},
-        "cluster": {"placement_strategy": "PACK", "mode": "local"},
-    })
-    spec = LearnerSpec(model_path=model_path, world_size=world_size, zero_stage=zero_stage, micro_batch_size=1,
-                       samples_per_rank=1, num_threads=1)
+    cfg = OmegaConf.create(
+        {
+            "rollout": {"num_cpus": 1, "num_gpus": 0, "omp_threads": 1},
+            "learner": {"num_cpus": 1, "num_gpus": 0, "num_threads": 1},
+            "cluster": {"placement_strategy": "PACK", "mode": "local"},
+        }
+    )
+    spec = LearnerSpec(
+        model_path=model_path,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        micro_batch_size=1,
+        samples_per_rank=1,
+        num_threads=1,
+    )
     groups = start_actor_groups(cfg, spec, [RolloutSpec(model_path=model_path, max_model_len=64, kv_cache_mb=32)])
     try:
         groups.sync_weights(bucket_mb)  # warm-up
@@ -81,18 +89,37 @@ def main():
                 path, n_params = build_model_dir(shape, Path(tmp))
                 base = copy_baseline_s(path, args.repeats)
                 total, load, tensors = sync_s(ray, path, args.repeats, args.world_size, args.zero_stage, args.bucket_mb)
-                rows.append({"shape": shape, "params": n_params, "sync_s": total, "vllm_load_s": load,
-                             "copy_s": base, "ratio": total / base, "tensors": tensors})
-                print(f"{shape:>5}: {n_params / 1e6:7.1f}M params  sync {total * 1e3:8.1f} ms "
-                      f"(vLLM load {load * 1e3:.1f} ms)  in-memory copy {base * 1e3:7.2f} ms  ratio {total / base:6.1f}x")
+                rows.append(
+                    {
+                        "shape": shape,
+                        "params": n_params,
+                        "sync_s": total,
+                        "vllm_load_s": load,
+                        "copy_s": base,
+                        "ratio": total / base,
+                        "tensors": tensors,
+                    }
+                )
+                print(
+                    f"{shape:>5}: {n_params / 1e6:7.1f}M params  sync {total * 1e3:8.1f} ms "
+                    f"(vLLM load {load * 1e3:.1f} ms)  in-memory copy {base * 1e3:7.2f} ms  ratio {total / base:6.1f}x"
+                )
         finally:
             ray.shutdown()
     _plot(rows)
     head = rows[-1]
-    emit({"metric": "weight_sync_time_over_memcopy", "value": round(head["ratio"], 2), "goal": 3,
-          "headline_shape": head["shape"], "world_size": args.world_size, "zero_stage": args.zero_stage,
-          "rows": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-          "plot": str(RESULTS / "weight_sync.png")})
+    emit(
+        {
+            "metric": "weight_sync_time_over_memcopy",
+            "value": round(head["ratio"], 2),
+            "goal": 3,
+            "headline_shape": head["shape"],
+            "world_size": args.world_size,
+            "zero_stage": args.zero_stage,
+            "rows": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+            "plot": str(RESULTS / "weight_sync.png"),
+        }
+    )
 
 
 def _plot(rows):

@@ -35,8 +35,15 @@ import yaml
 K8S_DIR = Path(__file__).resolve().parent
 CRD_DIR = K8S_DIR / "crds"
 KUBERNETES_VERSION = "1.33.0"  # one kubernetes-validate ships; recent managed clusters run 1.33+
-CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding",
-                  "CustomResourceDefinition", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "PersistentVolume",
+    "StorageClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.v1.json", "RayJob": "ray.io_rayjobs.v1.json"}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 SENSITIVE_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
@@ -109,8 +116,9 @@ def _apply_op(doc: dict, op: dict) -> None:
     slot = int(last) if isinstance(parent, list) and last.isdigit() else last
     if kind == "test":
         if _child(parent, last, path) != op.get("value"):
-            raise ManifestError(f"test failed at {path}: expected {op.get('value')!r}, "
-                                f"got {_child(parent, last, path)!r}")
+            raise ManifestError(
+                f"test failed at {path}: expected {op.get('value')!r}, got {_child(parent, last, path)!r}"
+            )
     elif kind in ("remove", "replace"):
         _child(parent, last, path)  # must exist
         if kind == "remove":
@@ -169,8 +177,10 @@ def render(kdir: Path) -> list[dict]:
         raise ManifestError(f"{kdir}: expected a kustomization.yaml")
     k = yaml.safe_load(kfile.read_text()) or {}
     if unknown := set(k) - KUSTOMIZATION_FIELDS:
-        raise ManifestError(f"{kfile}: unsupported fields {sorted(unknown)} (this renderer implements "
-                            f"resources, namespace and JSON6902 patches)")
+        raise ManifestError(
+            f"{kfile}: unsupported fields {sorted(unknown)} (this renderer implements "
+            f"resources, namespace and JSON6902 patches)"
+        )
     objs: list[dict] = []
     for res in k.get("resources") or []:
         path = (kdir / res).resolve()
@@ -269,8 +279,12 @@ def import_crds(src: Path, dst: Path = CRD_DIR) -> None:
     for kind, out in CRD_FILES.items():
         src_name = out.replace(".v1.json", ".yaml")
         crd = yaml.load((Path(src) / src_name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        doc = {"source": src_name, "generator": crd["metadata"].get("annotations", {}), "kind": kind,
-               "openAPIV3Schema": crd_v1_schema(crd)}
+        doc = {
+            "source": src_name,
+            "generator": crd["metadata"].get("annotations", {}),
+            "kind": kind,
+            "openAPIV3Schema": crd_v1_schema(crd),
+        }
         (dst / out).write_text(json.dumps(doc, sort_keys=True, indent=None, separators=(",", ":")) + "\n")
 
 
@@ -330,11 +344,14 @@ def schema_errors(m: Manifest) -> list[str]:
         return [f"{label}: expected apiVersion ray.io/v1, got {obj.get('apiVersion')!r}"]
     errors = [f"{label}: {e.message} (at {_where(e)})" for e in crd_validator(m.kind).iter_errors(obj)]
     # metadata is a bare `object` in the CRD schema: check it as ObjectMeta, pod templates as core PodTemplates.
-    errors += _core_errors({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})},
-                           f"{label} metadata")
+    errors += _core_errors(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})}, f"{label} metadata"
+    )
     for path, template in pod_templates(obj):
-        errors += _core_errors({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                                "template": template}, f"{label} {path}")
+        errors += _core_errors(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template},
+            f"{label} {path}",
+        )
     return errors
 
 
@@ -352,8 +369,9 @@ def _shm_errors(label: str, path: str, template: dict) -> list[str]:
     ray = (spec.get("containers") or [{}])[0]
     mounts = {vm["name"] for vm in ray.get("volumeMounts") or [] if vm.get("mountPath") == "/dev/shm"}
     if not mounts & memory_vols:
-        return [f"{label}: container {ray.get('name')!r} has no emptyDir(medium: Memory) mounted at /dev/shm "
-                f"(at {path})"]
+        return [
+            f"{label}: container {ray.get('name')!r} has no emptyDir(medium: Memory) mounted at /dev/shm (at {path})"
+        ]
     return []
 
 
@@ -364,9 +382,11 @@ def _resource_errors(label: str, path: str, template: dict) -> list[str]:
         req, lim = res.get("requests") or {}, res.get("limits") or {}
         for name in set(req) | set(lim):
             if "/" in name and str(req.get(name, lim.get(name))) != str(lim.get(name)):
-                errors.append(f"{label}: container {c['name']!r}: extended resource {name} must be in limits "
-                              f"(and equal to its request), got requests={req.get(name)!r} limits={lim.get(name)!r} "
-                              f"(at {path})")
+                errors.append(
+                    f"{label}: container {c['name']!r}: extended resource {name} must be in limits "
+                    f"(and equal to its request), got requests={req.get(name)!r} limits={lim.get(name)!r} "
+                    f"(at {path})"
+                )
     return errors
 
 
@@ -375,12 +395,16 @@ def _secret_errors(label: str, path: str, template: dict) -> list[str]:
     for c in _containers(template):
         for env in c.get("env") or []:
             if SENSITIVE_ENV.search(env["name"]) and "valueFrom" not in env:
-                errors.append(f"{label}: container {c['name']!r}: env {env['name']} is a literal; expected "
-                              f"valueFrom.secretKeyRef (at {path})")
+                errors.append(
+                    f"{label}: container {c['name']!r}: env {env['name']} is a literal; expected "
+                    f"valueFrom.secretKeyRef (at {path})"
+                )
             value = str(env.get("value", ""))
             if re.search(r"://[^/\s:@]+:[^/\s@$][^/\s@]*@", value):
-                errors.append(f"{label}: container {c['name']!r}: env {env['name']} embeds a literal password in a "
-                              f"URI; expected $(VAR) references to secretKeyRef entries (at {path})")
+                errors.append(
+                    f"{label}: container {c['name']!r}: env {env['name']} embeds a literal password in a "
+                    f"URI; expected $(VAR) references to secretKeyRef entries (at {path})"
+                )
     return errors
 
 
@@ -420,8 +444,10 @@ def runtime_env_errors(m: Manifest) -> list[str]:
 def invariant_errors(m: Manifest) -> list[str]:
     errors = []
     if not DNS1123_LABEL.match(m.name):
-        errors.append(f"{m.label()}: metadata.name must be a DNS-1123 label (lower-case alphanumerics and '-', "
-                      f"at most 63 characters)")
+        errors.append(
+            f"{m.label()}: metadata.name must be a DNS-1123 label (lower-case alphanumerics and '-', "
+            f"at most 63 characters)"
+        )
     is_ray = m.kind in CRD_FILES
     for path, template in pod_templates(m.obj):
         if is_ray:

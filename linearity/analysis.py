@@ -42,9 +42,10 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ class AnalysisConfig:
                 raise AnalysisError(f"analysis.{name}: expected {expected}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "AnalysisConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> AnalysisConfig:
         """From a dict / OmegaConf node of field values; an unknown key is a one-line error naming it.
 
         An ``enabled`` key (the on/off switch of a config group such as ``analysis.enabled``) is ignored."""
@@ -270,7 +271,9 @@ def read_elements(entry: TensorEntry, indices: np.ndarray) -> np.ndarray:
     return raw.astype(np.float64)
 
 
-def check_compatible(base: Mapping[str, TensorEntry], other: Mapping[str, TensorEntry], where: Path, names: Iterable[str]) -> None:
+def check_compatible(
+    base: Mapping[str, TensorEntry], other: Mapping[str, TensorEntry], where: Path, names: Iterable[str]
+) -> None:
     """Every analysed tensor must exist in ``other`` with the same shape (dtype may differ: fp32 vs bf16)."""
     for name in names:
         e = other.get(name)
@@ -532,7 +535,11 @@ def check_series(checkpoints: Sequence[Checkpoint], cfg: AnalysisConfig) -> list
     ckpts = sorted(checkpoints, key=lambda c: c.step)
     need = max(3, cfg.min_distinct)
     if len(ckpts) < need:
-        why = f"an element needs analysis.min_distinct={cfg.min_distinct} distinct values to be kept, so" if need > 3 else "a line fit with residuals needs"
+        why = (
+            f"an element needs analysis.min_distinct={cfg.min_distinct} distinct values to be kept, so"
+            if need > 3
+            else "a line fit with residuals needs"
+        )
         raise AnalysisError(f"checkpoints: {why} at least {need} checkpoints; got {len(ckpts)}")
     steps = [c.step for c in ckpts]
     if len(set(steps)) != len(steps):
@@ -589,7 +596,13 @@ def _weight_result(acc, names, base, plan, offsets, steps, cfg, skipped) -> Weig
             "r2_median": float(np.median(r2_t)) if r2_t.size else None,
             f"frac_above_{cfg.r2_threshold:g}": float((r2_t > cfg.r2_threshold).mean()) if r2_t.size else None,
         })  # fmt: skip
-    examples = _examples(acc, keep, r2_all, lambda e: names[tensor_id[e]], lambda e: int(plan[names[tensor_id[e]]][e - offsets[tensor_id[e]]]))
+    examples = _examples(
+        acc,
+        keep,
+        r2_all,
+        lambda e: names[tensor_id[e]],
+        lambda e: int(plan[names[tensor_id[e]]][e - offsets[tensor_id[e]]]),
+    )
     return WeightResult(
         steps=steps, r2=r2_all[keep], tensor_of=tensor_id[keep], tensors=tensors, examples=examples,
         sampled=acc.n, dropped=dropped, state_bytes=acc.state_bytes, skipped_tensors=skipped,
@@ -608,8 +621,17 @@ def _examples(acc: SeriesAccumulator, keep: np.ndarray, r2: np.ndarray, label, i
     out = []
     for i in picks:
         e = int(acc.tracked[i])
-        out.append({"label": label(e), "index": index(e), "r2": float(r2[e]), "slope": float(slope[e]),
-                    "intercept": float(icpt[e]), "steps": steps.tolist(), "values": values[i].tolist()})
+        out.append(
+            {
+                "label": label(e),
+                "index": index(e),
+                "r2": float(r2[e]),
+                "slope": float(slope[e]),
+                "intercept": float(icpt[e]),
+                "steps": steps.tolist(),
+                "values": values[i].tolist(),
+            }
+        )
     return out
 
 
@@ -627,7 +649,9 @@ class Probe:
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
-            raise AnalysisError("probe: empty prompt (at least one token is needed to predict the first response token)")
+            raise AnalysisError(
+                "probe: empty prompt (at least one token is needed to predict the first response token)"
+            )
 
 
 @dataclass(frozen=True)
@@ -643,7 +667,9 @@ class ActivationPlan:
     per_layer: tuple[np.ndarray, ...]
 
     @classmethod
-    def build(cls, probes: Sequence[Probe], hidden_size: int, num_layers: int, samples: int, seed: int) -> "ActivationPlan":
+    def build(
+        cls, probes: Sequence[Probe], hidden_size: int, num_layers: int, samples: int, seed: int
+    ) -> ActivationPlan:
         lengths = [len(p.prompt_ids) + len(p.response_ids) for p in probes]
         offsets = np.cumsum([0] + lengths).astype(np.int64)
         total = int(offsets[-1]) * hidden_size
@@ -663,8 +689,15 @@ class ProbeSeries:
     activations: list[np.ndarray]
 
 
-def probe_forward(model, probes: Sequence[Probe], plan: ActivationPlan | None, *, batch_size: int = 16,
-                  pad_id: int = 0, device: str = "cpu") -> ProbeSeries:
+def probe_forward(
+    model,
+    probes: Sequence[Probe],
+    plan: ActivationPlan | None,
+    *,
+    batch_size: int = 16,
+    pad_id: int = 0,
+    device: str = "cpu",
+) -> ProbeSeries:
     """Teacher-force the probes through ``model`` (an HF causal LM) and collect log-probs and sampled activations.
 
     Batches are right-padded (positions stay 0..len−1, and causal attention keeps padding out of real tokens).
@@ -721,8 +754,9 @@ def probe_forward(model, probes: Sequence[Probe], plan: ActivationPlan | None, *
 TOKEN_GROUPS = ("large_change_high_r2", "large_change_low_r2", "stable")
 
 
-def token_groups(r2: np.ndarray, change: np.ndarray, *, change_threshold: float = 0.2,
-                 r2_threshold: float = 0.7) -> np.ndarray:
+def token_groups(
+    r2: np.ndarray, change: np.ndarray, *, change_threshold: float = 0.2, r2_threshold: float = 0.7
+) -> np.ndarray:
     """The paper's Fig. 9 groups of token log-prob series, as an int array (N,) indexing :data:`TOKEN_GROUPS`.
 
     0 ``large_change_high_r2``: change ≥ threshold and R² ≥ r2_threshold (steady re-weighting);

@@ -40,8 +40,8 @@ Shapes: B = rows in a chunk (prompts × n), L = padded prompt length, V = vocabu
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -119,8 +119,9 @@ def _draw_from_sorted(sorted_probs: Tensor, order: Tensor, top_p: float, generat
     return order.gather(-1, pick).squeeze(-1), logp.squeeze(-1)
 
 
-def sample_top_p(logits: Tensor, top_p: float, generator: torch.Generator,
-                 candidates: Sequence[int] = (64, 1024)) -> tuple[Tensor, Tensor]:
+def sample_top_p(
+    logits: Tensor, top_p: float, generator: torch.Generator, candidates: Sequence[int] = (64, 1024)
+) -> tuple[Tensor, Tensor]:
     """Draw one token per row from ``softmax(top_p_filter(logits, top_p))``; returns (tokens [B], log-probs [B]).
 
     The same distribution as filtering the whole vocabulary, without sorting it: the nucleus is looked for among
@@ -207,7 +208,9 @@ class LogitsExtrapolationSampler:
     def __init__(self, model0, model1, eos_ids: Sequence[int], pad_id: int):
         v0, v1 = _vocab_size(model0), _vocab_size(model1)
         if v0 != v1:
-            raise ValueError(f"model1: vocabulary size {v1} differs from model0's {v0}; both checkpoints must share a tokenizer")
+            raise ValueError(
+                f"model1: vocabulary size {v1} differs from model0's {v0}; both checkpoints must share a tokenizer"
+            )
         if not eos_ids:
             raise ValueError("eos_ids: expected at least one end-of-sequence token id")
         self.model0, self.model1 = model0.eval(), model1.eval()
@@ -239,8 +242,14 @@ class LogitsExtrapolationSampler:
 
     def _forward(self, model, ids: Tensor, mask: Tensor, pos: Tensor, cache=None):
         """One forward pass; returns (last-position logits [B, V], the cache)."""
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1], out.past_key_values
 
     def _prefill(self, prompts, n: int):

@@ -17,8 +17,9 @@ Every function takes plain arrays / the dicts of ``linearity.analysis`` and writ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,9 @@ def _save(fig, path: str | Path) -> str:
 # ------------------------------------------------------------------------------------------------ panels
 
 
-def r2_hist_panel(ax, r2: np.ndarray, title: str, threshold: float = 0.7, colour: str = BLUE, label: str | None = None) -> None:
+def r2_hist_panel(
+    ax, r2: np.ndarray, title: str, threshold: float = 0.7, colour: str = BLUE, label: str | None = None
+) -> None:
     """Histogram of finite R² values on [0, 1] with the threshold line; the title says count and share above."""
     x = np.asarray(r2, dtype=float)
     x = x[np.isfinite(x)]
@@ -65,7 +68,9 @@ def r2_hist_panel(ax, r2: np.ndarray, title: str, threshold: float = 0.7, colour
     ax.set_xlim(0, 1)
     ax.set_xlabel("R²")
     ax.set_ylabel("count")
-    ax.set_title(f"{title}\nn = {x.size}, median {np.median(x):.2f}, {100 * (x > threshold).mean():.0f} % > {threshold:g}")
+    ax.set_title(
+        f"{title}\nn = {x.size}, median {np.median(x):.2f}, {100 * (x > threshold).mean():.0f} % > {threshold:g}"
+    )
     ax.grid(alpha=0.3)
 
 
@@ -80,8 +85,15 @@ def heatmap_panel(ax, tensors: Sequence[dict[str, Any]], title: str = "mean weig
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 if np.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if mat[i, j] > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{mat[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if mat[i, j] > 0.6 else "black",
+                    )
     ax.set_title(title)
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="R²")
 
@@ -116,8 +128,9 @@ def logprob_histogram(path, r2_moving, r2_all, threshold=0.7, change=0.2) -> str
     all_ = all_[np.isfinite(all_)]
     if all_.size:
         ax.hist(all_, bins=40, range=(0, 1), color=GREY, alpha=0.35, label=f"all tokens ({all_.size})")
-    r2_hist_panel(ax, r2_moving, f"token log-prob R² (tokens whose log-prob moved ≥ {change:g})", threshold,
-                  label="moved tokens")
+    r2_hist_panel(
+        ax, r2_moving, f"token log-prob R² (tokens whose log-prob moved ≥ {change:g})", threshold, label="moved tokens"
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -147,7 +160,7 @@ def trajectories(path, examples: Sequence[dict[str, Any]], title: str = "sampled
         ax.set_xlabel("RL step")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(examples):]:
+    for ax in list(axes.flat)[len(examples) :]:
         ax.axis("off")
     if examples:
         axes.flat[0].legend(fontsize=7)
@@ -155,8 +168,15 @@ def trajectories(path, examples: Sequence[dict[str, Any]], title: str = "sampled
     return _save(fig, path)
 
 
-def token_groups_figure(path, groups: dict[str, dict[str, Any]], r2: np.ndarray, change: np.ndarray,
-                        group_of: np.ndarray, change_threshold: float, r2_threshold: float) -> str:
+def token_groups_figure(
+    path,
+    groups: dict[str, dict[str, Any]],
+    r2: np.ndarray,
+    change: np.ndarray,
+    group_of: np.ndarray,
+    change_threshold: float,
+    r2_threshold: float,
+) -> str:
     """Fig. 9: per group, example token log-prob trajectories with their lines; last panel change vs R²."""
     fig, axes = _plt().subplots(1, 4, figsize=(18, 4))
     for ax, g in zip(axes, TOKEN_GROUPS):
@@ -165,7 +185,9 @@ def token_groups_figure(path, groups: dict[str, dict[str, Any]], r2: np.ndarray,
             t = np.asarray(ex["steps"])
             line = ax.plot(t, ex["values"], marker="o", ms=3, lw=1, label=f"{ex['token']!r} (R² {ex['r2']:.2f})")
             ax.plot(t, ex["intercept"] + ex["slope"] * t, ls=":", lw=1, color=line[0].get_color())
-        ax.set_title(f"{GROUP_TITLES[g]}: {info.get('count', 0)} tokens ({100 * info.get('frac', 0):.0f} %)", fontsize=10)
+        ax.set_title(
+            f"{GROUP_TITLES[g]}: {info.get('count', 0)} tokens ({100 * info.get('frac', 0):.0f} %)", fontsize=10
+        )
         ax.set_xlabel("RL step")
         ax.set_ylabel("log-prob")
         ax.grid(alpha=0.3)
@@ -174,8 +196,14 @@ def token_groups_figure(path, groups: dict[str, dict[str, Any]], r2: np.ndarray,
     ax = axes[3]
     for k, g in enumerate(TOKEN_GROUPS):
         m = group_of == k
-        ax.scatter(np.maximum(change[m], 1e-4), np.nan_to_num(r2[m], nan=0.0), s=6, alpha=0.5, color=GROUP_COLOURS[g],
-                   label=GROUP_TITLES[g])
+        ax.scatter(
+            np.maximum(change[m], 1e-4),
+            np.nan_to_num(r2[m], nan=0.0),
+            s=6,
+            alpha=0.5,
+            color=GROUP_COLOURS[g],
+            label=GROUP_TITLES[g],
+        )
     ax.axvline(change_threshold, color="black", ls="--", lw=0.8)
     ax.axhline(r2_threshold, color="black", ls="--", lw=0.8)
     ax.set_xscale("log")

@@ -35,12 +35,13 @@ project the fp32 master weights, not their bf16 copy.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Buffers = Union[Tensor, Sequence[Tensor]]
+Buffers = Tensor | Sequence[Tensor]
 """A flat buffer or a list of them (each of any shape; the chunked paths need contiguous tensors)."""
 
 DEFAULT_CHUNK_NUMEL = 1 << 20
@@ -277,9 +278,7 @@ def displacement_dot(
         (y1 is None and y2 is None) or (y1 is not None and y2 is not None and _identical(y1, y2))
     )
     for i in range(len(x1)):
-        out[i] = _dot_one(
-            x1[i], None if y1 is None else y1[i], x2[i], None if y2 is None else y2[i], same, chunk_numel
-        )
+        out[i] = _dot_one(x1[i], None if y1 is None else y1[i], x2[i], None if y2 is None else y2[i], same, chunk_numel)
     return out
 
 

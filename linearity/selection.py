@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["DEFAULT_INCLUDE", "DEFAULT_EXCLUDE", "TensorSelector", "validate_pattern"]
 

@@ -20,7 +20,8 @@ sharded caller has to all-reduce. Pure torch; imports nothing outside ``linearit
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -334,9 +335,7 @@ def tensor_r2_from_sums(explained: Tensor, total: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def two_point_velocity(
-    w_now: Buffers, anchor: Buffers, steps: float, out: Buffers | None = None
-) -> list[Tensor]:
+def two_point_velocity(w_now: Buffers, anchor: Buffers, steps: float, out: Buffers | None = None) -> list[Tensor]:
     """The chord's slope per step ``(W_now − A) / steps`` (RL-Extra's own estimate).
 
     Args:
@@ -468,9 +467,7 @@ def top_fraction_mask(
     """
     xs = as_list(x)
     thr = abs_threshold(xs, fraction, sample_size=sample_size, generator=generator)
-    outs = (
-        [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in xs] if out is None else as_list(out)
-    )
+    outs = [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in xs] if out is None else as_list(out)
     for t, o in zip(xs, outs):
         if o.shape != t.shape or o.dtype != torch.bool:
             raise ValueError("out must hold bool tensors with x's shapes")

@@ -31,8 +31,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -133,10 +134,12 @@ def load_probe_file(path: str | Path) -> list[dict[str, Any]]:
     text = p.read_text()
     if p.suffix in (".jsonl", ".json"):
         try:
-            rows = json.loads(text) if p.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+            rows = json.loads(text) if p.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise AnalysisError(f"--probes {p}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+        if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows
+        ):
             raise AnalysisError(f"--probes {p}: expected records with a string 'prompt' field")
         return rows
     return [{"prompt": line} for line in text.splitlines() if line.strip()]
@@ -166,8 +169,14 @@ def _load_model(path: Path, cfg: AnalysisConfig):
     return model.to(cfg.device).eval()
 
 
-def build_probes(first: Checkpoint, rows: Sequence[Mapping[str, Any] | Sequence[int] | str], cfg: AnalysisConfig,
-                 *, chat_template: bool = False, log: Callable[[str], None] = print) -> tuple[list[Probe], Any]:
+def build_probes(
+    first: Checkpoint,
+    rows: Sequence[Mapping[str, Any] | Sequence[int] | str],
+    cfg: AnalysisConfig,
+    *,
+    chat_template: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Probe], Any]:
     """Probes from prompts (text or token ids) and optional responses; missing responses are sampled once from
     the first checkpoint (seeded; ``samples_per_probe`` per prompt). Returns (probes, tokenizer)."""
     import torch
@@ -183,7 +192,11 @@ def build_probes(first: Checkpoint, rows: Sequence[Mapping[str, Any] | Sequence[
         if "prompt_ids" in rec:
             ids = [int(x) for x in rec["prompt_ids"]]
         elif chat_template:
-            ids = list(tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True, tokenize=True))
+            ids = list(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True, tokenize=True
+                )
+            )
         else:
             ids = tok(rec["prompt"], add_special_tokens=True)["input_ids"]
         encoded.append(ids)
@@ -197,7 +210,9 @@ def build_probes(first: Checkpoint, rows: Sequence[Mapping[str, Any] | Sequence[
         torch.manual_seed(cfg.seed)
         probes += _generate(model, tok, missing, cfg)
         del model
-        log(f"probes: sampled {cfg.samples_per_probe} response(s) for each of {len(missing)} prompts from step {first.step:g}")
+        log(
+            f"probes: sampled {cfg.samples_per_probe} response(s) for each of {len(missing)} prompts from step {first.step:g}"
+        )
     return probes, tok
 
 
@@ -235,8 +250,14 @@ def _generate(model, tok, prompts: list[list[int]], cfg: AnalysisConfig) -> list
 # -------------------------------------------------------------------------------------- probe analysis
 
 
-def analyze_probes(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], tok, cfg: AnalysisConfig,
-                   *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def analyze_probes(
+    checkpoints: Sequence[Checkpoint],
+    probes: Sequence[Probe],
+    tok,
+    cfg: AnalysisConfig,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Token log-prob and activation R² over the checkpoints (one model in memory at a time)."""
     lengths = np.array([len(p.response_ids) for p in probes])
     n_tok = int(lengths.sum())
@@ -248,15 +269,23 @@ def analyze_probes(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], t
         model = _load_model(ck.path, cfg)
         if plan is None:
             c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-            plan = ActivationPlan.build(probes, int(c.hidden_size), int(c.num_hidden_layers) + 1, cfg.activation_samples, cfg.seed)
-            act_accs = [SeriesAccumulator(p.shape[0], max_distinct=max(4, cfg.min_distinct), seed=cfg.seed) for p in plan.per_layer]
+            plan = ActivationPlan.build(
+                probes, int(c.hidden_size), int(c.num_hidden_layers) + 1, cfg.activation_samples, cfg.seed
+            )
+            act_accs = [
+                SeriesAccumulator(p.shape[0], max_distinct=max(4, cfg.min_distinct), seed=cfg.seed)
+                for p in plan.per_layer
+            ]
         series = probe_forward(model, probes, plan, batch_size=cfg.batch_size, pad_id=pad, device=cfg.device)
         del model
         lp_acc.update(series.logprobs, ck.step)
         for acc, values in zip(act_accs, series.activations):
             acc.update(values, ck.step)
         log(f"probes: step {ck.step:g} ({i + 1}/{len(checkpoints)}) mean log-prob {series.logprobs.mean():.4f}")
-    return {"logprobs": _logprob_result(lp_acc, probes, lengths, tok, cfg), "activations": _activation_result(act_accs, cfg)}
+    return {
+        "logprobs": _logprob_result(lp_acc, probes, lengths, tok, cfg),
+        "activations": _activation_result(act_accs, cfg),
+    }
 
 
 def _logprob_result(acc: SeriesAccumulator, probes, lengths, tok, cfg: AnalysisConfig) -> dict[str, Any]:
@@ -271,10 +300,19 @@ def _logprob_result(acc: SeriesAccumulator, probes, lengths, tok, cfg: AnalysisC
     def example(e: int) -> dict[str, Any]:
         p = probes[probe_of[e]]
         token_id = p.response_ids[pos_of[e]]
-        return {"probe": int(probe_of[e]), "position": int(pos_of[e]), "token": tok.decode([token_id]),
-                "prompt": p.prompt, "response": p.response, "r2": float(r2[e]), "change": float(change[e]),
-                "slope": float(slope[e]), "intercept": float(icpt[e]), "steps": steps.tolist(),
-                "values": values[row_of[e]].tolist()}
+        return {
+            "probe": int(probe_of[e]),
+            "position": int(pos_of[e]),
+            "token": tok.decode([token_id]),
+            "prompt": p.prompt,
+            "response": p.response,
+            "r2": float(r2[e]),
+            "change": float(change[e]),
+            "slope": float(slope[e]),
+            "intercept": float(icpt[e]),
+            "steps": steps.tolist(),
+            "values": values[row_of[e]].tolist(),
+        }
 
     groups = {}
     for k, g in enumerate(TOKEN_GROUPS):
@@ -318,7 +356,9 @@ def _by_quartile(r2: np.ndarray, change: np.ndarray) -> list[dict[str, float]]:
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = ok & (change >= lo) & (change <= hi)
-        out.append({"change_from": float(lo), "change_to": float(hi), "r2_mean": float(r2[m].mean()), "count": int(m.sum())})
+        out.append(
+            {"change_from": float(lo), "change_to": float(hi), "r2_mean": float(r2[m].mean()), "count": int(m.sum())}
+        )
     return out
 
 
@@ -427,8 +467,17 @@ def analyze_run(
 def _write_probes(path: Path, probes: Sequence[Probe]) -> None:
     with open(path, "w") as f:
         for p in probes:
-            f.write(json.dumps({"prompt": p.prompt, "response": p.response, "prompt_ids": list(p.prompt_ids),
-                                "response_ids": list(p.response_ids)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": p.prompt,
+                        "response": p.response,
+                        "prompt_ids": list(p.prompt_ids),
+                        "response_ids": list(p.response_ids),
+                    }
+                )
+                + "\n"
+            )
 
 
 def _plot_all(plots, out: Path, weights: WeightResult, summary, probe_part, cfg: AnalysisConfig) -> dict[str, str]:
@@ -444,7 +493,9 @@ def _plot_all(plots, out: Path, weights: WeightResult, summary, probe_part, cfg:
     files["weights_heatmap"] = plots.weights_heatmap(out / "weights_heatmap.png", weights.tensors)
     files["weight_trajectories"] = plots.trajectories(out / "weight_trajectories.png", weights.examples)
     if lp is not None:
-        files["logprob_r2_hist"] = plots.logprob_histogram(out / "logprob_r2_hist.png", moving, lp["r2"], thr, cfg.logprob_change)
+        files["logprob_r2_hist"] = plots.logprob_histogram(
+            out / "logprob_r2_hist.png", moving, lp["r2"], thr, cfg.logprob_change
+        )
         files["logprob_groups"] = plots.token_groups_figure(
             out / "logprob_groups.png", summary["logprobs"]["groups"], lp["r2"], lp["change"], lp["group_of"],
             cfg.logprob_change, thr)  # fmt: skip
@@ -457,11 +508,15 @@ def headline(summary: Mapping[str, Any]) -> str:
     thr = summary["config"]["r2_threshold"]
     key = f"frac_above_{thr:g}"
     w = summary["weights"]["r2"]
-    parts = [f"weights: median R² {w.get('median', float('nan')):.3f}, {100 * w.get(key, float('nan')):.0f} % > {thr:g} "
-             f"({w.get('count', 0)} of {summary['weights']['elements_sampled']} sampled elements moved)"]
+    parts = [
+        f"weights: median R² {w.get('median', float('nan')):.3f}, {100 * w.get(key, float('nan')):.0f} % > {thr:g} "
+        f"({w.get('count', 0)} of {summary['weights']['elements_sampled']} sampled elements moved)"
+    ]
     lp = summary.get("logprobs", {}).get("r2_moving")
     if lp and lp.get("count"):
-        parts.append(f"token log-probs: median R² {lp['median']:.3f}, {100 * lp[key]:.0f} % > {thr:g} ({lp['count']} moved tokens)")
+        parts.append(
+            f"token log-probs: median R² {lp['median']:.3f}, {100 * lp[key]:.0f} % > {thr:g} ({lp['count']} moved tokens)"
+        )
     return "; ".join(parts)
 
 
@@ -502,23 +557,33 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     d = AnalysisConfig()
-    p = _OneLineParser(prog="python -m orchestrator.analyze",
-                       description="R² of weights, token log-probs and activations against the RL step over a checkpoint series.")
+    p = _OneLineParser(
+        prog="python -m orchestrator.analyze",
+        description="R² of weights, token log-probs and activations against the RL step over a checkpoint series.",
+    )
     src = p.add_argument_group("checkpoints (one of)")
-    src.add_argument("--run-dir", help="a training run's output dir: its checkpoints/rl_step_N/hf (+ its base model as step 0)")
+    src.add_argument(
+        "--run-dir", help="a training run's output dir: its checkpoints/rl_step_N/hf (+ its base model as step 0)"
+    )
     src.add_argument("--checkpoints", nargs="+", metavar="DIR", help="HF checkpoint directories")
-    p.add_argument("--steps", nargs="+", type=float, help="the step of each --checkpoints dir (default: from the names)")
+    p.add_argument(
+        "--steps", nargs="+", type=float, help="the step of each --checkpoints dir (default: from the names)"
+    )
     p.add_argument("--no-base", action="store_true", help="with --run-dir: do not add the starting model as step 0")
     p.add_argument("--out", help="output directory (default <run-dir>/linearity)")
     g = p.add_argument_group("probes")
-    g.add_argument("--probes", help="jsonl/json records with 'prompt' [+ 'response'], or a text file (one prompt a line)")
+    g.add_argument(
+        "--probes", help="jsonl/json records with 'prompt' [+ 'response'], or a text file (one prompt a line)"
+    )
     g.add_argument("--no-probes", action="store_true", help="weights only")
     g.add_argument("--chat-template", action="store_true", help="wrap text prompts in the tokenizer's chat template")
     g.add_argument("--num-probes", type=int, default=d.num_probes)
     g.add_argument("--samples-per-probe", type=int, default=d.samples_per_probe)
     g.add_argument("--temperature", type=float, default=d.probe_temperature, help="of the probe responses (0 = greedy)")
     g.add_argument("--max-new-tokens", type=int, default=d.probe_max_tokens)
-    g.add_argument("--activation-samples", type=int, default=d.activation_samples, help="hidden-state elements per layer")
+    g.add_argument(
+        "--activation-samples", type=int, default=d.activation_samples, help="hidden-state elements per layer"
+    )
     g.add_argument("--device", default=d.device)
     g.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16 | auto")
     w = p.add_argument_group("weights")
@@ -580,8 +645,16 @@ def main(argv: list[str] | None = None) -> int:
         ckpts, out, prompts, run_id, uri = _resolve(args)
         if prompts is None and cfg.logprobs:
             print("note: no probes (--probes, or a run dir with .hydra/config.yaml): weights only", file=sys.stderr)
-        summary = analyze_run(ckpts, out, cfg, prompts=prompts, chat_template=args.chat_template,
-                              mlflow_run_id=run_id, tracking_uri=uri, log=lambda m: print(m, file=sys.stderr))
+        summary = analyze_run(
+            ckpts,
+            out,
+            cfg,
+            prompts=prompts,
+            chat_template=args.chat_template,
+            mlflow_run_id=run_id,
+            tracking_uri=uri,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except AnalysisError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

@@ -95,7 +95,9 @@ def _resources(value, path: str) -> dict[str, float]:
         raise ConfigError(f"{path}: expected a mapping of custom resource name to amount, got {value!r}")
     for name, amount in value.items():
         if name in _BUILTIN_RESOURCES:
-            raise ConfigError(f"{path}: {name!r} is set by rollout/learner num_cpus and num_gpus; expected custom resources only")
+            raise ConfigError(
+                f"{path}: {name!r} is set by rollout/learner num_cpus and num_gpus; expected custom resources only"
+            )
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise ConfigError(f"{path}: expected a number >= 0 for {name!r}, got {amount!r}")
     return {str(k): float(v) for k, v in value.items()}
@@ -189,7 +191,9 @@ def plan_placement(cfg: DictConfig, num_rollouts: int, world_size: int) -> Place
     learner_b = _bundle(lc.num_cpus, lc.num_gpus, _resources(c.get("learner_resources"), "cluster.learner_resources"))
     r_strategy, l_strategy = c.get("rollout_strategy"), c.get("learner_strategy")
     if r_strategy is None and l_strategy is None:
-        bundles = tuple(dict(rollout_b) for _ in range(num_rollouts)) + tuple(dict(learner_b) for _ in range(world_size))
+        bundles = tuple(dict(rollout_b) for _ in range(num_rollouts)) + tuple(
+            dict(learner_b) for _ in range(world_size)
+        )
         return PlacementPlan(
             groups=(GroupPlacement("job", bundles, str(c.placement_strategy)),),
             rollout_slots=tuple((0, i) for i in range(num_rollouts)),
@@ -197,8 +201,12 @@ def plan_placement(cfg: DictConfig, num_rollouts: int, world_size: int) -> Place
         )
     return PlacementPlan(
         groups=(
-            GroupPlacement("rollout", tuple(dict(rollout_b) for _ in range(num_rollouts)), str(r_strategy or c.placement_strategy)),
-            GroupPlacement("learner", tuple(dict(learner_b) for _ in range(world_size)), str(l_strategy or c.placement_strategy)),
+            GroupPlacement(
+                "rollout", tuple(dict(rollout_b) for _ in range(num_rollouts)), str(r_strategy or c.placement_strategy)
+            ),
+            GroupPlacement(
+                "learner", tuple(dict(learner_b) for _ in range(world_size)), str(l_strategy or c.placement_strategy)
+            ),
         ),
         rollout_slots=tuple((0, i) for i in range(num_rollouts)),
         learner_slots=tuple((1, r) for r in range(world_size)),
@@ -324,7 +332,7 @@ class ActorGroups:
     def _push_current_weights(self, actor) -> None:
         import ray
 
-        refs = [l.export_weights.remote(self.bucket_mb) for l in self.learners]  # every rank: ZeRO-3 gathers
+        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]  # every rank: ZeRO-3 gathers
         ray.get(actor.update_weights.remote(refs[0], self.weight_version))
         ray.get(refs[1:])
 
@@ -340,8 +348,10 @@ class ActorGroups:
                 f"(cluster.max_rollout_restarts={self.max_rollout_restarts}, used {self.rollout_restarts}): {reason}"
             ) from exc
         self.rollout_restarts += 1
-        self.log(f"cluster: rollout actor {i} died ({type(exc).__name__}); restarting it in its placement bundle "
-                 f"(restart {self.rollout_restarts}/{self.max_rollout_restarts})")
+        self.log(
+            f"cluster: rollout actor {i} died ({type(exc).__name__}); restarting it in its placement bundle "
+            f"(restart {self.rollout_restarts}/{self.max_rollout_restarts})"
+        )
         start = time.perf_counter()
         try:
             ray.kill(self.rollouts[i], no_restart=True)
@@ -360,7 +370,7 @@ class ActorGroups:
     def train_step(self, shards: list[TrainBatch]) -> list:
         import ray
 
-        return ray.get([l.train_step.remote(s) for l, s in zip(self.learners, shards)])
+        return ray.get([learner.train_step.remote(s) for learner, s in zip(self.learners, shards)])
 
     def sync_weights(self, bucket_mb: float | None = None) -> dict:
         """Learners → rollout engines. Rank 0's buckets go straight from the object store to every engine;
@@ -370,7 +380,7 @@ class ActorGroups:
 
         if bucket_mb is not None:
             self.bucket_mb = float(bucket_mb)
-        refs = [l.export_weights.remote(self.bucket_mb) for l in self.learners]
+        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
         version = self.weight_version + 1
         results = self._call_rollouts(
             lambda r, i: r.update_weights.remote(refs[0], version), range(len(self.rollouts)), resync=False
@@ -396,20 +406,20 @@ class ActorGroups:
                 pass
         addr, port = self.learner_rendezvous()
         self.learners = [self.learner_factory(rank, addr, port) for rank in range(len(self.learners))]
-        ray.get([l.setup.remote() for l in self.learners])
+        ray.get([learner.setup.remote() for learner in self.learners])
         self.log(f"cluster: learner group restarted ({len(self.learners)} ranks, {time.perf_counter() - start:.1f} s)")
 
     def call_learners(self, method: str, *args, **kwargs) -> list:
         import ray
 
-        return ray.get([getattr(l, method).remote(*args, **kwargs) for l in self.learners])
+        return ray.get([getattr(learner, method).remote(*args, **kwargs) for learner in self.learners])
 
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
         try:
-            ray.get([l.shutdown.remote() for l in self.learners], timeout=60)
+            ray.get([learner.shutdown.remote() for learner in self.learners], timeout=60)
         except Exception:
             pass
         for actor in self.rollouts + self.learners:
@@ -424,8 +434,9 @@ class ActorGroups:
                 pass
 
 
-def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: list[RolloutSpec],
-                       log: Callable[[str], None] = _console) -> ActorGroups:
+def start_actor_groups(
+    cfg: DictConfig, learner: LearnerSpec, rollout_specs: list[RolloutSpec], log: Callable[[str], None] = _console
+) -> ActorGroups:
     """Reserve the placement groups of `plan_placement` and start the rollout actors and learner ranks."""
     import ray
 
@@ -454,6 +465,7 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
 
     learner_env = learner_actor_env(lc.num_threads, bool(lc.num_gpus))
     LearnerRemote = ray.remote(LearnerActor)
+
     def rendezvous():
         """Rank 0's node address and a free port there (asked of a task placed in rank 0's bundle)."""
         return ray.get(
@@ -468,13 +480,20 @@ def start_actor_groups(cfg: DictConfig, learner: LearnerSpec, rollout_specs: lis
     master_addr, port = rendezvous()
     learners = [start_learner(rank, master_addr, port) for rank in range(learner.world_size)]
     groups = ActorGroups(
-        rollouts=rollouts, learners=learners, placement_groups=pgs, rollout_specs=list(rollout_specs),
-        rollout_names=names, rollout_factory=start_rollout, max_rollout_restarts=int(c.get("max_rollout_restarts", 0)),
-        bucket_mb=float(rc.get("bucket_mb", 64.0)), log=log, learner_factory=start_learner,
+        rollouts=rollouts,
+        learners=learners,
+        placement_groups=pgs,
+        rollout_specs=list(rollout_specs),
+        rollout_names=names,
+        rollout_factory=start_rollout,
+        max_rollout_restarts=int(c.get("max_rollout_restarts", 0)),
+        bucket_mb=float(rc.get("bucket_mb", 64.0)),
+        log=log,
+        learner_factory=start_learner,
         learner_rendezvous=rendezvous,
     )
     try:
-        ray.get([l.setup.remote() for l in learners] + [r.ping.remote() for r in rollouts])
+        ray.get([learner.setup.remote() for learner in learners] + [r.ping.remote() for r in rollouts])
     except Exception:
         groups.shutdown()
         raise

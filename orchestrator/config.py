@@ -81,9 +81,13 @@ def validate(cfg: DictConfig) -> None:
         if not cfg.trainer.checkpoint_every:
             raise ConfigError("analysis.enabled: needs checkpoints to analyse; expected trainer.checkpoint_every > 0")
         if cfg.trainer.keep_checkpoints not in (0,) and cfg.trainer.keep_checkpoints < 3:
-            raise ConfigError("analysis.enabled: needs at least 3 kept checkpoints; expected trainer.keep_checkpoints 0 or >= 3")
+            raise ConfigError(
+                "analysis.enabled: needs at least 3 kept checkpoints; expected trainer.keep_checkpoints 0 or >= 3"
+            )
         if not cfg.trainer.save_final:
-            raise ConfigError("analysis.enabled: the final checkpoint ends the series; expected trainer.save_final=true")
+            raise ConfigError(
+                "analysis.enabled: the final checkpoint ends the series; expected trainer.save_final=true"
+            )
     _int(cfg, f"{t}.max_learner_restarts", lo=0)
 
     _choice(cfg, "model.source", ["toy", "path"])
@@ -92,7 +96,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.source == "toy":
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _int(cfg, f"model.tiny.{key}", lo=1)
-        if cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads or cfg.model.tiny.hidden_size // cfg.model.tiny.num_heads < 32:
+        if (
+            cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads
+            or cfg.model.tiny.hidden_size // cfg.model.tiny.num_heads < 32
+        ):
             raise ConfigError(
                 f"model.tiny.hidden_size: expected a multiple of num_heads with head_dim >= 32, "
                 f"got hidden_size={cfg.model.tiny.hidden_size}, num_heads={cfg.model.tiny.num_heads}"
@@ -118,7 +125,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "data.verifier", sorted(VERIFIERS))
     _int(cfg, "data.max_prompt_tokens", lo=1)
     if "{prompt}" not in str(_get(cfg, "data.prompt_template")):
-        raise ConfigError(f"data.prompt_template: expected a format string containing {{prompt}}, got {cfg.data.prompt_template!r}")
+        raise ConfigError(
+            f"data.prompt_template: expected a format string containing {{prompt}}, got {cfg.data.prompt_template!r}"
+        )
 
     _choice(cfg, "algo.advantage", sorted(ADVANTAGE_ESTIMATORS))
     _choice(cfg, "algo.loss", sorted(POLICY_LOSSES))
@@ -186,7 +195,9 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "schedule.anchor", ["cycle_start", "previous_step"])
         _choice(cfg, "schedule.velocity", ["two_point", "least_squares"])
         if cfg.schedule.velocity == "least_squares" and cfg.schedule.anchor != "cycle_start":
-            raise ConfigError("schedule.velocity: least_squares fits a line through the cycle; needs schedule.anchor=cycle_start")
+            raise ConfigError(
+                "schedule.velocity: least_squares fits a line through the cycle; needs schedule.anchor=cycle_start"
+            )
         if cfg.schedule.velocity == "least_squares" and _get(cfg, "schedule.anchor_device") is not None:
             raise ConfigError("schedule.anchor_device: least_squares keeps its sums beside the shard; expected null")
         cands = _get(cfg, "schedule.candidates")

@@ -48,7 +48,9 @@ def resolve_model(cfg: DictConfig, log=print) -> str:
         max_positions=m.tiny.max_positions,
         seed=cfg.seed,
     )
-    ws = WarmStartSpec(steps=m.warm_start.steps, batch_size=m.warm_start.batch_size, lr=float(m.warm_start.lr), seed=cfg.seed)
+    ws = WarmStartSpec(
+        steps=m.warm_start.steps, batch_size=m.warm_start.batch_size, lr=float(m.warm_start.lr), seed=cfg.seed
+    )
     return str(prepare_toy_model(m.cache_dir, toy_task_spec(cfg), spec, ws, log=log))
 
 

@@ -53,8 +53,16 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ARGV_FLAGS = {"--logits-extrapolation": "eval.logits_extrapolation.enabled=true"}
 # config.json keys that do not change what a checkpoint's engine looks like
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                    "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -159,10 +167,14 @@ def _check_data(d: DictConfig, where: str, max_tokens: int | None, max_model_len
     _choice(view, "data.verifier", sorted(VERIFIERS))
     prompt_tokens = _int(view, "data.max_prompt_tokens", lo=1)
     if "{prompt}" not in str(_get(view, "data.prompt_template")):
-        raise ConfigError(f"data.prompt_template: expected a format string containing {{prompt}}, got {d.prompt_template!r}")
+        raise ConfigError(
+            f"data.prompt_template: expected a format string containing {{prompt}}, got {d.prompt_template!r}"
+        )
     if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
-        raise ConfigError(f"data.max_prompt_tokens: expected max_prompt_tokens + max tokens ({prompt_tokens} + "
-                          f"{max_tokens}) <= rollout.max_model_len ({max_model_len})")
+        raise ConfigError(
+            f"data.max_prompt_tokens: expected max_prompt_tokens + max tokens ({prompt_tokens} + "
+            f"{max_tokens}) <= rollout.max_model_len ({max_model_len})"
+        )
 
 
 def _check_logits_extrapolation(cfg: DictConfig) -> None:
@@ -173,14 +185,20 @@ def _check_logits_extrapolation(cfg: DictConfig) -> None:
             raise ConfigError(f"{p}.{key}: expected a checkpoint path when {p}.enabled is true, got None")
         _check_checkpoint(lx[key], f"{p}.{key}")
     if (lx.alpha is None) == (lx.steps is None):
-        raise ConfigError(f"{p}.alpha: expected exactly one of alpha or steps=[t0, t1, target], "
-                          f"got alpha={lx.alpha!r}, steps={_plain(lx.steps)!r}")
+        raise ConfigError(
+            f"{p}.alpha: expected exactly one of alpha or steps=[t0, t1, target], "
+            f"got alpha={lx.alpha!r}, steps={_plain(lx.steps)!r}"
+        )
     if lx.alpha is not None:
         _float(cfg, f"{p}.alpha")
     else:
         steps = _plain(lx.steps)
-        if (not isinstance(steps, list) or len(steps) != 3
-                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps) or steps[0] == steps[1]):
+        if (
+            not isinstance(steps, list)
+            or len(steps) != 3
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps)
+            or steps[0] == steps[1]
+        ):
             raise ConfigError(f"{p}.steps: expected three numbers [t0, t1, target] with t1 != t0, got {steps!r}")
     _choice(cfg, f"{p}.dtype", ["float32", "bfloat16", "float16"])
     _choice(cfg, f"{p}.device", ["auto", "cpu", "cuda"])
@@ -200,7 +218,9 @@ def validate_eval(cfg: DictConfig) -> None:
     ckpts = _get(cfg, f"{e}.checkpoints")
     if ckpts is not None:
         if not isinstance(ckpts, ListConfig) or len(ckpts) == 0:
-            raise ConfigError(f"{e}.checkpoints: expected a non-empty list of checkpoint paths or null, got {_plain(ckpts)!r}")
+            raise ConfigError(
+                f"{e}.checkpoints: expected a non-empty list of checkpoint paths or null, got {_plain(ckpts)!r}"
+            )
         for i, path in enumerate(ckpts):
             _check_checkpoint(path, f"{e}.checkpoints[{i}]")
     lx_on = bool(cfg.eval.logits_extrapolation.enabled)
@@ -231,14 +251,16 @@ def _check_vllm_side(cfg: DictConfig, default_model: bool) -> None:
     if default_model and source == "path":
         _check_checkpoint(_get(cfg, "model.path"), "model.path")
     if default_model and source == "toy" and cfg.data.source != "toy":
-        raise ConfigError(f"eval.checkpoints: expected a list of checkpoints with data.source={cfg.data.source} "
-                          "(the default toy model is built from a toy data config), got null")
+        raise ConfigError(
+            f"eval.checkpoints: expected a list of checkpoints with data.source={cfg.data.source} "
+            "(the default toy model is built from a toy data config), got null"
+        )
 
 
 def _relabel(exc: ConfigError, where: str) -> ConfigError:
     """A `data.<x>` error about dataset `where` says `where.<x>`."""
     msg = str(exc)
-    return ConfigError(where + msg[len("data"):] if msg.startswith("data.") and where != "data" else msg)
+    return ConfigError(where + msg[len("data") :] if msg.startswith("data.") and where != "data" else msg)
 
 
 def _plain(x):
@@ -278,7 +300,9 @@ def resolve_datasets(cfg: DictConfig) -> list[DatasetSpec]:
     if entries is None:
         return [DatasetSpec(_dataset_label(cfg.data), cfg.data, "data")]
     if not isinstance(entries, ListConfig) or len(entries) == 0:
-        raise ConfigError(f"eval.datasets: expected a non-empty list of data-group names or dicts, or null, got {_plain(entries)!r}")
+        raise ConfigError(
+            f"eval.datasets: expected a non-empty list of data-group names or dicts, or null, got {_plain(entries)!r}"
+        )
     specs = []
     for i, entry in enumerate(entries):
         where = f"eval.datasets[{i}]"
@@ -313,7 +337,9 @@ def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[st
     d = ds.data
     try:
         if d.source == "toy":
-            paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", toy_task_spec(OmegaConf.create({"seed": cfg.seed, "data": d})))
+            paths = write_toy_dataset(
+                Path(cfg.model.cache_dir) / "data", toy_task_spec(OmegaConf.create({"seed": cfg.seed, "data": d}))
+            )
             split = _load_files(str(paths["eval"]), "eval_files")
         elif d.source == "files":
             split = _load_files(d.eval_files, "eval_files")
@@ -440,22 +466,33 @@ class RolloutEngines:
         from orchestrator.config import rollout_spec
 
         rc, c = self.cfg.rollout, self.cfg.cluster
-        res = {"CPU": float(rc.num_cpus), **({"GPU": float(rc.num_gpus)} if rc.num_gpus else {}),
-               **{k: float(v) for k, v in (c.get("rollout_resources") or {}).items()}}
+        res = {
+            "CPU": float(rc.num_cpus),
+            **({"GPU": float(rc.num_gpus)} if rc.num_gpus else {}),
+            **{k: float(v) for k, v in (c.get("rollout_resources") or {}).items()},
+        }
         res = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}  # Ray refuses empty bundles
         strategy = str(c.get("rollout_strategy") or c.placement_strategy)
         pg = placement_group([dict(res) for _ in range(rc.num_actors)], strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=float(c.get("placement_timeout_s", 300)))
         if not ready:
             remove_placement_group(pg)
-            raise RuntimeError(f"cluster: could not reserve {rc.num_actors} rollout bundles {res} ({strategy}); "
-                               f"available: {ray.available_resources()}")
+            raise RuntimeError(
+                f"cluster: could not reserve {rc.num_actors} rollout bundles {res} ({strategy}); "
+                f"available: {ray.available_resources()}"
+            )
         env = {"env_vars": rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))}
         actors = [
-            ray.remote(RolloutActor).options(
-                num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i),
-            ).remote(rollout_spec(self.cfg, path, i))
+            ray.remote(RolloutActor)
+            .options(
+                num_cpus=rc.num_cpus,
+                num_gpus=rc.num_gpus,
+                runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=i
+                ),
+            )
+            .remote(rollout_spec(self.cfg, path, i))
             for i in range(rc.num_actors)
         ]
         groups = ActorGroups(rollouts=actors, learners=[], placement_groups=[pg])
@@ -521,8 +558,11 @@ class Evaluation:
         validate_eval(cfg)
         hf_logging.disable_progress_bar()
         self.datasets = resolve_datasets(cfg)
-        paths = list(cfg.eval.checkpoints) if cfg.eval.checkpoints is not None else (
-            [] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=_console)])
+        paths = (
+            list(cfg.eval.checkpoints)
+            if cfg.eval.checkpoints is not None
+            else ([] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=_console)])
+        )
         paths = [_check_checkpoint(p, "eval.checkpoints") for p in paths]
         self.checkpoints = [CheckpointSpec(p, checkpoint_step(p)) for p in paths]
         for ds in self.datasets:
@@ -560,8 +600,13 @@ class Evaluation:
         from actors.types import SamplingConfig
 
         e = self.cfg.eval
-        sampling = SamplingConfig(n=int(e.k), temperature=float(e.temperature), top_p=float(e.top_p),
-                                  max_tokens=max_tokens(self.cfg), seed=int(self.cfg.seed))
+        sampling = SamplingConfig(
+            n=int(e.k),
+            temperature=float(e.temperature),
+            top_p=float(e.top_p),
+            max_tokens=max_tokens(self.cfg),
+            seed=int(self.cfg.seed),
+        )
         out = self.engines.generate(prompt_ids, sampling)
         return Generations(out.response_ids, out.response_text, out.finished, out.gen_time_s)
 
@@ -572,20 +617,31 @@ class Evaluation:
         scores = self.scorer.score_batch(str(ds.data.verifier), gen.texts, refs)
         tokens = sum(len(r) for r in gen.response_ids)
         result = EvalResult(
-            target=target, kind=kind, step=step, dataset=ds.name, verifier=str(ds.data.verifier),
-            num_prompts=len(answers), k=k, **sample_metrics(scores, k),
+            target=target,
+            kind=kind,
+            step=step,
+            dataset=ds.name,
+            verifier=str(ds.data.verifier),
+            num_prompts=len(answers),
+            k=k,
+            **sample_metrics(scores, k),
             response_length=tokens / len(gen.response_ids),
             truncated_frac=1.0 - sum(gen.finished) / len(gen.finished),
-            gen_time_s=gen.gen_time_s, tokens_per_s=tokens / max(gen.gen_time_s, 1e-9), extra=extra or {},
+            gen_time_s=gen.gen_time_s,
+            tokens_per_s=tokens / max(gen.gen_time_s, 1e-9),
+            extra=extra or {},
         )
         if self.cfg.eval.save_samples:
             self._save_samples(result, ds, gen, scores)
         prefix = "eval" if kind == "checkpoint" else "logits_extra"
         name = _metric_name(ds.name)
-        metrics = {f"{prefix}/{name}/avg_at_k": result.avg_at_k, f"{prefix}/{name}/pass_at_k": result.pass_at_k,
-                   f"{prefix}/{name}/response_length": result.response_length,
-                   f"{prefix}/{name}/truncated_frac": result.truncated_frac,
-                   **{f"{prefix}/{name}/pass_at_{j}": v for j, v in result.pass_at.items() if int(j) != k}}
+        metrics = {
+            f"{prefix}/{name}/avg_at_k": result.avg_at_k,
+            f"{prefix}/{name}/pass_at_k": result.pass_at_k,
+            f"{prefix}/{name}/response_length": result.response_length,
+            f"{prefix}/{name}/truncated_frac": result.truncated_frac,
+            **{f"{prefix}/{name}/pass_at_{j}": v for j, v in result.pass_at.items() if int(j) != k},
+        }
         self.tracker.log_metrics(metrics, step=step)
         self.results.append(result)
         return result
@@ -595,12 +651,26 @@ class Evaluation:
         k = result.k
         folder = Path(self.output_path()).parent / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        tag = f"{len(self.results):03d}-{_metric_name(Path(result.target).name or result.target)}-{_metric_name(ds.name)}"
+        tag = (
+            f"{len(self.results):03d}-{_metric_name(Path(result.target).name or result.target)}-{_metric_name(ds.name)}"
+        )
         with open(folder / f"{tag.replace('/', '_')}.jsonl", "w") as f:
             for j, (text, score, done) in enumerate(zip(gen.texts, scores, gen.finished)):
-                f.write(json.dumps({"target": result.target, "dataset": ds.name, "prompt_index": j // k,
-                                    "prompt": prompts[j // k], "answer": answers[j // k], "response": text,
-                                    "score": score, "finished": done}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "target": result.target,
+                            "dataset": ds.name,
+                            "prompt_index": j // k,
+                            "prompt": prompts[j // k],
+                            "answer": answers[j // k],
+                            "response": text,
+                            "score": score,
+                            "finished": done,
+                        }
+                    )
+                    + "\n"
+                )
 
     def output_path(self) -> str:
         return str(self.cfg.eval.output or os.path.join(self.output_dir, "eval.json"))
@@ -620,22 +690,44 @@ class Evaluation:
                 _advance(bar, r)
 
     def _evaluate_logits_extrapolation(self, bar) -> None:
-        from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig, alpha_from_steps, load_pair
+        from linearity.logits_extrapolation import (
+            LogitsExtrapolationSampler,
+            SamplerConfig,
+            alpha_from_steps,
+            load_pair,
+        )
 
         lx, e = self.cfg.eval.logits_extrapolation, self.cfg.eval
         steps = _plain(lx.steps)
         alpha = float(lx.alpha) if lx.alpha is not None else alpha_from_steps(*steps)
-        m0, m1, tok = load_pair(_check_checkpoint(lx.t0_path, "t0_path"), _check_checkpoint(lx.t1_path, "t1_path"),
-                                str(lx.dtype), str(lx.device))
+        m0, m1, tok = load_pair(
+            _check_checkpoint(lx.t0_path, "t0_path"),
+            _check_checkpoint(lx.t1_path, "t1_path"),
+            str(lx.dtype),
+            str(lx.device),
+        )
         eos = {tok.eos_token_id} | set(_as_list(m1.generation_config.eos_token_id))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         sampler = LogitsExtrapolationSampler(m0, m1, eos_ids=[x for x in eos if x is not None], pad_id=pad)
-        cfg = SamplerConfig(alpha=alpha, n=int(e.k), temperature=float(e.temperature), top_p=float(e.top_p),
-                            max_tokens=max_tokens(self.cfg), seed=int(self.cfg.seed), max_batch_rows=int(lx.max_batch_rows))
+        cfg = SamplerConfig(
+            alpha=alpha,
+            n=int(e.k),
+            temperature=float(e.temperature),
+            top_p=float(e.top_p),
+            max_tokens=max_tokens(self.cfg),
+            seed=int(self.cfg.seed),
+            max_batch_rows=int(lx.max_batch_rows),
+        )
         target = f"logits-extrapolation(alpha={alpha:g})"
         step = int(steps[2]) if steps is not None else 0
-        info = {"t0_path": lx.t0_path, "t1_path": lx.t1_path, "alpha": alpha, "steps": steps,
-                "device": str(sampler.device), "dtype": str(lx.dtype)}
+        info = {
+            "t0_path": lx.t0_path,
+            "t1_path": lx.t1_path,
+            "alpha": alpha,
+            "steps": steps,
+            "device": str(sampler.device),
+            "dtype": str(lx.dtype),
+        }
         self.tracker.log_metrics({"logits_extra/alpha": alpha}, step=step)
         for ds in self.datasets:
             out = sampler.generate(self._encode(tok, ds), cfg)
@@ -670,11 +762,19 @@ class Evaluation:
     def _summary(self, wall: float) -> dict:
         e = self.cfg.eval
         return {
-            "settings": {"k": int(e.k), "temperature": float(e.temperature), "top_p": float(e.top_p),
-                         "max_tokens": max_tokens(self.cfg), "seed": int(self.cfg.seed), "max_prompts": e.max_prompts},
+            "settings": {
+                "k": int(e.k),
+                "temperature": float(e.temperature),
+                "top_p": float(e.top_p),
+                "max_tokens": max_tokens(self.cfg),
+                "seed": int(self.cfg.seed),
+                "max_prompts": e.max_prompts,
+            },
             "checkpoints": [asdict(c) for c in self.checkpoints],
-            "datasets": [{"name": d.name, "verifier": str(d.data.verifier), "num_prompts": len(self.rows[d.name][0])}
-                         for d in self.datasets],
+            "datasets": [
+                {"name": d.name, "verifier": str(d.data.verifier), "num_prompts": len(self.rows[d.name][0])}
+                for d in self.datasets
+            ],
             "results": [asdict(r) for r in self.results],
             "engine_loads": self.loads,
             "wall_time_s": wall,
@@ -719,8 +819,18 @@ def print_results(results: list[EvalResult]) -> None:
         return
     k = results[0].k
     head = ("target", "step", "dataset", f"Avg@{k}", f"Pass@{k}", "len", "tok/s")
-    rows = [(r.target if len(r.target) <= 48 else "…" + r.target[-47:], str(r.step), r.dataset, f"{r.avg_at_k:.3f}",
-             f"{r.pass_at_k:.3f}", f"{r.response_length:.1f}", f"{r.tokens_per_s:.0f}") for r in results]
+    rows = [
+        (
+            r.target if len(r.target) <= 48 else "…" + r.target[-47:],
+            str(r.step),
+            r.dataset,
+            f"{r.avg_at_k:.3f}",
+            f"{r.pass_at_k:.3f}",
+            f"{r.response_length:.1f}",
+            f"{r.tokens_per_s:.0f}",
+        )
+        for r in results
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     print("\n" + line.format(*head))

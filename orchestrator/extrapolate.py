@@ -64,9 +64,10 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from linearity.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, TensorSelector
 
@@ -459,7 +460,6 @@ def _write_checkpoint(
 
     from linearity.projection import compute_dtype, displacement_stats, project_, sq_norm
 
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     started = time.perf_counter()
     tensors_log: dict[str, dict[str, Any]] = {}
     projected, copied, nonfinite = [], [], []
@@ -596,7 +596,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "(streamed tensor by tensor; norm layers copied from t1 by default).",
     )
     p.add_argument("--t0-path", required=True, help="earlier checkpoint directory (save_pretrained, safetensors)")
-    p.add_argument("--t1-path", required=True, help="later checkpoint directory; also the source of config and tokenizer")
+    p.add_argument(
+        "--t1-path", required=True, help="later checkpoint directory; also the source of config and tokenizer"
+    )
     p.add_argument("--out", required=True, help="output checkpoint directory (must be absent or empty)")
     p.add_argument("--t0", type=int, help="RL step of --t0-path")
     p.add_argument("--t1", type=int, help="RL step of --t1-path")
@@ -604,13 +606,17 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", type=int, help="target step t'; β = (t' − t0)/(t1 − t0) (needs --t0 and --t1)")
     g.add_argument("--beta", type=float, help="explicit coefficient β (>1 extrapolates)")
     s = p.add_argument_group("selection (globs on the full tensor name; fnmatch syntax: * ? [abc])")
-    s.add_argument("--include", nargs="*", metavar="GLOB", help=f"project only matching tensors (default: {list(DEFAULT_INCLUDE)})")
+    s.add_argument(
+        "--include", nargs="*", metavar="GLOB", help=f"project only matching tensors (default: {list(DEFAULT_INCLUDE)})"
+    )
     s.add_argument(
         "--exclude", nargs="*", metavar="GLOB",
         help=f"copy matching tensors from t1 instead; replaces the default {list(DEFAULT_EXCLUDE)} "
         "(a bare --exclude excludes nothing)",
     )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new checkpoint is complete")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out once the new checkpoint is complete"
+    )
     return p
 
 

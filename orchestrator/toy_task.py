@@ -265,7 +265,9 @@ def train_warm_start(model, tok, task: ToyTaskSpec, ws: WarmStartSpec, log=print
         input_ids, attn, loss_mask = _encode_batch(tok, pairs)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
         target, mask = input_ids[:, 1:], loss_mask[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
+        )
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,8 +302,10 @@ def prepare_toy_model(
     torch_threads = torch.get_num_threads()
     tok = build_tokenizer(task.op)
     model = build_tiny_model(model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    log(f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
-        f"{ws.steps} SFT steps on {torch_threads} threads)")
+    log(
+        f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
+        f"{ws.steps} SFT steps on {torch_threads} threads)"
+    )
     train_warm_start(model, tok, task, ws, log=log)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

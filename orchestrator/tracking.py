@@ -46,10 +46,15 @@ class Tracker:
             logged = self.client.get_metric_history(resume_run_id, "rl_step")
             self.skip_through = max((int(m.step) for m in logged), default=-1)
             children = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{resume_run_id}'", max_results=5000)
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{resume_run_id}'", max_results=5000
+            )
             self._existing_phases = {r.info.run_name: r.info.run_id for r in children}
         else:
-            name = run_name or cfg.tracking.get("run_name") or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            name = (
+                run_name
+                or cfg.tracking.get("run_name")
+                or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
             self.run_id = run.info.run_id
 
@@ -62,7 +67,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(
-            self.experiment_id, run_name=name,
+            self.experiment_id,
+            run_name=name,
             tags={"mlflow.parentRunId": self.run_id, "rlextra.kind": kind},
         )
         if params:
@@ -77,7 +83,8 @@ class Tracker:
         self.skip_through = max(self.skip_through, logged_through)
         if self.enabled:
             children = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=5000)
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=5000
+            )
             self._existing_phases = {r.info.run_name: r.info.run_id for r in children}
 
     def reopen_phase(self, run_id: str) -> None:
@@ -91,7 +98,9 @@ class Tracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+            self.client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+            )
 
     def end_phase(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id:
@@ -138,4 +147,3 @@ def _data_name(cfg: DictConfig) -> str:
     if cfg.data.source == "toy":
         return f"toy_{cfg.data.toy.op}{cfg.data.toy.digits}"
     return str(cfg.data.source)
-

@@ -90,14 +90,13 @@ class Job:
 
     def setup(self) -> None:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from orchestrator.cluster import init_ray, start_actor_groups
         from orchestrator.config import learner_spec, rollout_spec, validate
         from orchestrator.data import PromptCursor, PromptEncoder, load_splits, resolve_model
         from orchestrator.tracking import Tracker
         from verifiers.pool import ScoringPool
-
-        from transformers.utils import logging as hf_logging
 
         cfg = self.cfg
         validate(cfg)
@@ -106,7 +105,9 @@ class Job:
         self.model_path = resolve_model(cfg, log=self.log)
         self.train_ds, self.eval_ds = load_splits(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.encode = PromptEncoder(self.tokenizer, bool(cfg.data.apply_chat_template), cfg.data.max_prompt_tokens)
         self.cursor = PromptCursor(size=len(self.train_ds), seed=cfg.seed)
         n_eval = min(cfg.trainer.eval_prompts, len(self.eval_ds))
@@ -124,8 +125,10 @@ class Job:
         specs = [rollout_spec(cfg, self.model_path, i) for i in range(cfg.rollout.num_actors)]
         self.groups = start_actor_groups(cfg, self.learner_spec, specs)
         self.setup_time_s = time.perf_counter() - t0
-        self.log(f"set-up done in {self.setup_time_s:.1f} s: model {self.model_path}, "
-                 f"{len(self.train_ds)} train / {n_eval} eval prompts, MLflow run {self.tracker.run_id} at {self.tracker.uri}")
+        self.log(
+            f"set-up done in {self.setup_time_s:.1f} s: model {self.model_path}, "
+            f"{len(self.train_ds)} train / {n_eval} eval prompts, MLflow run {self.tracker.run_id} at {self.tracker.uri}"
+        )
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -134,8 +137,11 @@ class Job:
 
         rc = self.cfg.rollout
         return SamplingConfig(
-            n=n, temperature=0.0 if greedy else float(rc.temperature), top_p=float(rc.top_p),
-            max_tokens=rc.max_tokens, seed=seed,
+            n=n,
+            temperature=0.0 if greedy else float(rc.temperature),
+            top_p=float(rc.top_p),
+            max_tokens=rc.max_tokens,
+            seed=seed,
         )
 
     def evaluate(self) -> dict:
@@ -270,8 +276,10 @@ class Job:
         random.setstate(_from_jsonable(state["python_rng"]))
         if self.extra and state.get("schedule"):
             self.extra.load_state(state["schedule"])
-        self.log(f"resumed from {os.path.join(root, tag)} (rl_step {state['rl_step']}, "
-                 f"data position {self.cursor.position}, MLflow run {self.tracker.run_id})")
+        self.log(
+            f"resumed from {os.path.join(root, tag)} (rl_step {state['rl_step']}, "
+            f"data position {self.cursor.position}, MLflow run {self.tracker.run_id})"
+        )
         return int(state["rl_step"]) + 1
 
     def analyze_own_checkpoints(self) -> dict:
@@ -286,13 +294,23 @@ class Job:
         a = self.cfg.analysis
         options = {k: a[k] for k in ("weight_fraction", "num_probes", "samples_per_probe", "plots")}
         prompts = [self.eval_ds[i]["prompt"] for i in range(min(int(a.num_probes), len(self.eval_ds)))]
-        result = analyze_run(found, os.path.join(self.output_dir, "linearity"), options, prompts=prompts,
-                             chat_template=bool(self.cfg.data.apply_chat_template),
-                             mlflow_run_id=self.tracker.run_id, tracking_uri=self.tracker.uri, log=self.log)
+        result = analyze_run(
+            found,
+            os.path.join(self.output_dir, "linearity"),
+            options,
+            prompts=prompts,
+            chat_template=bool(self.cfg.data.apply_chat_template),
+            mlflow_run_id=self.tracker.run_id,
+            tracking_uri=self.tracker.uri,
+            log=self.log,
+        )
         r2 = result.get("weights", {}).get("r2", {})
-        return {"checkpoints": len(found), "weights_r2_median": r2.get("median"),
-                "weights_frac_above_0_7": r2.get("frac_above_0.7"),
-                "output": os.path.join(self.output_dir, "linearity")}
+        return {
+            "checkpoints": len(found),
+            "weights_r2_median": r2.get("median"),
+            "weights_frac_above_0_7": r2.get("frac_above_0.7"),
+            "output": os.path.join(self.output_dir, "linearity"),
+        }
 
     def one_step(self, step: int) -> dict:
         """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
@@ -329,10 +347,14 @@ class Job:
         self.learner_restarts += 1
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if self.learner_restarts > limit:
-            raise RuntimeError(f"learner group failed at rl_step {failed_step} and no restart is left "
-                               f"(trainer.max_learner_restarts={limit}): {reason}") from exc
-        self.log(f"learner rank died at rl_step {failed_step} ({reason}); restarting the learner group "
-                 f"({self.learner_restarts}/{limit})")
+            raise RuntimeError(
+                f"learner group failed at rl_step {failed_step} and no restart is left "
+                f"(trainer.max_learner_restarts={limit}): {reason}"
+            ) from exc
+        self.log(
+            f"learner rank died at rl_step {failed_step} ({reason}); restarting the learner group "
+            f"({self.learner_restarts}/{limit})"
+        )
         self.groups.restart_learners()
         if self.extra:
             self.extra.setup_learners()
@@ -364,11 +386,19 @@ class Job:
         else:
             before = self.eval_before = self.evaluate()
             self.tracker.log_metrics(before, step=0)
-            self.log(f"eval before training: greedy {before['eval/greedy_accuracy']:.3f}, "
-                     f"avg@{tr.eval_samples} {before['eval/avg_at_k']:.3f}")
+            self.log(
+                f"eval before training: greedy {before['eval/greedy_accuracy']:.3f}, "
+                f"avg@{tr.eval_samples} {before['eval/avg_at_k']:.3f}"
+            )
         last_eval = before
-        bar = tqdm(total=tr.total_steps, initial=first_step - 1, desc="rl", disable=not tr.progress, file=sys.stdout,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=tr.total_steps,
+            initial=first_step - 1,
+            desc="rl",
+            disable=not tr.progress,
+            file=sys.stdout,
+            dynamic_ncols=True,
+        )
         step = first_step
         while step <= tr.total_steps:
             try:
@@ -451,18 +481,25 @@ class Job:
                 self.log(f"warning: shutdown step failed: {exc}")
 
 
-def extrapolation_config(schedule) -> "ExtrapolationConfig":
+def extrapolation_config(schedule) -> ExtrapolationConfig:
     from actors.extrapolator import ExtrapolationConfig
 
     s = schedule
     return ExtrapolationConfig(
-        m=int(s.m), n=int(s.n), beta_mode=str(s.beta_mode), beta=None if s.beta is None else float(s.beta),
-        anchor=str(s.anchor), candidates=tuple(float(c) for c in s.candidates),
+        m=int(s.m),
+        n=int(s.n),
+        beta_mode=str(s.beta_mode),
+        beta=None if s.beta is None else float(s.beta),
+        anchor=str(s.anchor),
+        candidates=tuple(float(c) for c in s.candidates),
         monitor_threshold=float(s.monitor_threshold),
         monitor_r2=None if s.monitor_r2 is None else float(s.monitor_r2),
-        selection=str(s.selection), selection_threshold=float(s.selection_threshold),
-        selection_fraction=float(s.selection_fraction), guard_nan=bool(s.guard_nan),
-        guard_margin=None if s.guard_margin is None else float(s.guard_margin), shrink=float(s.shrink),
+        selection=str(s.selection),
+        selection_threshold=float(s.selection_threshold),
+        selection_fraction=float(s.selection_fraction),
+        guard_nan=bool(s.guard_nan),
+        guard_margin=None if s.guard_margin is None else float(s.guard_margin),
+        shrink=float(s.shrink),
         optimizer=str(s.optimizer),
     )
 
@@ -477,7 +514,7 @@ class RLExtraSchedule:
     elements projected, displacement norm, drift share, R², validation reward before/after, guard decisions,
     time), plus `rl_extra/extrapolation-k.json` with every candidate and reason."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: Job):
         import ray
 
         from actors.extrapolator import ExtrapolatorActor
@@ -489,17 +526,27 @@ class RLExtraSchedule:
         self.reset_state()
         validation = self._validation_batch() if self.xcfg.needs_validation else None
         sampling = job.sampling(int(s.validation_samples), seed=job.cfg.seed + 777)
-        self.actor = ray.remote(ExtrapolatorActor).options(num_cpus=0, max_concurrency=1).remote(
-            self.xcfg, validation, sampling, str(job.cfg.data.verifier),
-            float(job.cfg.reward.timeout_s), float(job.cfg.rollout.bucket_mb))
+        self.actor = (
+            ray.remote(ExtrapolatorActor)
+            .options(num_cpus=0, max_concurrency=1)
+            .remote(
+                self.xcfg,
+                validation,
+                sampling,
+                str(job.cfg.data.verifier),
+                float(job.cfg.reward.timeout_s),
+                float(job.cfg.rollout.bucket_mb),
+            )
+        )
         job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
 
     def setup_learners(self) -> None:
         """Give every learner rank its projector (at start, and after a learner group restart)."""
         s = self.job.cfg.schedule
         exclude = None if s.exclude is None else list(s.exclude)
-        info = self.job.groups.call_learners("extra_setup", list(s.include), exclude, s.anchor_device,
-                                             str(s.velocity), int(s.monitor_samples))
+        info = self.job.groups.call_learners(
+            "extra_setup", list(s.include), exclude, s.anchor_device, str(s.velocity), int(s.monitor_samples)
+        )
         self.selected = sorted({n for i in info for n in i["selected"]})
         self.skipped = sorted({n for i in info for n in i["skipped"]})
 
@@ -521,7 +568,9 @@ class RLExtraSchedule:
         import random
 
         s, ds = self.job.cfg.schedule, self.job.train_ds
-        idx = random.Random(f"validation-{self.job.cfg.seed}").sample(range(len(ds)), min(s.validation_prompts, len(ds)))
+        idx = random.Random(f"validation-{self.job.cfg.seed}").sample(
+            range(len(ds)), min(s.validation_prompts, len(ds))
+        )
         rows = ds.select(idx)
         return [self.job.encode(p) for p in rows["prompt"]], list(rows["answer"])
 
@@ -532,7 +581,8 @@ class RLExtraSchedule:
         if first:
             self.cycle += 1
             self.phase_run = self.job.tracker.start_phase(
-                f"rl-phase-{self.cycle}", "rl_phase", {"cycle": self.cycle, "first_rl_step": step, "m": self.m})
+                f"rl-phase-{self.cycle}", "rl_phase", {"cycle": self.cycle, "first_rl_step": step, "m": self.m}
+            )
         if (first and self.xcfg.anchor == "cycle_start") or (last and self.xcfg.anchor == "previous_step"):
             self.job.groups.call_learners("extra_snapshot")
 
@@ -554,10 +604,21 @@ class RLExtraSchedule:
         import ray
 
         job, s = self.job, self.job.cfg.schedule
-        run = job.tracker.start_phase(f"extrapolation-{self.cycle}", "extrapolation_phase",
-                                      {"cycle": self.cycle, "beta_mode": s.beta_mode, "m": self.m, "n": s.n,
-                                       "rl_step": step, "selection": s.selection, "velocity": s.velocity,
-                                       "anchor": s.anchor, "tensors_eligible": len(self.selected)})
+        run = job.tracker.start_phase(
+            f"extrapolation-{self.cycle}",
+            "extrapolation_phase",
+            {
+                "cycle": self.cycle,
+                "beta_mode": s.beta_mode,
+                "m": self.m,
+                "n": s.n,
+                "rl_step": step,
+                "selection": s.selection,
+                "velocity": s.velocity,
+                "anchor": s.anchor,
+                "tensors_eligible": len(self.selected),
+            },
+        )
         eval_before = job.evaluate() if s.eval_around_projection else None
         rec, groups = ray.get(self.actor.extrapolate.remote(self.cycle, job.groups))
         job.groups.weight_version = groups.weight_version
@@ -593,14 +654,19 @@ class RLExtraSchedule:
         record = {k: v for k, v in vars(rec).items() if k != "drift_share_per_tensor"}
         record.update(rl_step=step, virtual_step=self.virtual_step, eval_before=eval_before, eval_after=eval_after)
         self.records.append(record)
-        job.tracker.log_json({**record, "drift_share_per_tensor": rec.drift_share_per_tensor},
-                             f"rl_extra/extrapolation-{self.cycle}.json")
+        job.tracker.log_json(
+            {**record, "drift_share_per_tensor": rec.drift_share_per_tensor},
+            f"rl_extra/extrapolation-{self.cycle}.json",
+        )
         job.tracker.end_phase(run)
-        what = {"made": f"projected with beta={rec.beta:.3g}", "skipped": "skipped",
-                "rolled_back": "rolled back"}[rec.outcome]
-        job.log(f"cycle {self.cycle} (rl_step {step}): {what}; drift share {rec.drift_share:.3f}, "
-                f"R² median {rec.r2_median:.3f}, selected {rec.selected_frac:.1%}"
-                + (f" — {'; '.join(rec.reasons)}" if rec.reasons else ""))
+        what = {"made": f"projected with beta={rec.beta:.3g}", "skipped": "skipped", "rolled_back": "rolled back"}[
+            rec.outcome
+        ]
+        job.log(
+            f"cycle {self.cycle} (rl_step {step}): {what}; drift share {rec.drift_share:.3f}, "
+            f"R² median {rec.r2_median:.3f}, selected {rec.selected_frac:.1%}"
+            + (f" — {'; '.join(rec.reasons)}" if rec.reasons else "")
+        )
         return result
 
     # ---------------------------------------------------------------------------------------- checkpoints
@@ -608,8 +674,14 @@ class RLExtraSchedule:
     def state(self) -> dict:
         import ray
 
-        return {"cycle": self.cycle, "virtual_step": self.virtual_step, "counters": dict(self.counters),
-                "phase_run": self.phase_run, "policy": ray.get(self.actor.state.remote()), "records": self.records}
+        return {
+            "cycle": self.cycle,
+            "virtual_step": self.virtual_step,
+            "counters": dict(self.counters),
+            "phase_run": self.phase_run,
+            "policy": ray.get(self.actor.state.remote()),
+            "records": self.records,
+        }
 
     def load_state(self, state: dict) -> None:
         import ray
@@ -639,7 +711,11 @@ class RLExtraSchedule:
 
 def complete_checkpoints(root: str) -> list[str]:
     """Checkpoint tags under `root` that finished writing (have rlextra_state.json), oldest first."""
-    tags = [d for d in os.listdir(root) if d.startswith("rl_step_") and os.path.exists(os.path.join(root, d, "rlextra_state.json"))]
+    tags = [
+        d
+        for d in os.listdir(root)
+        if d.startswith("rl_step_") and os.path.exists(os.path.join(root, d, "rlextra_state.json"))
+    ]
     return sorted(tags, key=lambda d: int(d.split("_")[-1]))
 
 
@@ -664,12 +740,18 @@ def print_summary(summary: dict) -> None:
     rows = [
         ("real RL steps", summary["rl_steps"]),
         ("virtual steps", f"{summary['virtual_steps']} ({summary['schedule']})"),
-        (f"eval Avg@{summary['eval_k']} before → after",
-         f"{summary['eval_accuracy_before']:.3f} → {summary['eval_accuracy_after']:.3f}"),
-        ("eval greedy accuracy before → after",
-         f"{summary['eval_greedy_accuracy_before']:.3f} → {summary['eval_greedy_accuracy_after']:.3f}"),
-        (f"eval Pass@{summary['eval_k']} before → after",
-         f"{summary['eval_pass_at_k_before']:.3f} → {summary['eval_pass_at_k_after']:.3f}"),
+        (
+            f"eval Avg@{summary['eval_k']} before → after",
+            f"{summary['eval_accuracy_before']:.3f} → {summary['eval_accuracy_after']:.3f}",
+        ),
+        (
+            "eval greedy accuracy before → after",
+            f"{summary['eval_greedy_accuracy_before']:.3f} → {summary['eval_greedy_accuracy_after']:.3f}",
+        ),
+        (
+            f"eval Pass@{summary['eval_k']} before → after",
+            f"{summary['eval_pass_at_k_before']:.3f} → {summary['eval_pass_at_k_after']:.3f}",
+        ),
         ("wall time (s)", f"{summary['wall_time_s']:.1f} (+{summary['setup_time_s']:.1f} set-up)"),
         ("mean step time (s)", f"{summary['mean_step_time_s']:.2f}"),
         ("MLflow run", f"{summary['mlflow_run_id']} ({summary['mlflow_tracking_uri']})"),

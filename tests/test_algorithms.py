@@ -111,7 +111,7 @@ def ref_rfpp_baseline(scores, index, mask):
 def ref_agg(loss, mask, mode):
     T = len(mask[0])
     lens = [sum(r) for r in mask]
-    sums = [sum(l * m for l, m in zip(rl, rm)) for rl, rm in zip(loss, mask)]
+    sums = [sum(x * m for x, m in zip(rl, rm)) for rl, rm in zip(loss, mask)]
     nonempty = [n > 0 for n in lens]
     if mode == "token-mean":
         return sum(sums) / sum(lens) if sum(lens) else 0.0

@@ -104,7 +104,12 @@ def test_filter_rules_small_change_and_few_distinct_values():
     acc = _feed(np.vstack(list(rows.values())), steps)
     keep, dropped = acc.keep_mask(1e-4, 4)
     assert dict(zip(rows, keep.tolist())) == {
-        "moves": True, "tiny": False, "three_values": False, "four_values": True, "tiny_and_few": False}
+        "moves": True,
+        "tiny": False,
+        "three_values": False,
+        "four_values": True,
+        "tiny_and_few": False,
+    }
     assert dropped == {"small_change": 2, "few_distinct": 1}
     assert acc.n_distinct.tolist() == [4, 4, 3, 4, 2]  # the tracker saturates at 4
 
@@ -119,8 +124,9 @@ def test_duplicate_step_and_too_few_points_are_one_line_errors():
 
 
 def test_config_from_a_mapping_names_the_bad_field():
-    assert AnalysisConfig.from_mapping({"enabled": True, "weight_fraction": 0.01, "track": 8.0, "plots": False}) == AnalysisConfig(
-        weight_fraction=0.01, track=8, plots=False)
+    assert AnalysisConfig.from_mapping(
+        {"enabled": True, "weight_fraction": 0.01, "track": 8.0, "plots": False}
+    ) == AnalysisConfig(weight_fraction=0.01, track=8, plots=False)
     with pytest.raises(AnalysisError, match=r"^analysis.weight_fractoin: unknown field"):
         AnalysisConfig.from_mapping({"weight_fractoin": 0.01})
     with pytest.raises(AnalysisError, match=r"^analysis.plots: expected bool, got 'false'"):
@@ -157,7 +163,9 @@ def test_the_same_sampled_elements_are_read_from_every_checkpoint(tmp_path):
             n = int(np.prod(shape))
             vals = torch.arange(n, dtype=torch.float64) + k * 1e4 + t * 0.5
             tensors[name] = vals.reshape(shape).to(torch.float32)
-        tensors["d.weight"] = (torch.arange(64, dtype=torch.float32) * 2 + t).to(torch.bfloat16)  # integers ≤ 256: exact
+        tensors["d.weight"] = (torch.arange(64, dtype=torch.float32) * 2 + t).to(
+            torch.bfloat16
+        )  # integers ≤ 256: exact
         tensors["step_counter"] = torch.tensor([t], dtype=torch.int64)  # not float: skipped
         _write_ckpt(tmp_path / f"rl_step_{t}", tensors)
     cfg = AnalysisConfig(weight_fraction=0.05, weight_min_samples=20, track=10_000, min_abs_change=0.0)
@@ -256,7 +264,10 @@ def _synthetic_hf_series(root: Path, steps, noisy: str) -> list[Checkpoint]:
     tok.save_pretrained(meta)
     g = torch.Generator().manual_seed(1)
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
-    vel = {k: torch.randn(v.shape, generator=g).sign() * (1 + torch.rand(v.shape, generator=g)) * 1e-3 for k, v in w0.items()}
+    vel = {
+        k: torch.randn(v.shape, generator=g).sign() * (1 + torch.rand(v.shape, generator=g)) * 1e-3
+        for k, v in w0.items()
+    }
     ckpts = []
     for t in steps:
         sd = {k: w0[k] + t * vel[k] for k in w0}
@@ -275,8 +286,9 @@ def test_analyze_run_on_synthetic_checkpoints_writes_json_and_plots(tmp_path):
     ckpts = _synthetic_hf_series(tmp_path / "ck", [0, 10, 20, 30, 40], noisy)
     prompts = ["12+34=", "56+7=", "9+81=", "40+44=", "3+3="]
     cfg = {"weight_fraction": 0.02, "samples_per_probe": 2, "probe_max_tokens": 6, "activation_samples": 300}
-    summary = analyze_run([(c.step, str(c.path)) for c in reversed(ckpts)], tmp_path / "out", cfg, prompts=prompts,
-                          log=lambda *_: None)
+    summary = analyze_run(
+        [(c.step, str(c.path)) for c in reversed(ckpts)], tmp_path / "out", cfg, prompts=prompts, log=lambda *_: None
+    )
     on_disk = json.loads((tmp_path / "out" / "linearity.json").read_text())
     assert on_disk["steps"] == [0, 10, 20, 30, 40] and on_disk["weights"]["r2"]["count"] > 500
     tensors = on_disk["weights"]["tensors"]
@@ -290,7 +302,7 @@ def test_analyze_run_on_synthetic_checkpoints_writes_json_and_plots(tmp_path):
     hm = on_disk["weights"]["heatmap"]
     assert hm["layers"] == ["0", "1", "global"] and hm["modules"][0] == "input_layernorm"
     lp = on_disk["logprobs"]
-    probes = [json.loads(l) for l in (tmp_path / "out" / "probes.jsonl").read_text().splitlines()]
+    probes = [json.loads(line) for line in (tmp_path / "out" / "probes.jsonl").read_text().splitlines()]
     assert lp["probes"] == len(probes) == 10 and lp["tokens"] == sum(len(p["response_ids"]) for p in probes)
     assert sum(g["count"] for g in lp["groups"].values()) == lp["tokens"]
     assert lp["r2_all"]["count"] == lp["tokens"]
@@ -298,8 +310,15 @@ def test_analyze_run_on_synthetic_checkpoints_writes_json_and_plots(tmp_path):
     assert len(acts["per_layer_mean"]) == 3 and all(acts["layers"][str(i)]["sampled"] == 300 for i in range(3))
     for name in summary["plots"].values():
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
-    assert set(summary["plots"]) == {"overview", "weights_r2_hist", "weights_heatmap", "weight_trajectories",
-                                     "logprob_r2_hist", "logprob_groups", "activations_r2"}
+    assert set(summary["plots"]) == {
+        "overview",
+        "weights_r2_hist",
+        "weights_heatmap",
+        "weight_trajectories",
+        "logprob_r2_hist",
+        "logprob_groups",
+        "activations_r2",
+    }
 
     # given responses are reused as they are: the same log-prob series again (JSON only this time)
     again = analyze_run(ckpts, tmp_path / "again", {**cfg, "plots": False}, prompts=probes, log=lambda *_: None)
@@ -327,19 +346,65 @@ def test_probe_prompts_come_from_a_hydra_run_dirs_eval_split(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--checkpoints", "/nonexistent/rl_step_1", "--out", "x"], "--checkpoints /nonexistent/rl_step_1: not a directory"),
+        (
+            ["--checkpoints", "/nonexistent/rl_step_1", "--out", "x"],
+            "--checkpoints /nonexistent/rl_step_1: not a directory",
+        ),
         (["--run-dir", "{tmp}/empty"], "no checkpoints/rl_step_N/hf folders"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "--steps", "0", "--out", "x"], "--steps: expected 2 steps"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "{tmp}/rl_step_3", "--out", "{tmp}/o", "--no-probes"],
-         "at least 4 checkpoints; got 3"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "{tmp}/odd_9", "--out", "{tmp}/o"], "no step in the path"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "{tmp}/rl_step_2", "{tmp}/rl_step_3", "--out", "{tmp}/o",
-          "--no-probes"],
-         "rl_step_2: tensor w has shape [5], the first checkpoint [4]"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/notckpt", "--steps", "0", "1", "--out", "x"], "expected model.safetensors"),
-        (["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "{tmp}/rl_step_3", "--out", "{tmp}/o",
-          "--probes", "{tmp}/bad.jsonl"], "--probes {tmp}/bad.jsonl: expected records with a string 'prompt'"),
-        (["--run-dir", "{tmp}/empty", "--weight-fraction", "2"], "analysis.weight_fraction: expected a number in (0, 1]"),
+        (
+            ["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "--steps", "0", "--out", "x"],
+            "--steps: expected 2 steps",
+        ),
+        (
+            [
+                "--checkpoints",
+                "{tmp}/rl_step_0",
+                "{tmp}/rl_step_1",
+                "{tmp}/rl_step_3",
+                "--out",
+                "{tmp}/o",
+                "--no-probes",
+            ],
+            "at least 4 checkpoints; got 3",
+        ),
+        (
+            ["--checkpoints", "{tmp}/rl_step_0", "{tmp}/rl_step_1", "{tmp}/odd_9", "--out", "{tmp}/o"],
+            "no step in the path",
+        ),
+        (
+            [
+                "--checkpoints",
+                "{tmp}/rl_step_0",
+                "{tmp}/rl_step_1",
+                "{tmp}/rl_step_2",
+                "{tmp}/rl_step_3",
+                "--out",
+                "{tmp}/o",
+                "--no-probes",
+            ],
+            "rl_step_2: tensor w has shape [5], the first checkpoint [4]",
+        ),
+        (
+            ["--checkpoints", "{tmp}/rl_step_0", "{tmp}/notckpt", "--steps", "0", "1", "--out", "x"],
+            "expected model.safetensors",
+        ),
+        (
+            [
+                "--checkpoints",
+                "{tmp}/rl_step_0",
+                "{tmp}/rl_step_1",
+                "{tmp}/rl_step_3",
+                "--out",
+                "{tmp}/o",
+                "--probes",
+                "{tmp}/bad.jsonl",
+            ],
+            "--probes {tmp}/bad.jsonl: expected records with a string 'prompt'",
+        ),
+        (
+            ["--run-dir", "{tmp}/empty", "--weight-fraction", "2"],
+            "analysis.weight_fraction: expected a number in (0, 1]",
+        ),
     ],
 )
 def test_cli_bad_input_fails_with_one_line(tmp_path, capsys, args, message):
@@ -357,7 +422,10 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, capsys, args, message):
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("python -m orchestrator.analyze: error:") and message.replace("{tmp}", str(tmp_path)) in err[0]
+    assert (
+        err[0].startswith("python -m orchestrator.analyze: error:")
+        and message.replace("{tmp}", str(tmp_path)) in err[0]
+    )
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -376,17 +444,40 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     from tests.test_job import compose_cfg, small_job_overrides
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose_cfg(small_job_overrides(cache_dir, tmp_path, steps=6) + [
-        "schedule=rl", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0", "trainer.eval_every=0", "learner.lr=5e-4",
-        "analysis.enabled=true", "analysis.num_probes=8", "analysis.weight_fraction=0.01", "analysis.plots=false"])
+    cfg = compose_cfg(
+        small_job_overrides(cache_dir, tmp_path, steps=6)
+        + [
+            "schedule=rl",
+            "trainer.checkpoint_every=2",
+            "trainer.keep_checkpoints=0",
+            "trainer.eval_every=0",
+            "learner.lr=5e-4",
+            "analysis.enabled=true",
+            "analysis.num_probes=8",
+            "analysis.weight_fraction=0.01",
+            "analysis.plots=false",
+        ]
+    )
     summary = run_job(cfg, str(tmp_path / "out"))
     # the trainer's own end-of-job analysis (analysis.enabled): the warm start + 3 checkpoints
     assert summary["linearity"]["checkpoints"] == 4 and 0.0 <= summary["linearity"]["weights_r2_median"] <= 1.0
     assert json.loads((tmp_path / "out" / "linearity" / "linearity.json").read_text())["steps"] == [0, 2, 4, 6]
     eval_file = write_toy_dataset(Path(cache_dir) / "data", toy_task_spec(cfg))["eval"]
 
-    code = main(["--run-dir", str(tmp_path / "out"), "--probes", str(eval_file), "--num-probes", "16",
-                 "--weight-fraction", "0.01", "--max-new-tokens", "6"])
+    code = main(
+        [
+            "--run-dir",
+            str(tmp_path / "out"),
+            "--probes",
+            str(eval_file),
+            "--num-probes",
+            "16",
+            "--weight-fraction",
+            "0.01",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     assert code == 0
     out = tmp_path / "out" / "linearity"
     result = json.loads((out / "linearity.json").read_text())

@@ -32,8 +32,19 @@ CONF = str(ROOT / "conf")
 VENV_BIN = Path(sys.executable).parent
 
 # What a job's working_dir upload leaves out (the README's runtime env lists the same).
-WORKING_DIR_EXCLUDES = [".git", ".venv", ".cache", "outputs", "multirun", "mlruns", "mlflow.db", "checkpoints",
-                        "bench/results", "**/__pycache__", ".pytest_cache"]
+WORKING_DIR_EXCLUDES = [
+    ".git",
+    ".venv",
+    ".cache",
+    "outputs",
+    "multirun",
+    "mlruns",
+    "mlflow.db",
+    "checkpoints",
+    "bench/results",
+    "**/__pycache__",
+    ".pytest_cache",
+]
 
 
 def compose_cfg(overrides: list[str]):
@@ -44,13 +55,27 @@ def compose_cfg(overrides: list[str]):
 def tiny_job_overrides(cache_dir, out_dir, steps=2) -> list[str]:
     """The tests' small job (the same model and data as tests/conftest.py's `toy_model_path`)."""
     return [
-        f"model.cache_dir={cache_dir}", "model.warm_start.steps=120", "model.warm_start.batch_size=64",
-        "data.toy.num_train=2000", "data.toy.num_eval=40", "data.toy.digits=1",
-        "schedule=rl", f"trainer.total_steps={steps}", "trainer.prompts_per_step=8", "trainer.samples_per_prompt=4",
-        "trainer.eval_every=0", "trainer.eval_prompts=8", "trainer.eval_samples=2", "trainer.progress=false",
-        "trainer.save_final=false", f"trainer.output_dir={out_dir}",
-        "learner.micro_batch_size=16", "rollout.kv_cache_mb=16", "reward.num_workers=1",
-        f"tracking.tracking_uri=sqlite:///{Path(out_dir) / 'mlflow.db'}", "tracking.experiment=test-cluster",
+        f"model.cache_dir={cache_dir}",
+        "model.warm_start.steps=120",
+        "model.warm_start.batch_size=64",
+        "data.toy.num_train=2000",
+        "data.toy.num_eval=40",
+        "data.toy.digits=1",
+        "schedule=rl",
+        f"trainer.total_steps={steps}",
+        "trainer.prompts_per_step=8",
+        "trainer.samples_per_prompt=4",
+        "trainer.eval_every=0",
+        "trainer.eval_prompts=8",
+        "trainer.eval_samples=2",
+        "trainer.progress=false",
+        "trainer.save_final=false",
+        f"trainer.output_dir={out_dir}",
+        "learner.micro_batch_size=16",
+        "rollout.kv_cache_mb=16",
+        "reward.num_workers=1",
+        f"tracking.tracking_uri=sqlite:///{Path(out_dir) / 'mlflow.db'}",
+        "tracking.experiment=test-cluster",
     ]
 
 
@@ -75,7 +100,10 @@ def test_cluster_group_files_declare_the_same_fields():
     "override, message",
     [
         ("cluster.learner_strategy=SOMETIMES", "cluster.learner_strategy: expected one of"),
-        ("cluster.rollout_resources={rollout_node:-1}", "cluster.rollout_resources: expected a number >= 0 for 'rollout_node'"),
+        (
+            "cluster.rollout_resources={rollout_node:-1}",
+            "cluster.rollout_resources: expected a number >= 0 for 'rollout_node'",
+        ),
         ("cluster.learner_resources={CPU:2}", "cluster.learner_resources: 'CPU' is set by rollout/learner num_cpus"),
         ("cluster.rollout_resources=[1,2]", "cluster.rollout_resources: expected a mapping"),
         ("cluster.max_rollout_restarts=-1", "cluster.max_rollout_restarts: expected an integer >= 0"),
@@ -107,11 +135,17 @@ def test_default_plan_is_one_shared_placement_group():
 def test_per_group_plan_with_custom_resources():
     from orchestrator.cluster import plan_placement, validate_cluster
 
-    cfg = compose_cfg([
-        "cluster=existing", "learner.world_size=3", "rollout.num_cpus=0", "learner.num_gpus=1",
-        "cluster.learner_strategy=STRICT_SPREAD", "cluster.rollout_resources={rollout_node:1}",
-        "cluster.learner_resources={learner_node:0.5}",
-    ])
+    cfg = compose_cfg(
+        [
+            "cluster=existing",
+            "learner.world_size=3",
+            "rollout.num_cpus=0",
+            "learner.num_gpus=1",
+            "cluster.learner_strategy=STRICT_SPREAD",
+            "cluster.rollout_resources={rollout_node:1}",
+            "cluster.learner_resources={learner_node:0.5}",
+        ]
+    )
     validate_cluster(cfg)
     plan = plan_placement(cfg, num_rollouts=1, world_size=3)
     rollout, learner = plan.groups
@@ -132,27 +166,45 @@ def _multinode_run(cache_dir: str, out_dir: str) -> dict:
 
     from orchestrator.train import Job
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"rollout_node": 1}, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"rollout_node": 1}, "include_dashboard": False},
+    )
     job = None
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, resources={"learner_node": 1})
-        cfg = compose_cfg(tiny_job_overrides(cache_dir, out_dir) + [
-            "cluster=existing", f"cluster.address={cluster.address}", "cluster.log_to_driver=false",
-            "cluster.rollout_resources={rollout_node:1}", "cluster.learner_resources={learner_node:1}",
-            "cluster.rollout_strategy=PACK", "cluster.learner_strategy=STRICT_SPREAD", "cluster.placement_timeout_s=120",
-            "learner.world_size=2", "learner.zero_stage=3", "learner.micro_batch_size=8", "learner.num_threads=1",
-        ])
+        cfg = compose_cfg(
+            tiny_job_overrides(cache_dir, out_dir)
+            + [
+                "cluster=existing",
+                f"cluster.address={cluster.address}",
+                "cluster.log_to_driver=false",
+                "cluster.rollout_resources={rollout_node:1}",
+                "cluster.learner_resources={learner_node:1}",
+                "cluster.rollout_strategy=PACK",
+                "cluster.learner_strategy=STRICT_SPREAD",
+                "cluster.placement_timeout_s=120",
+                "learner.world_size=2",
+                "learner.zero_stage=3",
+                "learner.micro_batch_size=8",
+                "learner.num_threads=1",
+            ]
+        )
         job = Job(cfg, out_dir)
         job.setup()
-        nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k.endswith("_node")) for n in ray.nodes() if n["Alive"]}
-        where = lambda actor: ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+        nodes = {
+            n["NodeID"]: sorted(k for k in n["Resources"] if k.endswith("_node")) for n in ray.nodes() if n["Alive"]
+        }
+        def where(actor):
+            return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
         steps = [job.rl_step(s) for s in (1, 2)]
         after = job.groups.generate([job.encode(job.train_ds[0]["prompt"])], job.sampling(2, seed=1))
         return {
             "node_resources": nodes,
             "rollout_nodes": [where(r) for r in job.groups.rollouts],
-            "learner_nodes": [where(l) for l in job.groups.learners],
+            "learner_nodes": [where(learner) for learner in job.groups.learners],
             "placement_groups": len(job.groups.placement_groups),
             "weight_versions": [m["perf/weight_version"] for m in steps],
             "losses": [m["train/loss"] for m in steps],
@@ -175,17 +227,23 @@ def test_groups_on_different_nodes_train_and_sync(toy_model_path, cache_dir, tmp
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_cluster", "multinode", str(cache_dir), str(tmp_path), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     r = json.loads(out.read_text())
-    by_resource = {res: [n for n, rs in r["node_resources"].items() if res in rs] for res in ("rollout_node", "learner_node")}
+    by_resource = {
+        res: [n for n, rs in r["node_resources"].items() if res in rs] for res in ("rollout_node", "learner_node")
+    }
     assert len(by_resource["rollout_node"]) == 1 and len(by_resource["learner_node"]) == 2
     assert r["placement_groups"] == 2
     assert r["rollout_nodes"] == by_resource["rollout_node"]
     assert sorted(r["learner_nodes"]) == sorted(by_resource["learner_node"]), "one rank on each learner node"
     assert r["weight_versions"] == [1, 2] and r["version_after"] == 2 and r["responses_after"] == 2
-    assert all(l == l for l in r["losses"]) and all(g > 0 for g in r["grad_norms"])
+    assert all(loss == loss for loss in r["losses"]) and all(g > 0 for g in r["grad_norms"])
 
 
 # ---------------------------------------------------------------------------------------- ray job submit
@@ -271,15 +329,34 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rxj", dir="/tmp")  # short: Ray's unix sockets live under it
     # Every port explicit: another Ray on this machine holds the defaults (the agent's 52365 above all).
     gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}  # the job gets the upload only
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")
+    }  # the job gets the upload only
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=6",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-         f"--metrics-export-port={metrics}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--num-cpus=6",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         out, _ = head.communicate(timeout=120)
@@ -304,11 +381,29 @@ def test_ray_job_submit_runs_the_job(ray_head, toy_model_path, cache_dir, tmp_pa
     out_dir = tmp_path / "out"
     runtime_env = {"excludes": WORKING_DIR_EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}}
     proc = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "orchestrator.train", "cluster=existing", f"hydra.run.dir={tmp_path / 'hydra'}",
-         *tiny_job_overrides(cache_dir, out_dir)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "orchestrator.train",
+            "cluster=existing",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+            *tiny_job_overrides(cache_dir, out_dir),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     log = proc.stdout[-4000:] + proc.stderr[-3000:]
     assert proc.returncode == 0 and "succeeded" in proc.stdout, log

@@ -156,14 +156,21 @@ def test_function_json_round_trip_and_prints_ignored():
 
 
 def test_function_livecodebench_string_form():
-    ref = json.dumps({"fn_name": "twoSum", "tests": [
-        {"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]"},
-        {"input": "[3, 2, 4]\n6", "output": "[1, 2]"},
-    ]})
-    src = ("class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
-           "        seen = {}\n        for i, x in enumerate(nums):\n"
-           "            if target - x in seen:\n                return [seen[target - x], i]\n"
-           "            seen[x] = i\n")
+    ref = json.dumps(
+        {
+            "fn_name": "twoSum",
+            "tests": [
+                {"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]"},
+                {"input": "[3, 2, 4]\n6", "output": "[1, 2]"},
+            ],
+        }
+    )
+    src = (
+        "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n"
+        "        seen = {}\n        for i, x in enumerate(nums):\n"
+        "            if target - x in seen:\n                return [seen[target - x], i]\n"
+        "            seen[x] = i\n"
+    )
     assert score_code(block(src), ref, limits=FAST) == 1.0
 
 
@@ -198,18 +205,35 @@ def test_no_code_block():
 
 
 def test_last_block_wins():
-    resp = ("first try:\n```python\ndef add(a, b):\n    return 0\n```\nfixed:\n"
-            "```\ndef add(a, b):\n    return a + b\n```\n```text\nnot code\n```")
+    resp = (
+        "first try:\n```python\ndef add(a, b):\n    return 0\n```\nfixed:\n"
+        "```\ndef add(a, b):\n    return a + b\n```\n```text\nnot code\n```"
+    )
     assert cv.extract_code(resp).strip() == "def add(a, b):\n    return a + b"
     assert score_code(resp, ADD_REF, limits=FAST) == 1.0
 
 
-@pytest.mark.parametrize("ref", [
-    "not json", "", "{", "null", "42", '"str"', "{}", "[]", '{"fn_name": "add"}',
-    '{"fn_name": "add", "tests": []}', '{"fn_name": "a b", "tests": [{"input": [1], "output": 1}]}',
-    '{"fn_name": "add", "tests": [{"input": 5, "output": 1}]}', '{"fn_name": "add", "tests": [{"output": 1}]}',
-    '[{"input": "1", "output": "1", "testtype": "functional"}]', '[{"input": 1, "output": "1"}]', "[1, 2]",
-])
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "not json",
+        "",
+        "{",
+        "null",
+        "42",
+        '"str"',
+        "{}",
+        "[]",
+        '{"fn_name": "add"}',
+        '{"fn_name": "add", "tests": []}',
+        '{"fn_name": "a b", "tests": [{"input": [1], "output": 1}]}',
+        '{"fn_name": "add", "tests": [{"input": 5, "output": 1}]}',
+        '{"fn_name": "add", "tests": [{"output": 1}]}',
+        '[{"input": "1", "output": "1", "testtype": "functional"}]',
+        '[{"input": 1, "output": "1"}]',
+        "[1, 2]",
+    ],
+)
 def test_bad_reference_scores_zero(ref):
     assert score_code(block("def add(a, b):\n    return a + b"), ref, limits=FAST) == 0.0
     assert verifiers.get_verifier("code")(block("print(1)"), ref) == 0.0
@@ -238,7 +262,7 @@ def test_adv_infinite_loop_is_killed_in_time():
 
 
 def test_adv_fork_bomb_is_contained():
-    src = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    src = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     r, dt = run_fast(src)
     assert not r.ok and dt < FAST.wall_s + MARGIN_S, (r, dt)
     assert procs_of_uid(r.isolation.get("uid", -1)) == []
@@ -266,9 +290,11 @@ def test_adv_huge_output_is_capped():
 def test_adv_cannot_write_outside_its_directory():
     tag = f"rlextra-sandbox-probe-{uuid.uuid4().hex}"
     targets = [f"/tmp/{tag}", f"/root/{tag}", f"/var/tmp/{tag}", f"/dev/shm/{tag}", str(ROOT / tag)]
-    src = (f"import os\nfor p in {targets!r}:\n    try:\n        open(p, 'w').write('x')\n"
-           "    except OSError:\n        pass\n"
-           "open('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())\n")
+    src = (
+        f"import os\nfor p in {targets!r}:\n    try:\n        open(p, 'w').write('x')\n"
+        "    except OSError:\n        pass\n"
+        "open('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())\n"
+    )
     try:
         r, dt = run_fast(src)
         assert r.ok and r.stdout.strip() == b"ok"  # the temp dir itself is writable
@@ -307,8 +333,10 @@ def test_adv_no_network_connection():
     srv.setblocking(False)
     port = srv.getsockname()[1]
     try:
-        src = ("import socket\ns = socket.socket()\ns.settimeout(1)\n"
-               f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'leak')\nprint('connected')\n")
+        src = (
+            "import socket\ns = socket.socket()\ns.settimeout(1)\n"
+            f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'leak')\nprint('connected')\n"
+        )
         r, dt = run_fast(src)
         assert not r.ok and b"connected" not in r.stdout and dt < FAST.wall_s + MARGIN_S
         with pytest.raises(BlockingIOError):
@@ -324,11 +352,13 @@ def test_adv_no_network_connection():
 
 def test_adv_cannot_kill_the_parent():
     me, pg = os.getpid(), os.getpgrp()
-    src = ("import os, signal\n"
-           "for f in (lambda: os.kill(os.getppid(), 9), lambda: os.kill(%d, 9), lambda: os.killpg(%d, 9),\n"
-           "          lambda: os.kill(1, 9), lambda: os.kill(-1, 9), lambda: os.killpg(0, 9)):\n"
-           "    try:\n        f()\n    except OSError:\n        pass\n"
-           "print('alive')\n" % (me, pg))
+    src = (
+        "import os, signal\n"
+        f"for f in (lambda: os.kill(os.getppid(), 9), lambda: os.kill({me}, 9), lambda: os.killpg({pg}, 9),\n"
+        "          lambda: os.kill(1, 9), lambda: os.kill(-1, 9), lambda: os.killpg(0, 9)):\n"
+        "    try:\n        f()\n    except OSError:\n        pass\n"
+        "print('alive')\n"
+    )
     r, dt = run_fast(src)
     assert os.getpid() == me and dt < FAST.wall_s + MARGIN_S  # we are still here
     assert r.returncode is not None  # the verifier saw the program end (killed by its own killpg)
@@ -343,11 +373,13 @@ def test_adv_cannot_delete_host_files(tmp_path):
     os.chmod(victim_dir, 0o777)
     os.chmod(victim, 0o666)
     repo_file = ROOT / "pyproject.toml"
-    src = ("import os, shutil\n"
-           f"for p in ({str(victim)!r}, {str(repo_file)!r}):\n"
-           "    for f in (os.remove, lambda p: open(p, 'w').close()):\n"
-           "        try:\n            f(p)\n        except OSError:\n            pass\n"
-           f"shutil.rmtree({str(victim_dir)!r}, ignore_errors=True)\nprint('done')\n")
+    src = (
+        "import os, shutil\n"
+        f"for p in ({str(victim)!r}, {str(repo_file)!r}):\n"
+        "    for f in (os.remove, lambda p: open(p, 'w').close()):\n"
+        "        try:\n            f(p)\n        except OSError:\n            pass\n"
+        f"shutil.rmtree({str(victim_dir)!r}, ignore_errors=True)\nprint('done')\n"
+    )
     before = repo_file.read_bytes()
     r, dt = run_fast(src)
     assert r.ok and dt < FAST.wall_s + MARGIN_S
@@ -357,13 +389,15 @@ def test_adv_cannot_delete_host_files(tmp_path):
 
 def test_adv_spawned_sleeper_is_killed():
     marker = f"rlextra-sleeper-{uuid.uuid4().hex}"
-    src = ("import os, sys, time\n"
-           "if os.fork() == 0:\n"
-           "    os.setsid()\n"
-           "    if os.fork() == 0:\n"
-           f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
-           "    os._exit(0)\n"
-           "time.sleep(0.3)\nprint('parent exits')\n")
+    src = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.3)\nprint('parent exits')\n"
+    )
     r, dt = run_fast(src)
     assert r.ok and dt < FAST.wall_s + MARGIN_S
     time.sleep(0.1)
@@ -376,15 +410,17 @@ def test_fallback_without_pid_and_mount_namespaces():
     program still runs unprivileged in a private directory that is removed afterwards."""
     marker = f"rlextra-sleeper-{uuid.uuid4().hex}"
     tag = f"rlextra-sandbox-probe-{uuid.uuid4().hex}"
-    src = ("import os, sys\n"
-           "if os.fork() == 0:\n"
-           "    os.setsid()\n"
-           f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
-           "try:\n"
-           f"    open('/root/{tag}', 'w')\n"
-           "except OSError:\n"
-           "    pass\n"
-           "print(os.getuid(), os.getcwd())\n")
+    src = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
+        "try:\n"
+        f"    open('/root/{tag}', 'w')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(os.getuid(), os.getcwd())\n"
+    )
     t0 = time.monotonic()
     r = run_program({"solution.py": src}, ["solution.py"], "", FAST, namespaces=("net",))
     assert r.ok and time.monotonic() - t0 < FAST.wall_s + MARGIN_S
@@ -402,9 +438,11 @@ def test_pool_timeout_still_kills_the_sandbox():
     """If the pool's deadline fires before the sandbox's (misconfigured timeout), the
     worker is killed and the sandbox dies with it (parent-death signals)."""
     marker = f"rlextra-sleeper-{uuid.uuid4().hex}"
-    src = ("import os, sys, time\ndef f():\n    if os.fork() == 0:\n"
-           f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
-           "    time.sleep(30)\n")
+    src = (
+        "import os, sys, time\ndef f():\n    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}])\n"
+        "    time.sleep(30)\n"
+    )
     with ScoringPool(1, 1.0) as p:
         assert p.score("code", block(src), fn_ref("f", [([], 1)])) == 0.0
     deadline = time.monotonic() + 3.0
@@ -452,8 +490,10 @@ def test_pool_bad_program_does_not_affect_others(pool):
     tasks = make_code_tasks(4, seed=7, tests_per_task=1)
     good = [(block(t["canonical_solution"]), t["answer"]) for t in tasks]
     loop = (block("def f():\n    while True:\n        pass"), fn_ref("f", [([], 1)]))
-    bomb = (block("import os\ndef f():\n    os.kill(os.getppid(), 9)\n    while True:\n        os.fork()"),
-            fn_ref("f", [([], 1)]))
+    bomb = (
+        block("import os\ndef f():\n    os.kill(os.getppid(), 9)\n    while True:\n        os.fork()"),
+        fn_ref("f", [([], 1)]),
+    )
     samples = [good[0], loop, good[1], bomb, good[2], good[3]]
     scores, dt = timed(pool.score_batch, "code", [s[0] for s in samples], [s[1] for s in samples])
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]

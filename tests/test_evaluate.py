@@ -15,7 +15,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from orchestrator.config import ConfigError
-from orchestrator.evaluate import checkpoint_step, pass_levels, resolve_datasets, rewrite_argv, sample_metrics, validate_eval
+from orchestrator.evaluate import (
+    checkpoint_step,
+    pass_levels,
+    resolve_datasets,
+    rewrite_argv,
+    sample_metrics,
+    validate_eval,
+)
 from orchestrator.train import pass_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +73,10 @@ def test_pass_levels():
 
 def test_literal_flag_maps_to_hydra_override():
     assert rewrite_argv(["x.py", "--logits-extrapolation", "eval.k=4"]) == [
-        "x.py", "eval.logits_extrapolation.enabled=true", "eval.k=4"]
+        "x.py",
+        "eval.logits_extrapolation.enabled=true",
+        "eval.k=4",
+    ]
 
 
 def test_checkpoint_step(tmp_path):
@@ -89,13 +99,19 @@ def test_datasets_from_group_names_and_dicts():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["eval.checkpoints=[/nonexistent/ckpt]"], r"^eval.checkpoints\[0\]: expected a checkpoint directory with config.json"),
+        (
+            ["eval.checkpoints=[/nonexistent/ckpt]"],
+            r"^eval.checkpoints\[0\]: expected a checkpoint directory with config.json",
+        ),
         (["eval.k=0"], r"^eval.k: expected an integer >= 1, got 0"),
         (["eval.top_p=1.5"], r"^eval.top_p: expected a number > 0 and <= 1"),
         (["eval.datasets=[nope]"], r"^eval.datasets\[0\]: expected a data group name"),
         (["eval.datasets=[{toy:{digitz:1}}]"], r"^eval.datasets\[0\]: .*digitz"),
         (["eval.datasets=[{toy:{digits:9}}]"], r"^eval.datasets\[0\].toy.digits: expected an integer in \[1, 6\]"),
-        (["eval.max_tokens=40"], r"^data.max_prompt_tokens: expected max_prompt_tokens \+ max tokens \(32 \+ 40\) <= rollout.max_model_len"),
+        (
+            ["eval.max_tokens=40"],
+            r"^data.max_prompt_tokens: expected max_prompt_tokens \+ max tokens \(32 \+ 40\) <= rollout.max_model_len",
+        ),
         (["eval.logits_extrapolation.enabled=true"], r"^eval.logits_extrapolation.t0_path: expected a checkpoint path"),
     ],
 )
@@ -106,8 +122,11 @@ def test_bad_values_are_named(overrides, message):
 
 def test_alpha_and_steps_are_exclusive(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    lx = ["eval.logits_extrapolation.enabled=true", f"eval.logits_extrapolation.t0_path={tmp_path}",
-          f"eval.logits_extrapolation.t1_path={tmp_path}"]
+    lx = [
+        "eval.logits_extrapolation.enabled=true",
+        f"eval.logits_extrapolation.t0_path={tmp_path}",
+        f"eval.logits_extrapolation.t1_path={tmp_path}",
+    ]
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.alpha: expected exactly one of alpha or steps"):
         validate_eval(compose_eval(lx))
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.steps: expected three numbers"):
@@ -117,15 +136,23 @@ def test_alpha_and_steps_are_exclusive(tmp_path):
 
 def _run_cli(args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return subprocess.run([sys.executable, "-m", "orchestrator.evaluate", f"hydra.run.dir={tmp_path / 'hydra'}", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.evaluate", f"hydra.run.dir={tmp_path / 'hydra'}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
     proc = _run_cli([f"eval.checkpoints=[{tmp_path / 'missing'}]"], tmp_path)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("config error: eval.checkpoints[0]:") and "missing" in lines[0], proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("config error: eval.checkpoints[0]:") and "missing" in lines[0], (
+        proc.stderr
+    )
     assert not (tmp_path / "mlflow.db").exists(), "nothing is written before the config is valid"
 
 
@@ -139,7 +166,9 @@ def random_ckpt(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("random-ckpt")
     tok = build_tokenizer()
-    build_tiny_model(TinyModelSpec(seed=5), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id).save_pretrained(path)
+    build_tiny_model(
+        TinyModelSpec(seed=5), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -151,17 +180,30 @@ def test_cli_checkpoints_and_logits_extrapolation_end_to_end(toy_model_path, ran
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "eval.json"
-    proc = _run_cli([
-        f"model.cache_dir={cache_dir}", "data.toy.digits=1", "data.toy.num_train=2000", "data.toy.num_eval=40",
-        f"eval.checkpoints=[{toy_model_path},{random_ckpt},{toy_model_path}]",
-        "eval.datasets=[{name:add1},{group:toy_mul,name:mul1,toy:{digits:1,num_train:2000,num_eval:40}}]",
-        "eval.k=4", "eval.max_prompts=8", "eval.save_samples=true", f"eval.output={out}", "rollout.kv_cache_mb=16",
-        "--logits-extrapolation", f"eval.logits_extrapolation.t0_path={random_ckpt}",
-        f"eval.logits_extrapolation.t1_path={toy_model_path}", "eval.logits_extrapolation.steps=[0,100,150]",
-    ], tmp_path, timeout=900)
+    proc = _run_cli(
+        [
+            f"model.cache_dir={cache_dir}",
+            "data.toy.digits=1",
+            "data.toy.num_train=2000",
+            "data.toy.num_eval=40",
+            f"eval.checkpoints=[{toy_model_path},{random_ckpt},{toy_model_path}]",
+            "eval.datasets=[{name:add1},{group:toy_mul,name:mul1,toy:{digits:1,num_train:2000,num_eval:40}}]",
+            "eval.k=4",
+            "eval.max_prompts=8",
+            "eval.save_samples=true",
+            f"eval.output={out}",
+            "rollout.kv_cache_mb=16",
+            "--logits-extrapolation",
+            f"eval.logits_extrapolation.t0_path={random_ckpt}",
+            f"eval.logits_extrapolation.t1_path={toy_model_path}",
+            "eval.logits_extrapolation.steps=[0,100,150]",
+        ],
+        tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert [l["how"] for l in summary["engine_loads"]] == ["start", "reload", "reload"]
+    assert [load["how"] for load in summary["engine_loads"]] == ["start", "reload", "reload"]
     rows = {(r["target"], r["step"], r["dataset"]): r for r in summary["results"]}
     assert len(rows) == 3 * 2 + 2
     for r in summary["results"]:
@@ -178,7 +220,7 @@ def test_cli_checkpoints_and_logits_extrapolation_end_to_end(toy_model_path, ran
         assert lx["kind"] == "logits_extrapolation" and lx["extra"]["alpha"] == 1.5
     samples = sorted((tmp_path / "samples").glob("*.jsonl"))
     assert len(samples) == 8
-    texts = [[json.loads(l)["response"] for l in p.read_text().splitlines()] for p in samples]
+    texts = [[json.loads(line)["response"] for line in p.read_text().splitlines()] for p in samples]
     assert texts[0] == texts[4] and texts[0] != texts[2]  # toy (start) == toy (reloaded) != random, dataset add1
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -188,8 +230,11 @@ def test_cli_checkpoints_and_logits_extrapolation_end_to_end(toy_model_path, ran
     for ds in ("add1", "mul1"):
         hist = client.get_metric_history(run.info.run_id, f"eval/{ds}/avg_at_k")
         assert sorted((m.step, m.value) for m in hist) == [
-            (s, rows[(t, s, ds)]["avg_at_k"]) for s, t in enumerate([toy_model_path, random_ckpt, toy_model_path])]
+            (s, rows[(t, s, ds)]["avg_at_k"]) for s, t in enumerate([toy_model_path, random_ckpt, toy_model_path])
+        ]
         assert [m.step for m in client.get_metric_history(run.info.run_id, f"eval/{ds}/pass_at_2")] == [0, 1, 2]
         lx_hist = client.get_metric_history(run.info.run_id, f"logits_extra/{ds}/pass_at_k")
-        assert [(m.step, m.value) for m in lx_hist] == [(150, rows[("logits-extrapolation(alpha=1.5)", 150, ds)]["pass_at_k"])]
+        assert [(m.step, m.value) for m in lx_hist] == [
+            (150, rows[("logits-extrapolation(alpha=1.5)", 150, ds)]["pass_at_k"])
+        ]
     assert "eval.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -129,7 +129,9 @@ def test_selector_patterns_and_errors():
     assert TensorSelector(include="*proj*").include == ("*proj*",)  # a bare string is one pattern
     assert not TensorSelector(include=[]).selected("anything")
     assert TensorSelector(exclude=[]).selected("model.norm.weight")
-    assert TensorSelector(exclude=["[n]orm*"]).selected("xnorm") and not TensorSelector(exclude=["[n]orm*"]).selected("norm")
+    assert TensorSelector(exclude=["[n]orm*"]).selected("xnorm") and not TensorSelector(exclude=["[n]orm*"]).selected(
+        "norm"
+    )
     for kw, what in [({"exclude": ["[ab"]}, "exclude pattern '[ab'"), ({"include": [""]}, "include pattern ''"),
                      ({"include": [3]}, "include pattern 3")]:  # fmt: skip
         with pytest.raises(ValueError) as e:

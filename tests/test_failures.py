@@ -31,8 +31,9 @@ def _sample(ray, actor, prompts, sampling):
 
 
 @pytest.mark.slow
-def test_dead_rollout_actor_is_restarted_and_resynced(ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch,
-                                                       capfd):
+def test_dead_rollout_actor_is_restarted_and_resynced(
+    ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch, capfd
+):
     import cloudpickle
     from mlflow.tracking import MlflowClient
 
@@ -42,7 +43,10 @@ def test_dead_rollout_actor_is_restarted_and_resynced(ray_session, toy_model_pat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out_dir = tmp_path / "out"
     overrides = tiny_job_overrides(cache_dir, out_dir, steps=4) + [
-        "rollout.num_actors=2", "cluster.max_rollout_restarts=2", "learner.lr=1e-3"]
+        "rollout.num_actors=2",
+        "cluster.max_rollout_restarts=2",
+        "learner.lr=1e-3",
+    ]
     job = Job(compose_cfg(overrides), str(out_dir))
     try:
         job.setup()
@@ -79,7 +83,9 @@ def test_dead_rollout_actor_is_restarted_and_resynced(ray_session, toy_model_pat
         assert a.response_ids == b.response_ids
         assert max(abs(x - y) for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb)) < 1e-4
         moved = max(abs(x - y) for la, lb in zip(b.logprobs, at_v0.logprobs) for x, y in zip(la, lb))
-        assert moved > 1e-3 or b.response_ids != at_v0.response_ids, "training changed the policy (else the check is void)"
+        assert moved > 1e-3 or b.response_ids != at_v0.response_ids, (
+            "training changed the policy (else the check is void)"
+        )
 
         # A copy of the groups (as handed to another actor) replaces engine 1; the original adopts that one.
         copy = cloudpickle.loads(cloudpickle.dumps(groups))
@@ -98,7 +104,9 @@ def test_dead_rollout_actor_is_restarted_and_resynced(ray_session, toy_model_pat
 
         # No restart left: the next death fails with one line naming the limit.
         _kill_process_of(ray, groups.rollouts[0])
-        with pytest.raises(RuntimeError, match=r"rollout actor 0 died and no restart is left \(cluster.max_rollout_restarts=2"):
+        with pytest.raises(
+            RuntimeError, match=r"rollout actor 0 died and no restart is left \(cluster.max_rollout_restarts=2"
+        ):
             groups.generate(probe, seeded)
     finally:
         job.close()

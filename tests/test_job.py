@@ -66,9 +66,19 @@ def test_short_job_logs_to_mlflow(ray_session, cache_dir, tmp_path, monkeypatch)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["learner.zero_stage"] == "2" and run.data.params["algo.name"] == "grpo"
-    for name in ("train/reward_mean", "train/loss", "train/clip_frac", "train/kl_behaviour", "train/entropy",
-                 "train/response_length", "perf/tokens_per_s", "time/rollout_s", "time/reward_s",
-                 "time/learn_s", "time/sync_s"):
+    for name in (
+        "train/reward_mean",
+        "train/loss",
+        "train/clip_frac",
+        "train/kl_behaviour",
+        "train/entropy",
+        "train/response_length",
+        "perf/tokens_per_s",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/learn_s",
+        "time/sync_s",
+    ):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1, 2, 3], name
     rewards = [m.value for m in client.get_metric_history(run.info.run_id, "train/reward_mean")]
@@ -101,9 +111,16 @@ def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monk
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = small_job_overrides(cache_dir, tmp_path, steps=3) + [
-        f"algo={algo}", "trainer.eval_every=0", "trainer.save_final=false",
-        "schedule=rl_extra", "schedule.m=1", "schedule.n=1", "schedule.beta_mode=schedule",
-        "schedule.selection=names", *extra]
+        f"algo={algo}",
+        "trainer.eval_every=0",
+        "trainer.save_final=false",
+        "schedule=rl_extra",
+        "schedule.m=1",
+        "schedule.n=1",
+        "schedule.beta_mode=schedule",
+        "schedule.selection=names",
+        *extra,
+    ]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     assert summary["projections_made"] == 2 and summary["virtual_steps"] == 5  # none after the last step
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -130,10 +147,19 @@ def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_p
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = [o for o in small_job_overrides(cache_dir, tmp_path, steps=1) if not o.startswith("data.toy.")] + [
-        "data=toy_code", "data.toy.num_train=40", "data.toy.num_eval=4", "model.warm_start.steps=30",
-        "model.warm_start.batch_size=16", "trainer.eval_every=0", "trainer.save_final=false",
-        "trainer.prompts_per_step=4", "trainer.samples_per_prompt=2", "learner.micro_batch_size=8",
-        "rollout.max_tokens=48", "rollout.kv_cache_mb=32"]
+        "data=toy_code",
+        "data.toy.num_train=40",
+        "data.toy.num_eval=4",
+        "model.warm_start.steps=30",
+        "model.warm_start.batch_size=16",
+        "trainer.eval_every=0",
+        "trainer.save_final=false",
+        "trainer.prompts_per_step=4",
+        "trainer.samples_per_prompt=2",
+        "learner.micro_batch_size=8",
+        "rollout.max_tokens=48",
+        "rollout.kv_cache_mb=32",
+    ]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
@@ -145,7 +171,9 @@ def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("beta, rolled_back", [(None, 0), (1e45, 2)])
-def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back):
+def test_rl_extra_schedule_projects_and_logs_nested_phases(
+    ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back
+):
     """schedule=rl_extra: 2 cycles of (m=2 real, n=3 virtual) steps and a last real step (no projection after
     the job's last step), each phase a nested MLflow run. β = 1e45 overflows fp32 (an injected fault): the
     guard must roll both projections back."""
@@ -155,9 +183,15 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(ray_session, cache_di
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = small_job_overrides(cache_dir, tmp_path, steps=5) + [
-        "schedule=rl_extra", "schedule.m=2", "schedule.n=3", "schedule.selection=names",
-        f"schedule.beta_mode={'schedule' if beta is None else 'fixed'}", f"schedule.beta={'null' if beta is None else beta}",
-        "trainer.eval_every=0", "trainer.save_final=false"]
+        "schedule=rl_extra",
+        "schedule.m=2",
+        "schedule.n=3",
+        "schedule.selection=names",
+        f"schedule.beta_mode={'schedule' if beta is None else 'fixed'}",
+        f"schedule.beta={'null' if beta is None else beta}",
+        "trainer.eval_every=0",
+        "trainer.save_final=false",
+    ]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     assert summary["rl_steps"] == 5
     assert summary["projections_made"] == 2 - rolled_back and summary["projections_rolled_back"] == rolled_back
@@ -196,16 +230,28 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     from orchestrator.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    extra = (["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"] if mode == "adaptive"
-             else ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"])
+    extra = (
+        ["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"]
+        if mode == "adaptive"
+        else ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"]
+    )
     overrides = small_job_overrides(cache_dir, tmp_path, steps=5) + [
-        "schedule=rl_extra", "schedule.m=2", "schedule.n=2", "schedule.validation_prompts=16",
-        "schedule.selection=names", "trainer.eval_every=0", "trainer.save_final=false", *extra]
+        "schedule=rl_extra",
+        "schedule.m=2",
+        "schedule.n=2",
+        "schedule.validation_prompts=16",
+        "schedule.selection=names",
+        "trainer.eval_every=0",
+        "trainer.save_final=false",
+        *extra,
+    ]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = summary["mlflow_run_id"]
     exp = client.get_run(parent).info.experiment_id
-    phases = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.rlextra.kind = 'extrapolation_phase'")
+    phases = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.rlextra.kind = 'extrapolation_phase'"
+    )
     assert len(phases) == 2
     for run in phases:
         before, after = run.data.metrics["extra/val_reward_before"], run.data.metrics["extra/val_reward_after"]
@@ -230,7 +276,11 @@ def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'cli.db'}")
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.train", f"hydra.run.dir={tmp_path / 'hydra'}", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -247,7 +297,7 @@ def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 def test_cli_bad_value_fails_with_one_line(tmp_path, override, field):
     proc = _run_cli([override], tmp_path)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"config error: {field}:"), proc.stderr
     assert not (tmp_path / "cli.db").exists(), "nothing is written before the config is valid"
 
@@ -270,8 +320,15 @@ def test_missing_data_file_names_the_file(tmp_path):
     from orchestrator.config import ConfigError
     from orchestrator.data import load_splits
 
-    cfg = compose_cfg(["model=hf", f"model.path={tmp_path}", "data=files",
-                       f"data.train_files={tmp_path / 'nope.jsonl'}", f"data.eval_files={tmp_path / 'nope.jsonl'}"])
+    cfg = compose_cfg(
+        [
+            "model=hf",
+            f"model.path={tmp_path}",
+            "data=files",
+            f"data.train_files={tmp_path / 'nope.jsonl'}",
+            f"data.eval_files={tmp_path / 'nope.jsonl'}",
+        ]
+    )
     with pytest.raises(ConfigError, match="data.train_files: file not found"):
         load_splits(cfg)
 
@@ -286,8 +343,14 @@ def test_real_dataset_fields_are_mapped(tmp_path):
     rows = [{"question": f"What is {i}+{i}?", "solution": str(2 * i)} for i in range(5)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "eval.parquet"))
-    base = ["model=hf", f"model.path={tmp_path}", "data=files", f"data.train_files={tmp_path / 'train.jsonl'}",
-            f"data.eval_files={tmp_path / 'eval.parquet'}", "data.prompt_template='{prompt} Answer:'"]
+    base = [
+        "model=hf",
+        f"model.path={tmp_path}",
+        "data=files",
+        f"data.train_files={tmp_path / 'train.jsonl'}",
+        f"data.eval_files={tmp_path / 'eval.parquet'}",
+        "data.prompt_template='{prompt} Answer:'",
+    ]
     train, evals = load_splits(compose_cfg(base + ["data.prompt_field=question", "data.answer_field=solution"]))
     assert train[2] == {"prompt": "What is 2+2? Answer:", "answer": "4"}
     assert len(evals) == 5 and evals.column_names == ["prompt", "answer"]

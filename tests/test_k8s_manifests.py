@@ -34,8 +34,11 @@ _spec.loader.exec_module(check)
 
 VARIANTS = ["cpu-smoke", "gpu"]
 SHARED_MOUNT = "/mnt/rlextra"
-KUSTOMIZATIONS = {f"{prefix}/{part}" for prefix in ["base", "overlays/cpu-smoke", "overlays/gpu"]
-                  for part in ["platform", "raycluster", "rayjob"]}
+KUSTOMIZATIONS = {
+    f"{prefix}/{part}"
+    for prefix in ["base", "overlays/cpu-smoke", "overlays/gpu"]
+    for part in ["platform", "raycluster", "rayjob"]
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,15 @@ def test_every_manifest_renders_and_validates(report):
     assert set(report.rendered) == KUSTOMIZATIONS
     for prefix in ["base", "overlays/cpu-smoke", "overlays/gpu"]:
         kinds = sorted(m.kind for m in report.rendered[f"{prefix}/platform"])
-        assert kinds == ["Deployment", "Namespace", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                         "Service", "Service", "StatefulSet"]
+        assert kinds == [
+            "Deployment",
+            "Namespace",
+            "PersistentVolumeClaim",
+            "PersistentVolumeClaim",
+            "Service",
+            "Service",
+            "StatefulSet",
+        ]
         assert [m.kind for m in report.rendered[f"{prefix}/raycluster"]] == ["RayCluster"]
         assert [m.kind for m in report.rendered[f"{prefix}/rayjob"]] == ["RayJob"]
     assert [(m.kind, m.name) for m in report.standalone] == [("Secret", "rlextra-mlflow-db")]
@@ -75,9 +85,10 @@ def test_every_manifest_renders_and_validates(report):
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: renderer not cross-checked")
 def test_renderer_matches_kubectl_kustomize(report):
     for rel, manifests in report.rendered.items():
-        out = subprocess.run(["kubectl", "kustomize", str(check.K8S_DIR / rel)], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
-        theirs = sorted((json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(out) if d))
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(check.K8S_DIR / rel)], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        theirs = sorted(json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(out) if d)
         ours = sorted(json.dumps(m.obj, sort_keys=True) for m in manifests)
         assert ours == theirs, f"{rel}: the mini renderer and kubectl kustomize disagree"
 
@@ -214,7 +225,8 @@ def test_gpu_requests_and_shared_memory(report, variant):
             else:
                 assert gpus == 0, path
         assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].endswith(
-            "-gpu" if variant == "gpu" else "py311")
+            "-gpu" if variant == "gpu" else "py311"
+        )
 
 
 @pytest.mark.parametrize("variant", ["base"] + VARIANTS)
@@ -237,8 +249,11 @@ def test_mlflow_server_wiring(report, variant):
             env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
             uri = urlparse(env["MLFLOW_TRACKING_URI"])
             assert (uri.hostname, uri.port) == (service["metadata"]["name"], port), path
-            claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
-                      if "persistentVolumeClaim" in v}
+            claims = {
+                v["persistentVolumeClaim"]["claimName"]
+                for v in template["spec"]["volumes"]
+                if "persistentVolumeClaim" in v
+            }
             assert claims == {"rlextra-shared"} and ("PersistentVolumeClaim", "rlextra-shared") in platform
 
     # Credentials: only from the Secret whose keys secret.example.yaml shows; the URI is assembled from them.
@@ -255,8 +270,14 @@ def test_mlflow_server_wiring(report, variant):
     # MLflow 3 rejects unknown Host headers: in-cluster names and port-forward pass, anything else does not.
     allowed = [h.strip() for h in env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")]
     svc = service["metadata"]["name"]
-    for host in [svc, f"{svc}:{port}", f"{svc}.{namespace}:{port}", f"{svc}.{namespace}.svc.cluster.local:{port}",
-                 "localhost:5000", "127.0.0.1:5000"]:
+    for host in [
+        svc,
+        f"{svc}:{port}",
+        f"{svc}.{namespace}:{port}",
+        f"{svc}.{namespace}.svc.cluster.local:{port}",
+        "localhost:5000",
+        "127.0.0.1:5000",
+    ]:
         assert is_allowed_host_header(allowed, host), host
     for host in ["evil.example.com", f"{svc}.evil.example.com:{port}", "localhost.evil.example.com"]:
         assert not is_allowed_host_header(allowed, host), host
@@ -279,25 +300,53 @@ def _mutations():
         return o["spec"]["template"]["spec"]["containers"][0]
 
     return {
-        "replicas as a string": ("RayJob", lambda o: worker(o).__setitem__("replicas", "two"),
-                                 "'two' is not of type 'integer'"),
-        "misspelt field": ("RayJob", lambda o: o["spec"].__setitem__("shutdownAfterJobFinish", True),
-                           "'shutdownAfterJobFinish' was unexpected"),
-        "GPU only in requests": ("RayJob", lambda o: worker(o)["template"]["spec"]["containers"][0]["resources"]
-                                 ["limits"].pop("nvidia.com/gpu"), "must be in limits"),
-        "/dev/shm on disk": ("RayJob", lambda o: head_pod(o)["volumes"][0]["emptyDir"].pop("medium"),
-                             "no emptyDir(medium: Memory) mounted at /dev/shm"),
-        "image of another Ray": ("RayCluster", lambda o: head_pod(o)["containers"][0].__setitem__(
-                                 "image", "rayproject/ray:2.9.0-py311-gpu"), "is not Ray 2.60.0"),
-        "bad runtime env": ("RayJob", lambda o: o["spec"].__setitem__("runtimeEnvYAML", "pip: {packages: [x], y: 1}"),
-                            "rejected by ray.runtime_env.RuntimeEnv"),
-        "literal password": ("Deployment", lambda o: mlflow(o)["env"].__setitem__(
-                             1, {"name": "POSTGRES_PASSWORD", "value": "hunter2"}), "is a literal"),
-        "password in the URI": ("Deployment", lambda o: mlflow(o)["env"][3].__setitem__(
-                                "value", "postgresql://mlflow:hunter2@rlextra-postgres:5432/mlflow"),
-                                "embeds a literal password"),
-        "Deployment replicas as a string": ("Deployment", lambda o: o["spec"].__setitem__("replicas", "1"),
-                                            "'1' is not of type 'integer'"),
+        "replicas as a string": (
+            "RayJob",
+            lambda o: worker(o).__setitem__("replicas", "two"),
+            "'two' is not of type 'integer'",
+        ),
+        "misspelt field": (
+            "RayJob",
+            lambda o: o["spec"].__setitem__("shutdownAfterJobFinish", True),
+            "'shutdownAfterJobFinish' was unexpected",
+        ),
+        "GPU only in requests": (
+            "RayJob",
+            lambda o: worker(o)["template"]["spec"]["containers"][0]["resources"]["limits"].pop("nvidia.com/gpu"),
+            "must be in limits",
+        ),
+        "/dev/shm on disk": (
+            "RayJob",
+            lambda o: head_pod(o)["volumes"][0]["emptyDir"].pop("medium"),
+            "no emptyDir(medium: Memory) mounted at /dev/shm",
+        ),
+        "image of another Ray": (
+            "RayCluster",
+            lambda o: head_pod(o)["containers"][0].__setitem__("image", "rayproject/ray:2.9.0-py311-gpu"),
+            "is not Ray 2.60.0",
+        ),
+        "bad runtime env": (
+            "RayJob",
+            lambda o: o["spec"].__setitem__("runtimeEnvYAML", "pip: {packages: [x], y: 1}"),
+            "rejected by ray.runtime_env.RuntimeEnv",
+        ),
+        "literal password": (
+            "Deployment",
+            lambda o: mlflow(o)["env"].__setitem__(1, {"name": "POSTGRES_PASSWORD", "value": "hunter2"}),
+            "is a literal",
+        ),
+        "password in the URI": (
+            "Deployment",
+            lambda o: mlflow(o)["env"][3].__setitem__(
+                "value", "postgresql://mlflow:hunter2@rlextra-postgres:5432/mlflow"
+            ),
+            "embeds a literal password",
+        ),
+        "Deployment replicas as a string": (
+            "Deployment",
+            lambda o: o["spec"].__setitem__("replicas", "1"),
+            "'1' is not of type 'integer'",
+        ),
         "bad name": ("Service", lambda o: o["metadata"].__setitem__("name", "MLflow_UI"), "DNS-1123"),
     }
 
@@ -328,7 +377,9 @@ def test_broken_kustomizations_are_rejected(tmp_path):
 
     target = "patches: [{path: p.yaml, target: {kind: Namespace, name: a}}]\n"
     assert check.render(overlay(target, "[{op: add, path: /metadata/labels, value: {x: y}}]"))[0]["metadata"] == {
-        "name": "a", "labels": {"x": "y"}}
+        "name": "a",
+        "labels": {"x": "y"},
+    }
     cases = {
         "unsupported fields ['commonLabels']": overlay("commonLabels: {a: b}\n"),
         "matches no resource": overlay("patches: [{path: p.yaml, target: {kind: Namespace, name: b}}]\n"),
@@ -343,16 +394,23 @@ def test_broken_kustomizations_are_rejected(tmp_path):
 
 def test_json_patch_operations():
     doc = {"a": [1, 2], "b/c": {"d": 1}}
-    out = check.apply_json_patch(doc, [
-        {"op": "add", "path": "/a/-", "value": 3},
-        {"op": "add", "path": "/a/0", "value": 0},
-        {"op": "remove", "path": "/a/1"},
-        {"op": "replace", "path": "/b~1c/d", "value": 2},
-        {"op": "test", "path": "/b~1c/d", "value": 2},
-    ])
+    out = check.apply_json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/a/-", "value": 3},
+            {"op": "add", "path": "/a/0", "value": 0},
+            {"op": "remove", "path": "/a/1"},
+            {"op": "replace", "path": "/b~1c/d", "value": 2},
+            {"op": "test", "path": "/b~1c/d", "value": 2},
+        ],
+    )
     assert out == {"a": [0, 2, 3], "b/c": {"d": 2}} and doc == {"a": [1, 2], "b/c": {"d": 1}}
-    for bad in [{"op": "replace", "path": "/a/5", "value": 0}, {"op": "move", "path": "/a"},
-                {"op": "remove", "path": "/zz"}, {"op": "add", "path": "/a/9", "value": 0}]:
+    for bad in [
+        {"op": "replace", "path": "/a/5", "value": 0},
+        {"op": "move", "path": "/a"},
+        {"op": "remove", "path": "/zz"},
+        {"op": "add", "path": "/a/9", "value": 0},
+    ]:
         with pytest.raises(check.ManifestError):
             check.apply_json_patch(doc, [bad])
 
@@ -388,15 +446,27 @@ def test_mlflow_server_with_the_deployment_settings_serves_in_cluster_clients(re
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     port = _free_port()
-    args = [a for a in container["args"] if not a.startswith(("--host=", "--port=", "--workers=",
-                                                              "--artifacts-destination="))]
+    args = [
+        a
+        for a in container["args"]
+        if not a.startswith(("--host=", "--port=", "--workers=", "--artifacts-destination="))
+    ]
     assert args == [] and container["command"] == ["mlflow", "server"]
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host=127.0.0.1", f"--port={port}",
-           "--workers=1", f"--artifacts-destination={tmp_path / 'artifacts'}"]
-    proc_env = os.environ | {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                             "MLFLOW_SERVER_ALLOWED_HOSTS": env["MLFLOW_SERVER_ALLOWED_HOSTS"]}
-    proc = subprocess.Popen(["nice", "-n", "10", *cmd], env=proc_env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--workers=1",
+        f"--artifacts-destination={tmp_path / 'artifacts'}",
+    ]
+    proc_env = os.environ | {
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_SERVER_ALLOWED_HOSTS": env["MLFLOW_SERVER_ALLOWED_HOSTS"],
+    }
+    proc = subprocess.Popen(
+        ["nice", "-n", "10", *cmd], env=proc_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     in_cluster = f"rlextra-mlflow:{port}"
     try:
@@ -406,8 +476,10 @@ def test_mlflow_server_with_the_deployment_settings_serves_in_cluster_clients(re
             time.sleep(1)
         status, created = _request(f"{base}/experiments/create", in_cluster, {"name": "k8s-wiring"})
         assert status == 200
-        status, got = _request(f"{base}/experiments/get?experiment_id={created['experiment_id']}",
-                               f"rlextra-mlflow.rlextra.svc.cluster.local:{port}")
+        status, got = _request(
+            f"{base}/experiments/get?experiment_id={created['experiment_id']}",
+            f"rlextra-mlflow.rlextra.svc.cluster.local:{port}",
+        )
         assert status == 200 and got["experiment"]["name"] == "k8s-wiring"
         assert _request(f"{base}/experiments/search?max_results=1", f"localhost:{port}")[0] == 200
         assert _request(f"{base}/experiments/search?max_results=1", "evil.example.com")[0] == 403

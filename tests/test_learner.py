@@ -49,8 +49,14 @@ def _reference_step(model_path: str, batch: TrainBatch, spec: LearnerSpec):
     logits = forward_response_logits(model, batch)
     logp, _ = response_logits_to_logp(logits, batch.responses, batch.temperature)
     loss, _ = policy_loss(
-        spec.loss_kind, logp, batch.old_logp, batch.advantages, batch.response_mask,
-        clip_low=spec.clip_low, clip_high=spec.clip_high, agg=spec.loss_agg,
+        spec.loss_kind,
+        logp,
+        batch.old_logp,
+        batch.advantages,
+        batch.response_mask,
+        clip_low=spec.clip_low,
+        clip_high=spec.clip_high,
+        agg=spec.loss_agg,
     )
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
@@ -98,8 +104,16 @@ def _stop_group(ray, actors):
 def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg):
     ray = ray_session
     spec = LearnerSpec(
-        model_path=toy_model_path, world_size=2, zero_stage=3, dtype="fp32", lr=1e-3, grad_clip=0.0,
-        micro_batch_size=4, samples_per_rank=8, loss_agg=agg, num_threads=1,
+        model_path=toy_model_path,
+        world_size=2,
+        zero_stage=3,
+        dtype="fp32",
+        lr=1e-3,
+        grad_clip=0.0,
+        micro_batch_size=4,
+        samples_per_rank=8,
+        loss_agg=agg,
+        num_threads=1,
     )
     batch = _random_batch(toy_model_path)
     batch.old_logp = _behaviour_logp(toy_model_path, batch)

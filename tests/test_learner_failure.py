@@ -21,8 +21,9 @@ def _kill_process_of(ray, actor) -> int:
     return pid
 
 
-def test_dead_learner_restarts_group_from_checkpoint(ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch,
-                                                      capfd):
+def test_dead_learner_restarts_group_from_checkpoint(
+    ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch, capfd
+):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import Job
@@ -31,9 +32,17 @@ def test_dead_learner_restarts_group_from_checkpoint(ray_session, toy_model_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out_dir = tmp_path / "out"
     overrides = [o for o in tiny_job_overrides(cache_dir, out_dir, steps=5) if o != "schedule=rl"] + [
-        "learner.world_size=2", "learner.micro_batch_size=8", "trainer.checkpoint_every=2",
-        "trainer.max_learner_restarts=1", "schedule=rl_extra", "schedule.m=2", "schedule.n=2",
-        "schedule.beta_mode=schedule", "schedule.selection=top_elements", "learner.lr=1e-3"]
+        "learner.world_size=2",
+        "learner.micro_batch_size=8",
+        "trainer.checkpoint_every=2",
+        "trainer.max_learner_restarts=1",
+        "schedule=rl_extra",
+        "schedule.m=2",
+        "schedule.n=2",
+        "schedule.beta_mode=schedule",
+        "schedule.selection=top_elements",
+        "learner.lr=1e-3",
+    ]
     job = Job(compose_cfg(overrides), str(out_dir))
     try:
         job.setup()
@@ -57,15 +66,19 @@ def test_dead_learner_restarts_group_from_checkpoint(ray_session, toy_model_path
         run_id = summary["mlflow_run_id"]
         assert [m.step for m in client.get_metric_history(run_id, "rl_step")] == [1, 2, 3, 4, 5]
         exp = client.get_run(run_id).info.experiment_id
-        phases = sorted(r.info.run_name for r in client.search_runs(
-            [exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"))
+        phases = sorted(
+            r.info.run_name for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        )
         assert phases == ["extrapolation-1", "extrapolation-2", "rl-phase-1", "rl-phase-2", "rl-phase-3"]
 
         # No restart left: the next death ends the job with one clear line.
         _kill_process_of(ray, job.groups.learners[0])
         job.cfg.trainer.total_steps = 6
-        with pytest.raises(RuntimeError, match=r"learner group failed at rl_step \d and no restart is left "
-                                               r"\(trainer.max_learner_restarts=1\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"learner group failed at rl_step \d and no restart is left "
+            r"\(trainer.max_learner_restarts=1\)",
+        ):
             job.recover_learners(6, RuntimeError("injected"))
     finally:
         job.close()

@@ -236,7 +236,8 @@ def test_trend_accumulator_matches_polyfit(dtype, tol):
     np.testing.assert_allclose(v, slope, rtol=0, atol=tol)
     np.testing.assert_allclose(b, icpt, rtol=0, atol=tol * 10)
     r2_np = 1 - ((y - (icpt[:, None] + slope[:, None] * np.asarray(steps))) ** 2).sum(1) / (
-        (y - y.mean(1, keepdims=True)) ** 2).sum(1)
+        (y - y.mean(1, keepdims=True)) ** 2
+    ).sum(1)
     np.testing.assert_allclose(acc.element_r2(0).double().numpy(), r2_np, rtol=0, atol=tol * 100)
     explained, total = acc.r2_partial_sums()
     pooled = (r2_np * ((y - y.mean(1, keepdims=True)) ** 2).sum(1)).sum() / ((y - y.mean(1, keepdims=True)) ** 2).sum()

@@ -127,7 +127,9 @@ def test_bad_config_is_named():
 def test_vocabulary_mismatch_is_refused():
     tok, code_tok = build_tokenizer(), build_tokenizer("code")
     with pytest.raises(ValueError, match="^model1: vocabulary size"):
-        LogitsExtrapolationSampler(_random_model(tok, 0), _random_model(code_tok, 1), [tok.eos_token_id], tok.pad_token_id)
+        LogitsExtrapolationSampler(
+            _random_model(tok, 0), _random_model(code_tok, 1), [tok.eos_token_id], tok.pad_token_id
+        )
 
 
 # ------------------------------------------------------------------------------------------ the sampler
@@ -139,8 +141,16 @@ def test_greedy_at_alpha_0_and_1_equals_each_models_greedy(pair, alpha, which):
     model = (m0, m1)[which]
     out = sampler.generate(prompts, SamplerConfig(alpha=alpha, n=2, temperature=0.0, max_tokens=12))
     assert out.prompt_index == [i for i in range(len(prompts)) for _ in range(2)]
-    refs = [model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    refs = [
+        model.generate(
+            torch.tensor([p]),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
     for j, i in enumerate(out.prompt_index):
         ref = refs[i]
         assert out.response_ids[j] == ref, (alpha, PROMPTS[i])
@@ -186,8 +196,9 @@ def test_first_token_frequencies_follow_the_extrapolated_distribution(pair):
     no token outside the nucleus is ever drawn."""
     tok, m0, m1, sampler, prompts = pair
     alpha, T, top_p, n = 1.5, 1.0, 0.9, 4000
-    out = sampler.generate(prompts[:1], SamplerConfig(alpha=alpha, n=n, temperature=T, top_p=top_p, max_tokens=1,
-                                                      seed=5, max_batch_rows=n))
+    out = sampler.generate(
+        prompts[:1], SamplerConfig(alpha=alpha, n=n, temperature=T, top_p=top_p, max_tokens=1, seed=5, max_batch_rows=n)
+    )
     with torch.no_grad():
         ids = torch.tensor([prompts[0]])
         l0, l1 = m0(ids).logits[0, -1], m1(ids).logits[0, -1]

@@ -69,9 +69,23 @@ def mlflow_server(tmp_path_factory):
     log = root / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(VENV_BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'server.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -89,8 +103,14 @@ def server_job(mlflow_server, ray_session, toy_model_path, cache_dir, tmp_path_f
     out_dir = tmp_path_factory.mktemp("server-job")
     run_name = f"ui-check-{uuid.uuid4().hex[:6]}"  # short: the runs table shows it whole
     overrides = tiny_job_overrides(cache_dir, out_dir) + [
-        "schedule=rl_extra", "schedule.m=1", "schedule.n=1", "schedule.beta_mode=schedule",
-        "schedule.selection=names", "tracking.experiment=server-test", f"tracking.run_name={run_name}"]
+        "schedule=rl_extra",
+        "schedule.m=1",
+        "schedule.n=1",
+        "schedule.beta_mode=schedule",
+        "schedule.selection=names",
+        "tracking.experiment=server-test",
+        f"tracking.run_name={run_name}",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         summary = run_job(compose_cfg(overrides), str(out_dir))
@@ -129,7 +149,9 @@ def test_job_logs_nested_phases_to_a_remote_server(mlflow_server, server_job):
     assert extra.data.metrics["extra/beta_max"] == 2.0  # the schedule's (m + n) / m
     assert extra.data.metrics["extra/beta"] == (2.0 if extra.data.metrics["extra/made"] else 1.0)
     virtual = [m.value for m in client.get_metric_history(parent.info.run_id, "virtual_step")]
-    assert virtual == ([2.0, 3.0] if extra.data.metrics["extra/made"] else [1.0, 2.0])  # a made projection: +1 virtual step
+    assert virtual == (
+        [2.0, 3.0] if extra.data.metrics["extra/made"] else [1.0, 2.0]
+    )  # a made projection: +1 virtual step
 
     # Artifacts go through the server's artifact proxy.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -140,9 +162,19 @@ def test_job_logs_nested_phases_to_a_remote_server(mlflow_server, server_job):
 
 def _chromium(args: list[str], profile: Path, timeout_s: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={profile}", "--window-size=1400,900", *args],
-        capture_output=True, text=True, timeout=timeout_s,
+        [
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,900",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
 
 

@@ -23,13 +23,31 @@ pytestmark = pytest.mark.slow
 
 
 def _command(cache_dir, tmp_path, out: Path, db: Path) -> list[str]:
-    overrides = [o for o in small_job_overrides(cache_dir, tmp_path, steps=7) if not o.startswith(("trainer.output_dir", "tracking.tracking_uri"))]
-    return [sys.executable, "-m", "orchestrator.train", *overrides,
-            f"trainer.output_dir={out}", f"tracking.tracking_uri=sqlite:///{db}", f"hydra.run.dir={out}/hydra",
-            "trainer.eval_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0",
-            "schedule=rl_extra", "schedule.m=3", "schedule.n=3", "schedule.beta_mode=schedule",
-            "schedule.velocity=least_squares", "schedule.selection=top_elements", "schedule.selection_fraction=0.5",
-            "cluster.num_cpus=4"]
+    overrides = [
+        o
+        for o in small_job_overrides(cache_dir, tmp_path, steps=7)
+        if not o.startswith(("trainer.output_dir", "tracking.tracking_uri"))
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.train",
+        *overrides,
+        f"trainer.output_dir={out}",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        f"hydra.run.dir={out}/hydra",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=2",
+        "trainer.keep_checkpoints=0",
+        "schedule=rl_extra",
+        "schedule.m=3",
+        "schedule.n=3",
+        "schedule.beta_mode=schedule",
+        "schedule.velocity=least_squares",
+        "schedule.selection=top_elements",
+        "schedule.selection_fraction=0.5",
+        "cluster.num_cpus=4",
+    ]
 
 
 def _env():

@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 def rollout(ray_session, toy_model_path):
     from orchestrator.cluster import rollout_actor_env
 
-    actor = ray_session.remote(RolloutActor).options(
-        num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)}
-    ).remote(RolloutSpec(model_path=toy_model_path, kv_cache_mb=16))
+    actor = (
+        ray_session.remote(RolloutActor)
+        .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
+        .remote(RolloutSpec(model_path=toy_model_path, kv_cache_mb=16))
+    )
     yield actor
     ray_session.kill(actor)
 
@@ -70,9 +72,12 @@ def test_greedy_matches_transformers_argmax(rollout, hf, ray_session):
     result = ray_session.get(rollout.generate.remote(prompts, SamplingConfig(n=1, temperature=0.0, max_tokens=6)))
     for pids, rids in zip(prompts, result.response_ids):
         out = model.generate(
-            torch.tensor([pids]), do_sample=False, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+            torch.tensor([pids]),
+            do_sample=False,
+            max_new_tokens=6,
+            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-        )[0, len(pids):].tolist()
+        )[0, len(pids) :].tolist()
         assert rids == out[: len(rids)]
 
 
@@ -93,7 +98,9 @@ def test_weight_update_changes_outputs_and_bumps_version(rollout, hf, ray_sessio
     ref_model = type(model)(model.config).eval()
     ref_model.load_state_dict(new_state, strict=False)
     ref_model.tie_weights()
-    result = ray_session.get(rollout.generate.remote(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=1)))
+    result = ray_session.get(
+        rollout.generate.remote(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=1))
+    )
     assert result.weight_version == v0 + 1
     worst_new, worst_old = 0.0, 0.0
     for pids, rids, lps in zip(result.prompt_ids, result.response_ids, result.logprobs):
@@ -104,16 +111,23 @@ def test_weight_update_changes_outputs_and_bumps_version(rollout, hf, ray_sessio
 
     # and back: the original weights reproduce the original log-probs
     ray_session.get(rollout.update_weights.remote([list((n, p.detach()) for n, p in model.named_parameters())], v0 + 2))
-    result = ray_session.get(rollout.generate.remote(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=6, seed=2)))
+    result = ray_session.get(
+        rollout.generate.remote(prompts, SamplingConfig(n=1, temperature=1.0, max_tokens=6, seed=2))
+    )
     for pids, rids, lps in zip(result.prompt_ids, result.response_ids, result.logprobs):
         assert max(abs(a - b) for a, b in zip(lps, _hf_logprobs(model, pids, rids))) < 1e-4
 
 
 def test_buckets_never_split_a_layer():
-    names = ["model.embed_tokens.weight"] + [
-        f"model.layers.{i}.{part}" for i in range(3)
-        for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.up_proj.weight")
-    ] + ["model.norm.weight"]
+    names = (
+        ["model.embed_tokens.weight"]
+        + [
+            f"model.layers.{i}.{part}"
+            for i in range(3)
+            for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.up_proj.weight")
+        ]
+        + ["model.norm.weight"]
+    )
     named = [(n, torch.zeros(1024)) for n in names]  # 4 KiB each
     buckets = bucket_by_layer(named, bucket_mb=4 / 1024)
     assert [n for b in buckets for n, _ in b] == names

@@ -35,8 +35,17 @@ def _full(ray, actors) -> dict:
 def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
     ray = ray_session
     lr = 1e-3
-    spec = LearnerSpec(model_path=toy_model_path, world_size=2, zero_stage=stage, dtype=dtype, lr=lr,
-                       micro_batch_size=8, samples_per_rank=8, num_threads=1, loss_agg="seq-mean-token-mean")
+    spec = LearnerSpec(
+        model_path=toy_model_path,
+        world_size=2,
+        zero_stage=stage,
+        dtype=dtype,
+        lr=lr,
+        micro_batch_size=8,
+        samples_per_rank=8,
+        num_threads=1,
+        loss_agg="seq-mean-token-mean",
+    )
     batch = _random_batch(toy_model_path)
     batch.old_logp = _behaviour_logp(toy_model_path, batch)
     actors = _start_group(ray, spec)
@@ -66,7 +75,7 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
                 expected = anchor[name] + BETA * (w - anchor[name])
                 torch.testing.assert_close(projected[name], expected, rtol=tol, atol=tol, msg=f"{name} not projected")
                 expected_sq += float(((w - anchor[name]).double() ** 2).sum())
-        assert stats[0].displacement_norm == pytest.approx(expected_sq ** 0.5, rel=1e-4 if dtype == "fp32" else 0.05)
+        assert stats[0].displacement_norm == pytest.approx(expected_sq**0.5, rel=1e-4 if dtype == "fp32" else 0.05)
 
         # the next forward uses the projected weights
         from transformers import AutoModelForCausalLM
@@ -116,8 +125,17 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
 
     ray = ray_session
     lr = 1e-3
-    spec = LearnerSpec(model_path=toy_model_path, world_size=2, zero_stage=stage, dtype="fp32", lr=lr,
-                       micro_batch_size=8, samples_per_rank=8, num_threads=1, loss_agg="seq-mean-token-mean")
+    spec = LearnerSpec(
+        model_path=toy_model_path,
+        world_size=2,
+        zero_stage=stage,
+        dtype="fp32",
+        lr=lr,
+        micro_batch_size=8,
+        samples_per_rank=8,
+        num_threads=1,
+        loss_agg="seq-mean-token-mean",
+    )
     batches = []
     for seed in range(3):
         b = _random_batch(toy_model_path, seed=seed)
@@ -158,8 +176,9 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
             score = np.abs(last - ys[0])
             moved_scores.append(score[moved])
             still_scores.append(score[~moved])
-        assert np.concatenate(moved_scores).min() >= np.concatenate(still_scores).max() * (1 - 1e-6), \
+        assert np.concatenate(moved_scores).min() >= np.concatenate(still_scores).max() * (1 - 1e-6), (
             "one global threshold: every projected element moved more than every unprojected one"
+        )
 
         # cycle 2 (from the unprojected weights): drift share = cosine of the two gathered displacements
         ray.get([a.extra_rollback.remote() for a in actors])

@@ -60,7 +60,10 @@ def test_tokenizer_roundtrip_and_bos():
     ids = tok("12+34=")["input_ids"]
     assert ids[0] == tok.bos_token_id and len(ids) == 7
     assert tok.decode(ids, skip_special_tokens=True) == "12+34="
-    assert tok.decode(tok("C46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], skip_special_tokens=True) == "C46"
+    assert (
+        tok.decode(tok("C46", add_special_tokens=False)["input_ids"] + [tok.eos_token_id], skip_special_tokens=True)
+        == "C46"
+    )
 
 
 def test_bad_task_spec_names_the_field():
@@ -78,8 +81,11 @@ def test_warm_start_is_cached_and_reused(toy_model_path, cache_dir):
 
     calls = []
     again = prepare_toy_model(
-        cache_dir, ToyTaskSpec(op="add", digits=1, num_train=2000, num_eval=40), TinyModelSpec(tie_word_embeddings=True),
-        WarmStartSpec(steps=120, batch_size=64, lr=3e-3), log=calls.append,
+        cache_dir,
+        ToyTaskSpec(op="add", digits=1, num_train=2000, num_eval=40),
+        TinyModelSpec(tie_word_embeddings=True),
+        WarmStartSpec(steps=120, batch_size=64, lr=3e-3),
+        log=calls.append,
     )
     assert str(again) == toy_model_path and calls == []  # nothing rebuilt
     for name in ("config.json", "model.safetensors", "tokenizer.json", "rlextra_toy.json"):

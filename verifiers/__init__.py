@@ -41,7 +41,7 @@ Choices made
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
     "VERIFIERS",
@@ -74,8 +74,10 @@ def register_verifier(name: str, *, cheap: bool = False) -> Callable[[Verifier],
         if not callable(fn):
             raise TypeError(f"verifier {name!r} must be callable, got {type(fn).__name__}")
         old = VERIFIERS.get(name)
-        if old is not None and old is not fn and (
-            getattr(old, "__qualname__", None) != getattr(fn, "__qualname__", None)
+        if (
+            old is not None
+            and old is not fn
+            and (getattr(old, "__qualname__", None) != getattr(fn, "__qualname__", None))
         ):
             raise ValueError(
                 f"verifier {name!r} is already registered to "
@@ -111,5 +113,5 @@ def is_cheap(name: str) -> bool:
 
 # Register the built-ins (after the registry exists: the submodules import it).
 from . import arith as arith  # noqa: E402
-from . import math_verifier as math_verifier  # noqa: E402
 from . import code as code  # noqa: E402
+from . import math_verifier as math_verifier  # noqa: E402

@@ -136,8 +136,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import register_verifier
 
@@ -235,7 +236,7 @@ class RunResult:
 # --------------------------------------------------------------------------- launcher
 # Runs as `python -I -S -c _LAUNCHER <marshal config, hex>` with this very interpreter;
 # builtin modules + ctypes only (marshal, not json: ~10 ms less start-up per run).
-_LAUNCHER = r'''
+_LAUNCHER = r"""
 import ctypes, marshal, os, signal, sys
 C = marshal.loads(bytes.fromhex(sys.argv[1]))
 
@@ -462,10 +463,10 @@ if not ns["pid"]:
         except ChildProcessError:
             break
 os._exit(128 - code if code < 0 else code)
-'''
+"""
 
 # Kills every process of a sandbox uid (used when there is no PID namespace).
-_SWEEP = r'''
+_SWEEP = r"""
 import os, signal, sys
 u = int(sys.argv[1])
 os.setgroups([]); os.setresgid(u, u, u); os.setresuid(u, u, u)
@@ -473,10 +474,10 @@ try:
     os.kill(-1, signal.SIGKILL)
 except ProcessLookupError:
     pass
-'''
+"""
 
 # Runs inside the sandbox for function tests: argv = [harness, solution file, fn_name].
-_HARNESS = r'''
+_HARNESS = r"""
 import builtins, json, sys
 
 class _Sink:
@@ -509,7 +510,7 @@ def main():
     out.flush()
 
 main()
-'''.replace("MARKER", repr(_MARKER))
+""".replace("MARKER", repr(_MARKER))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -533,7 +534,7 @@ def _accessible_to_others(path: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sandbox_python() -> str:
     """Interpreter the sandboxed programs run with.
 
@@ -548,8 +549,7 @@ def sandbox_python() -> str:
         return env
     if os.geteuid() != 0:
         return sys.executable
-    candidates = [sys.executable, getattr(sys, "_base_executable", ""), "/usr/bin/python3",
-                  "/usr/local/bin/python3"]
+    candidates = [sys.executable, getattr(sys, "_base_executable", ""), "/usr/bin/python3", "/usr/local/bin/python3"]
     for c in candidates:
         if c and _accessible_to_others(c):
             return os.path.realpath(c)
@@ -603,9 +603,14 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
 
 def _sweep(uid: int) -> None:
     try:
-        subprocess.run([sys.executable, "-I", "-S", "-c", _SWEEP, str(uid)], env={},
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=5)
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _SWEEP, str(uid)],
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=5,
+        )
     except Exception:
         pass
 
@@ -652,6 +657,7 @@ def run_program(
     t0 = time.monotonic()
     proc = None
     with contextlib.ExitStack() as stack:
+
         def tmpfile(data: bytes = b"") -> int:
             f = stack.enter_context(tempfile.TemporaryFile())  # unlinked, 0600 root
             if data:
@@ -682,9 +688,14 @@ def run_program(
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _LAUNCHER, marshal.dumps(cfg).hex()],
-                stdin=fd_in, stdout=fd_out, stderr=fd_err,
+                stdin=fd_in,
+                stdout=fd_out,
+                stderr=fd_err,
                 pass_fds=(fd_status, fd_initpid, *src.values()),
-                env={}, cwd="/", start_new_session=True, close_fds=True,
+                env={},
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
             )
             timed_out = not _wait_exit(proc, limits.wall_s)
             init_fd = _pidfd_of_init(fd_initpid) if timed_out else None
@@ -715,8 +726,11 @@ def run_program(
         if uid is not None and not isolation.get("pidns"):
             _sweep(int(uid))  # no PID namespace: kill whatever the program left behind
         hostdir = isolation.get("hostdir")
-        if isinstance(hostdir, str) and os.path.dirname(hostdir) == cfg["tmpdir"] and \
-                os.path.basename(hostdir).startswith("rlextra-code-"):
+        if (
+            isinstance(hostdir, str)
+            and os.path.dirname(hostdir) == cfg["tmpdir"]
+            and os.path.basename(hostdir).startswith("rlextra-code-")
+        ):
             shutil.rmtree(hostdir, ignore_errors=True)
         stdout, truncated = _pread_all(fd_out, limits.output_bytes)
         stderr, _ = _pread_all(fd_err, 1 << 16)
@@ -808,14 +822,15 @@ def _passes(test: _Test, code: str, fn_name: str | None, limits: SandboxLimits) 
     for line in reversed(text.splitlines()):
         if line.startswith(_MARKER):
             try:
-                return json.loads(line[len(_MARKER):]) == test.output
+                return json.loads(line[len(_MARKER) :]) == test.output
             except ValueError:
                 return False
     return False
 
 
-def run_tests(response: str, reference: Any, *, limits: SandboxLimits | None = None,
-              strict: bool = False) -> list[bool]:
+def run_tests(
+    response: str, reference: Any, *, limits: SandboxLimits | None = None, strict: bool = False
+) -> list[bool]:
     """Per-test pass/fail of ``response`` against ``reference`` (``[]`` if there is
     no code or the reference is malformed). ``strict`` stops at the first failure."""
     limits = DEFAULT_LIMITS if limits is None else limits
@@ -833,8 +848,7 @@ def run_tests(response: str, reference: Any, *, limits: SandboxLimits | None = N
     return results
 
 
-def score_code(response: str, reference: Any, *, limits: SandboxLimits | None = None,
-               strict: bool = False) -> float:
+def score_code(response: str, reference: Any, *, limits: SandboxLimits | None = None, strict: bool = False) -> float:
     """Fraction of tests passed (``strict``: 1.0 if all pass, else 0.0). Never raises."""
     try:
         parsed = parse_reference(reference)
@@ -850,8 +864,7 @@ def score_code(response: str, reference: Any, *, limits: SandboxLimits | None = 
         return 0.0
 
 
-def make_code_verifier(limits: SandboxLimits | None = None, strict: bool = False
-                       ) -> Callable[[str, str], float]:
+def make_code_verifier(limits: SandboxLimits | None = None, strict: bool = False) -> Callable[[str, str], float]:
     """A ``score(response, reference)`` with fixed limits/mode, for ``register_verifier``."""
 
     def score(response: str, reference: str) -> float:
@@ -880,7 +893,7 @@ def pool_timeout_s(max_tests: int, limits: SandboxLimits | None = None) -> float
     return max(1, int(max_tests)) * (limits.wall_s + RUN_OVERHEAD_S)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isolation_report() -> dict:
     """Run ``print(1)`` in the sandbox once and return what isolation was in effect:
     ``netns``, ``pidns``, ``mountns``, ``readonly_root``, ``private_tmp``,

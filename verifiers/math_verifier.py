@@ -52,9 +52,7 @@ _TAIL_CHARS = 4000
 _BARE_MAX_CHARS = 200
 
 _BOX_CMD = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_ANSWER_PHRASE = re.compile(
-    r"(?i)\banswer\b\s*(?:is\b\s*:?|:)\s*(?:\*\*)?\s*([^\n]*\S)"
-)
+_ANSWER_PHRASE = re.compile(r"(?i)\banswer\b\s*(?:is\b\s*:?|:)\s*(?:\*\*)?\s*([^\n]*\S)")
 # An English word: 3+ letters not part of a LaTeX command (\frac, \sqrt, ...).
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
@@ -153,8 +151,10 @@ def extract_answer(response: str) -> str | None:
         if ans:
             return ans
     stripped = response.strip()
-    if "\n" not in stripped and len(stripped) <= _BARE_MAX_CHARS and not _WORD.search(
-        re.sub(r"\\text\{[^{}]*\}", "", stripped)
+    if (
+        "\n" not in stripped
+        and len(stripped) <= _BARE_MAX_CHARS
+        and not _WORD.search(re.sub(r"\\text\{[^{}]*\}", "", stripped))
     ):
         ans = _clean_answer(stripped)
         if ans:

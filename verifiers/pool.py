@@ -74,10 +74,10 @@ import math
 import multiprocessing
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import wait as _wait_futures
 from concurrent.futures.process import BrokenProcessPool
-from typing import Iterable, Sequence
 
 import pebble
 from pebble import ProcessExpired
@@ -247,7 +247,7 @@ class ScoringPool:
             pool = self._pool
         self._shutdown(pool)
 
-    def __enter__(self) -> "ScoringPool":
+    def __enter__(self) -> ScoringPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -255,9 +255,7 @@ class ScoringPool:
 
     # -- scoring --------------------------------------------------------------
 
-    def score_batch(
-        self, verifier_name: str, responses: Sequence[str], references: Sequence[str]
-    ) -> list[float]:
+    def score_batch(self, verifier_name: str, responses: Sequence[str], references: Sequence[str]) -> list[float]:
         """Scores of ``responses`` against ``references`` with one verifier, in order.
 
         A sample that times out, crashes its worker or makes the verifier raise
@@ -271,9 +269,7 @@ class ScoringPool:
         responses = list(responses)
         references = list(references)
         if len(responses) != len(references):
-            raise ValueError(
-                f"got {len(responses)} responses but {len(references)} references"
-            )
+            raise ValueError(f"got {len(responses)} responses but {len(references)} references")
         n = len(responses)
         scores = [0.0] * n
         if n == 0:
@@ -285,9 +281,7 @@ class ScoringPool:
         retry, ok, _ = self._run(verifier_name, groups, responses, references, scores, True)
         if retry:
             singles = [[i] for g in retry for i in g]
-            _, ok2, broken2 = self._run(
-                verifier_name, singles, responses, references, scores, False
-            )
+            _, ok2, broken2 = self._run(verifier_name, singles, responses, references, scores, False)
             if ok + ok2 == 0 and len(singles) > 1 and broken2 == len(singles):
                 # Not one sample could be scored and every retry found the pool
                 # broken: workers die at start-up, not because of a sample.
@@ -392,9 +386,7 @@ class ScoringPool:
         return retry, n_ok, n_broken
 
 
-def score_one_isolated(
-    verifier_name: str, response: str, reference: str, timeout_s: float, **pool_kwargs
-) -> float:
+def score_one_isolated(verifier_name: str, response: str, reference: str, timeout_s: float, **pool_kwargs) -> float:
     """Score one sample in a throw-away one-worker :class:`ScoringPool`.
 
     Convenient for scripts and debugging; pays a worker start per call, so use a
