@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade "pip>=25"
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[$(KIND),dev]"
-	# verl is the numerical reference for actors/algorithms.py in the tests; its declared dependencies
+	# verl is the numerical reference for orchestrator/algorithms.py in the tests; its declared dependencies
 	# (transformers<5.11, wandb, peft, ...) clash with ours and are not needed to import core_algos.
 	$(PIP) install --quiet --no-deps verl==0.9.1
 	# vllm pulls these in, and they break `import torch` extensions on this torch build.

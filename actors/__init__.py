@@ -1,1 +1,1 @@
-"""Ray actors of rlextra (rollout, learner, extrapolator) and the pure-torch algorithm core they share."""
+"""Ray actors of rlextra: rollout (vLLM), learner (DeepSpeed ZeRO rank), extrapolator (RL-Extra)."""

@@ -20,7 +20,7 @@ import gc
 import os
 from dataclasses import dataclass, field
 
-from actors.types import TrainBatch, TrainMetrics
+from orchestrator.messages import TrainBatch, TrainMetrics
 
 
 @dataclass
@@ -217,7 +217,7 @@ class LearnerActor:
         """One optimizer step over this rank's shard (micro-batched, gradients accumulated)."""
         import torch
 
-        from actors.algorithms import agg_loss, kl_penalty, policy_loss
+        from orchestrator.algorithms import agg_loss, kl_penalty, policy_loss
 
         spec, engine = self.spec, self.engine
         n = len(batch)
@@ -341,9 +341,9 @@ class LearnerActor:
         velocity: str = "two_point",
         monitor_samples: int = 2048,
     ) -> dict:
-        """Prepare in-place projection of this rank's fp32 master shard (see actors/shard_projection.py).
+        """Prepare in-place projection of this rank's fp32 master shard (see linearity/zero_shards.py).
         From now on every optimizer step also feeds the projector's statistics (`observe`)."""
-        from actors.shard_projection import ShardProjector
+        from linearity.zero_shards import ShardProjector
 
         self.projector = ShardProjector(
             self.engine,

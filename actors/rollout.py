@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from actors.types import RolloutResult, SamplingConfig
+from orchestrator.messages import RolloutResult, SamplingConfig
 
 EXTENSION = "actors.rollout.WeightSyncExtension"
 

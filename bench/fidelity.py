@@ -54,7 +54,8 @@ def train(args, run_dir: Path, db: Path):
     from orchestrator.train import run_job
 
     cfg = compose([
-        "schedule=rl", f"seed={args.seed}", f"trainer.total_steps={args.steps}", f"trainer.checkpoint_every={args.every}",
+        "schedule=rl", f"seed={args.seed}", f"trainer.total_steps={args.steps}",
+        f"trainer.checkpoint_every={args.every}",
         "trainer.keep_checkpoints=0", "trainer.save_final=true", "trainer.eval_every=0", "trainer.eval_prompts=200",
         "trainer.progress=false", f"trainer.output_dir={run_dir}", f"tracking.tracking_uri=sqlite:///{db}",
         "tracking.experiment=bench-fidelity", f"model.cache_dir={ROOT / '.cache' / 'rlextra'}",
@@ -154,7 +155,8 @@ def weight_extrapolation(
             out[t1][target] = ev(m, m, 1.0)
             shutil.rmtree(dst, ignore_errors=True)
             print(
-                f"  weights (0, {t1}) → t′ {target:>4} (β {target / t1:.2f}): Avg@{ev.k} {out[t1][target]['avg_at_k']:.3f}",
+                f"  weights (0, {t1}) → t′ {target:>4} (β {target / t1:.2f}): "
+                f"Avg@{ev.k} {out[t1][target]['avg_at_k']:.3f}",
                 flush=True,
             )
     return out
@@ -387,7 +389,9 @@ def main():
         "logprob_r2_median_moved": round(lp.get("r2_moving", {}).get("median", float("nan")), 4),
         "logprob_frac_above_0.7_moved": round(lp.get("r2_moving", {}).get("frac_above_0.7", float("nan")), 4),
         "logprob_groups": {g: v["count"] for g, v in lp.get("groups", {}).items()},
-        "activation_r2_mean_per_layer": [None if m is None else round(m, 3) for m in analysis.get("activations", {}).get("per_layer_mean", [])],
+        "activation_r2_mean_per_layer": [
+            None if m is None else round(m, 3) for m in analysis.get("activations", {}).get("per_layer_mean", [])
+        ],
         "reproduces": checks,
         "real_avg_at_k": {s: round(r["avg_at_k"], 4) for s, r in sorted(real.items())},
         "weight_extrapolation": {t1: {t: round(r["avg_at_k"], 4) for t, r in c.items()} for t1, c in wex.items()},

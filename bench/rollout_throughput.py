@@ -54,8 +54,8 @@ def hf_generate_tokens_per_s(model_path, prompt_ids, samples, max_tokens, repeat
 
 def vllm_tokens_per_s(ray, model_path, prompt_ids, samples, max_tokens, repeats):
     from actors.rollout import RolloutActor, RolloutSpec
-    from actors.types import SamplingConfig
     from orchestrator.cluster import rollout_actor_env
+    from orchestrator.messages import SamplingConfig
 
     actor = (
         ray.remote(RolloutActor)

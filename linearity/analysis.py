@@ -281,7 +281,8 @@ def check_compatible(
             raise AnalysisError(f"checkpoint {where}: tensor {name} is missing (present in the first checkpoint)")
         if e.shape != base[name].shape:
             raise AnalysisError(
-                f"checkpoint {where}: tensor {name} has shape {list(e.shape)}, the first checkpoint {list(base[name].shape)}"
+                f"checkpoint {where}: tensor {name} has shape {list(e.shape)}, "
+                f"the first checkpoint {list(base[name].shape)}"
             )
         if e.dtype not in FLOAT_DTYPES:
             raise AnalysisError(f"checkpoint {where}: tensor {name} has dtype {e.dtype}, not a float type")

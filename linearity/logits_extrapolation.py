@@ -188,7 +188,7 @@ class SamplerConfig:
 @dataclass
 class ExtrapolatedSamples:
     """Samples from the extrapolated policy, prompt-major (prompt i's n samples are adjacent), like
-    ``actors.types.RolloutResult``. ``logprobs[j][t]`` is the log-prob of ``response_ids[j][t]`` under the
+    ``orchestrator.messages.RolloutResult``. ``logprobs[j][t]`` is the log-prob of ``response_ids[j][t]`` under the
     distribution it was drawn from."""
 
     prompt_index: list[int] = field(default_factory=list)

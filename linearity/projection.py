@@ -14,9 +14,10 @@ Why it is written this way:
 - The projection runs on the whole (sharded) model between two training steps, so it must cost about a memory
   copy and allocate nothing the size of the model. ``Tensor.lerp_(anchor, 1 − β)`` computes
   ``W + (1 − β)(A − W) = A + β (W − A)`` in one read-read-write pass, about as fast as ``copy_`` (0.8–0.9× a
-  copy's speed on this shared 2-core CPU, ``bench/projection.py``; about 2.3× faster than the chain); a ``mul_/add_`` chain makes three passes and an out-of-place expression allocates
-  several model-sized temporaries. ``torch._foreach_lerp_`` does the same on a list of tensors in one call,
-  with a per-tensor β (``ScalarList`` overload).
+  copy's speed on this shared 2-core CPU, ``bench/projection.py``; about 2.3× faster than the chain); a
+  ``mul_/add_`` chain makes three passes and an out-of-place expression allocates several model-sized
+  temporaries. ``torch._foreach_lerp_`` does the same on a list of tensors in one call, with a per-tensor β
+  (``ScalarList`` overload).
 - Masked projection (only selected elements move) cannot be written as a single scalar ``lerp_``; it is done
   chunk by chunk through one small scratch buffer (``chunk_numel`` elements), so the extra memory is bounded
   by the chunk, not by the model.

@@ -59,7 +59,8 @@ def validate_pattern(pattern: object, what: str = "pattern") -> str:
             close = pattern.find("]", j)
             if close < 0:
                 raise ValueError(
-                    f"{what} {pattern!r}: unclosed '[' at position {i} (globs: * ? [abc] [!abc]; write [[] for a literal '[')"
+                    f"{what} {pattern!r}: unclosed '[' at position {i} "
+                    "(globs: * ? [abc] [!abc]; write [[] for a literal '[')"
                 )
             i = close + 1
         else:

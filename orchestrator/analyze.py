@@ -134,7 +134,11 @@ def load_probe_file(path: str | Path) -> list[dict[str, Any]]:
     text = p.read_text()
     if p.suffix in (".jsonl", ".json"):
         try:
-            rows = json.loads(text) if p.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = (
+                json.loads(text)
+                if p.suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+            )
         except json.JSONDecodeError as e:
             raise AnalysisError(f"--probes {p}: invalid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(rows, list) or not all(
@@ -200,8 +204,9 @@ def build_probes(
         else:
             ids = tok(rec["prompt"], add_special_tokens=True)["input_ids"]
         encoded.append(ids)
-        resp = rec.get("response_ids") or (tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                                           if isinstance(rec.get("response"), str) else None)  # fmt: skip
+        resp = rec.get("response_ids") or None
+        if resp is None and isinstance(rec.get("response"), str):
+            resp = tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         given.append(resp)
     probes = [Probe(tuple(p), tuple(r), tok.decode(p), tok.decode(r)) for p, r in zip(encoded, given) if r is not None]
     missing = [p for p, r in zip(encoded, given) if r is None]
@@ -211,7 +216,8 @@ def build_probes(
         probes += _generate(model, tok, missing, cfg)
         del model
         log(
-            f"probes: sampled {cfg.samples_per_probe} response(s) for each of {len(missing)} prompts from step {first.step:g}"
+            f"probes: sampled {cfg.samples_per_probe} response(s) for each of {len(missing)} prompts "
+            f"from step {first.step:g}"
         )
     return probes, tok
 
@@ -515,7 +521,8 @@ def headline(summary: Mapping[str, Any]) -> str:
     lp = summary.get("logprobs", {}).get("r2_moving")
     if lp and lp.get("count"):
         parts.append(
-            f"token log-probs: median R² {lp['median']:.3f}, {100 * lp[key]:.0f} % > {thr:g} ({lp['count']} moved tokens)"
+            f"token log-probs: median R² {lp['median']:.3f}, {100 * lp[key]:.0f} % > {thr:g} "
+            f"({lp['count']} moved tokens)"
         )
     return "; ".join(parts)
 
@@ -600,8 +607,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args) -> AnalysisConfig:
     return AnalysisConfig(
-        weight_fraction=args.weight_fraction, weight_min_samples=args.min_samples, min_abs_change=args.min_abs_change,
-        seed=args.seed, logprobs=not args.no_probes, num_probes=args.num_probes, samples_per_probe=args.samples_per_probe,
+        weight_fraction=args.weight_fraction, weight_min_samples=args.min_samples,
+        min_abs_change=args.min_abs_change, seed=args.seed, logprobs=not args.no_probes,
+        num_probes=args.num_probes, samples_per_probe=args.samples_per_probe,
         probe_temperature=args.temperature, probe_max_tokens=args.max_new_tokens,
         activation_samples=args.activation_samples, device=args.device, dtype=args.dtype,
     )  # fmt: skip

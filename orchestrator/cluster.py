@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from actors.learner import LearnerActor, LearnerSpec
 from actors.rollout import RolloutActor, RolloutSpec
-from actors.types import RolloutResult, SamplingConfig, TrainBatch
+from orchestrator.messages import RolloutResult, SamplingConfig, TrainBatch
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -78,7 +78,8 @@ def validate_cluster(cfg: DictConfig) -> None:
         if address.startswith(("http://", "https://")):
             raise ConfigError(
                 f"cluster.address: expected the cluster's GCS address (host:6379, 'auto' or ray://host:10001), got the "
-                f"dashboard URL {address!r}; to use it, submit the job: ray job submit --address {address} -- python -m orchestrator.train ..."
+                f"dashboard URL {address!r}; to use it, submit the job: "
+                f"ray job submit --address {address} -- python -m orchestrator.train ..."
             )
 
 
@@ -332,7 +333,9 @@ class ActorGroups:
     def _push_current_weights(self, actor) -> None:
         import ray
 
-        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]  # every rank: ZeRO-3 gathers
+        refs = [
+            learner.export_weights.remote(self.bucket_mb) for learner in self.learners
+        ]  # every rank: ZeRO-3 gathers
         ray.get(actor.update_weights.remote(refs[0], self.weight_version))
         ray.get(refs[1:])
 

@@ -63,7 +63,7 @@ def validate_rollout_engine(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad field."""
-    from actors.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, POLICY_LOSSES
+    from orchestrator.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, POLICY_LOSSES
     from verifiers import VERIFIERS
 
     _int(cfg, "seed", lo=0)
@@ -157,7 +157,8 @@ def validate(cfg: DictConfig) -> None:
         )
     if prompts % cfg.rollout.num_actors:
         raise ConfigError(
-            f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({cfg.rollout.num_actors}), got {prompts}"
+            f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({cfg.rollout.num_actors}), "
+            f"got {prompts}"
         )
 
     lr = "learner"

@@ -120,7 +120,8 @@ class PromptEncoder:
             ids = self.tok(prompt, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_len:
             raise ConfigError(
-                f"data.max_prompt_tokens: expected prompts of at most {self.max_len} tokens, got {len(ids)} for {prompt[:60]!r}"
+                f"data.max_prompt_tokens: expected prompts of at most {self.max_len} tokens, "
+                f"got {len(ids)} for {prompt[:60]!r}"
             )
         return ids
 

@@ -597,7 +597,7 @@ class Evaluation:
             raise _relabel(exc, ds.field) from None
 
     def _vllm_generate(self, prompt_ids: list[list[int]]) -> Generations:
-        from actors.types import SamplingConfig
+        from orchestrator.messages import SamplingConfig
 
         e = self.cfg.eval
         sampling = SamplingConfig(

@@ -203,7 +203,8 @@ def _read_checkpoint(path: str | os.PathLike, flag: str) -> _Checkpoint:
         return ck
     if not index.is_file():
         raise _fail(
-            f"{flag} {p}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (only safetensors checkpoints are supported)"
+            f"{flag} {p}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} "
+            "(only safetensors checkpoints are supported)"
         )
     try:
         idx = json.loads(index.read_text())

@@ -45,7 +45,7 @@ def build_train_batch(result, advantages_per_sample, pad_id: int, temperature: f
     """
     import torch
 
-    from actors.types import TrainBatch
+    from orchestrator.messages import TrainBatch
 
     B = len(result.response_ids)
     P = max(len(p) for p in result.prompt_ids)
@@ -127,13 +127,14 @@ class Job:
         self.setup_time_s = time.perf_counter() - t0
         self.log(
             f"set-up done in {self.setup_time_s:.1f} s: model {self.model_path}, "
-            f"{len(self.train_ds)} train / {n_eval} eval prompts, MLflow run {self.tracker.run_id} at {self.tracker.uri}"
+            f"{len(self.train_ds)} train / {n_eval} eval prompts, "
+            f"MLflow run {self.tracker.run_id} at {self.tracker.uri}"
         )
 
     # ------------------------------------------------------------------------------------------ pieces
 
     def sampling(self, n: int, greedy: bool = False, seed: int | None = None):
-        from actors.types import SamplingConfig
+        from orchestrator.messages import SamplingConfig
 
         rc = self.cfg.rollout
         return SamplingConfig(
@@ -164,7 +165,7 @@ class Job:
         """One real RL step; returns its metrics."""
         import torch
 
-        from actors.algorithms import get_advantage_fn
+        from orchestrator.algorithms import get_advantage_fn
 
         cfg, tr = self.cfg, self.cfg.trainer
         times = {}

@@ -1,4 +1,4 @@
-"""Tests of actors/algorithms.py against hand-computed values and loop-based references.
+"""Tests of orchestrator/algorithms.py against hand-computed values and loop-based references.
 
 The references below are written as plain Python loops over floats, transcribing verl's
 ``core_algos.py`` formulas literally (defaultdict grouping, the reversed-time return loop, per-token
@@ -13,8 +13,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from actors import algorithms as alg
-from actors.algorithms import (
+from orchestrator import algorithms as alg
+from orchestrator.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
     POLICY_LOSSES,

@@ -1,4 +1,4 @@
-"""actors/algorithms.py against verl's own reference code (``verl/trainer/ppo/core_algos.py``, verl 0.9.1).
+"""orchestrator/algorithms.py against verl's own reference code (``verl/trainer/ppo/core_algos.py``, verl 0.9.1).
 
 Unlike tests/test_algorithms.py (hand values and loop transcriptions of verl's formulas), every reference
 value here is computed by the installed verl package itself, called with its real signatures and config
@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.algorithms import (
+from orchestrator.algorithms import (
     AGG_MODES,
     agg_loss,
     drgrpo_advantages,

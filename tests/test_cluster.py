@@ -196,6 +196,7 @@ def _multinode_run(cache_dir: str, out_dir: str) -> dict:
         nodes = {
             n["NodeID"]: sorted(k for k in n["Resources"] if k.endswith("_node")) for n in ray.nodes() if n["Alive"]
         }
+
         def where(actor):
             return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 

@@ -270,15 +270,16 @@ def bad_ckpts(ckpts, tmp_path_factory) -> dict[str, Path]:
 
 def _error_cases(c, b, out):
     base = ["--t0-path", c["t0"], "--t1-path", c["t1"]]
+    b2 = ["--beta", 2, "--out", out]  # beta 2 into the output folder
     return {
-        "missing_t0_dir": (["--t0-path", b["no_weights"] / "nope", "--t1-path", c["t1"], "--beta", 2, "--out", out], "--t0-path"),
-        "t1_no_safetensors": (["--t0-path", c["t0"], "--t1-path", b["no_weights"], "--beta", 2, "--out", out], "--t1-path"),
-        "missing_shard": (["--t0-path", b["missing_shard"], "--t1-path", c["t1"], "--beta", 2, "--out", out], str(b["missing_shard_name"])),
-        "corrupt_file": (["--t0-path", b["corrupt"], "--t1-path", c["t1"], "--beta", 2, "--out", out], "not a safetensors file"),
-        "names_differ": (["--t0-path", c["t0"], "--t1-path", b["extra"], "--beta", 2, "--out", out], "'extra.weight'"),
-        "shapes_differ": ([*base[:2], "--t1-path", b["shape"], "--beta", 2, "--out", out], "'model.embed_tokens.weight' has shape"),
+        "missing_t0_dir": (["--t0-path", b["no_weights"] / "nope", "--t1-path", c["t1"], *b2], "--t0-path"),
+        "t1_no_safetensors": (["--t0-path", c["t0"], "--t1-path", b["no_weights"], *b2], "--t1-path"),
+        "missing_shard": (["--t0-path", b["missing_shard"], "--t1-path", c["t1"], *b2], str(b["missing_shard_name"])),
+        "corrupt_file": (["--t0-path", b["corrupt"], "--t1-path", c["t1"], *b2], "not a safetensors file"),
+        "names_differ": (["--t0-path", c["t0"], "--t1-path", b["extra"], *b2], "'extra.weight'"),
+        "shapes_differ": ([*base[:2], "--t1-path", b["shape"], *b2], "'model.embed_tokens.weight' has shape"),
         "t1_equals_t0": ([*base, "--t0", 5, "--t1", 5, "--target", 10, "--out", out], "--t1"),
-        "both_target_and_beta": ([*base, "--t0", 0, "--t1", 5, "--target", 10, "--beta", 2, "--out", out], "--target/--beta"),
+        "both_target_and_beta": ([*base, "--t0", 0, "--t1", 5, "--target", 10, *b2], "--target/--beta"),
         "neither_target_nor_beta": ([*base, "--out", out], "--target/--beta"),
         "target_without_steps": ([*base, "--target", 10, "--out", out], "--target: needs --t0 and --t1"),
         "beta_not_finite": ([*base, "--beta", "nan", "--out", out], "--beta"),
@@ -291,8 +292,8 @@ def _error_cases(c, b, out):
     }  # fmt: skip
 
 
-ERROR_CASES = list(_error_cases({"t0": Path(), "t1": Path()}, {k: Path() for k in
-                   ("no_weights", "extra", "shape", "missing_shard", "missing_shard_name", "corrupt", "full_out")}, Path()))  # fmt: skip
+_BROKEN = ("no_weights", "extra", "shape", "missing_shard", "missing_shard_name", "corrupt", "full_out")
+ERROR_CASES = list(_error_cases({"t0": Path(), "t1": Path()}, {k: Path() for k in _BROKEN}, Path()))
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)

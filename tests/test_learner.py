@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.algorithms import policy_loss
 from actors.learner import LearnerActor, LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
-from actors.types import TrainBatch
+from orchestrator.algorithms import policy_loss
+from orchestrator.messages import TrainBatch
 from orchestrator.train import shard_batch
 
 pytestmark = pytest.mark.slow

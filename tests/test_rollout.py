@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSpec, bucket_by_layer, layer_key
-from actors.types import SamplingConfig
+from orchestrator.messages import SamplingConfig
 
 pytestmark = pytest.mark.slow
 

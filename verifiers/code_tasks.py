@@ -180,7 +180,8 @@ KINDS: tuple[CodeKind, ...] = (
         "running_sum",
         "running_sum(xs)",
         "returns the list of prefix sums of the list of integers xs",
-        "def running_sum(xs):\n    out, total = [], 0\n    for x in xs:\n        total += x\n        out.append(total)\n    return out\n",
+        "def running_sum(xs):\n    out, total = [], 0\n    for x in xs:\n"
+        "        total += x\n        out.append(total)\n    return out\n",
         lambda r: [_ints(r, n_lo=0)],
     ),
     CodeKind(

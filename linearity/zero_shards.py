@@ -3,19 +3,21 @@
 Every rank touches only what it owns (no gather), keeps the optimizer state, and refreshes the low-precision
 parameters the next forward pass uses (`shared/notes/deepspeed-zero.md`):
 
-| ZeRO | fp32 master partition (projected)                      | low-precision refresh                          |
-|------|---------------------------------------------------------|-----------------------------------------------|
-| 1, 2 | `optimizer.single_partition_of_fp32_groups`            | `optimizer.update_lp_params()` (all-gather)   |
-| 1+bf16 (BF16_Optimizer) | `optimizer.fp32_groups_flat_partition` | `optimizer.update_lp_params()`                |
-| 3    | `optimizer.fp32_partitioned_groups_flat`               | copy into `fp16_partitioned_groups_flat`, then re-gather the persistent (small) params |
+| ZeRO stage | fp32 master partition (projected)           | low-precision refresh                           |
+|------------|---------------------------------------------|-------------------------------------------------|
+| 1, 2       | `optimizer.single_partition_of_fp32_groups` | `optimizer.update_lp_params()` (all-gather)     |
+| 1 + bf16   | `optimizer.fp32_groups_flat_partition`      | `optimizer.update_lp_params()` (BF16_Optimizer) |
+| 3          | `optimizer.fp32_partitioned_groups_flat`    | copy into `fp16_partitioned_groups_flat`, then  |
+|            |                                             | re-gather the persistent (small) params         |
 
 Projecting only the low-precision copy would be undone by the next optimizer step, and projecting only the
 master would leave the next forward on old weights; so both, in that order.
 
 Which elements move is decided per parameter by name (`linearity.selection.TensorSelector` include / exclude
-globs, norm layers excluded by default, the same rules as the offline `orchestrator.extrapolate`): each parameter's slice of the local partition is located from DeepSpeed's
-own offsets, and a boolean mask over the partition selects it. The anchor (weights at the cycle start) lives
-with the shard, on the same device (or CPU by config), one extra copy of the local partition.
+globs, norm layers excluded by default, the same rules as the offline `orchestrator.extrapolate`): each
+parameter's slice of the local partition is located from DeepSpeed's own offsets, and a boolean mask over the
+partition selects it. The anchor (weights at the cycle start) lives with the shard, on the same device (or CPU by
+config), one extra copy of the local partition.
 
 Beyond names, the projector keeps cheap statistics with the shard so the extrapolator can decide *whether* and
 *what* to project (`shared/notes/toy-linearity.md`: projecting every weight hurt, a selected subset paid):
