@@ -6,7 +6,7 @@ PIP := .venv/bin/pip
 KIND ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := .venv/.rlextra-$(KIND)-setup
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test lint format bench clean-venv
 
 # Re-run set-up when the dependency list changes (the stamp is older than pyproject.toml).
 $(STAMP): pyproject.toml
@@ -29,8 +29,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m orchestrator.train $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (configured in pyproject.toml): `make test` fails on a lint error or an unformatted file; `make format` fixes.
+lint: $(STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: $(STAMP)
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
 
 bench: $(STAMP)
 	$(PY) bench/rollout_throughput.py

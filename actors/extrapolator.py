@@ -8,7 +8,7 @@ pushes the projected weights to the rollout engines through the normal sync path
 validation batch through those engines, and rolls the shards back when a guard fires. It returns an
 `ExtrapolationRecord`; the driver logs it (MLflow nested run + JSON artifact).
 
-β modes (`conf/schedule/rl_extra.yaml`):
+β modes (`schedule.beta_mode`, orchestrator/config.py ScheduleConfig):
 - `fixed`: `schedule.beta`;
 - `schedule`: the paper's (m + n) / m for anchor `cycle_start`, 1 + n for `previous_step` (one step's
   displacement stretched over n more);
@@ -18,6 +18,10 @@ validation batch through those engines, and rolls the shards back when a guard f
   `monitor_threshold`, and the sampled median R² ≥ `monitor_r2` when set); otherwise the cycle ends without a
   projection and training goes on plainly — so `auto` cannot do worse than RL at equal real steps by more than
   what the validation batch fails to see.
+
+The actor holds no copy of the driver's actor groups: each call gets the live learner and rollout handles and the
+current weight version, and returns the version it left the engines at. It never restarts an actor: a dead one fails
+the call, and the driver restarts it and restores the phase-start weights (`ShardProjector.begin_phase`).
 """
 
 from __future__ import annotations
@@ -27,37 +31,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-BETA_MODES = ("fixed", "schedule", "adaptive", "auto")
-ANCHOR_MODES = ("cycle_start", "previous_step")
-
-
-@dataclass
-class ExtrapolationConfig:
-    """What the policy needs from `cfg.schedule` (a plain dataclass: it crosses into the actor)."""
-
-    m: int
-    n: int
-    beta_mode: str = "schedule"
-    beta: float | None = None  # fixed β, or the maximum β of the line search (None: the schedule's)
-    anchor: str = "cycle_start"
-    candidates: tuple[float, ...] = (0.5, 1.0)  # adaptive / auto: fractions of β_max
-    monitor_threshold: float = 0.7  # auto: minimum drift share
-    monitor_r2: float | None = None  # auto: minimum median sampled R² (None: not used)
-    selection: str = "names"
-    selection_threshold: float = 0.7
-    selection_fraction: float = 0.1
-    guard_nan: bool = True
-    guard_margin: float | None = None
-    shrink: float = 0.5
-    optimizer: str = "keep"  # keep | reset
-
-    @property
-    def schedule_beta(self) -> float:
-        return (self.m + self.n) / self.m if self.anchor == "cycle_start" else 1.0 + self.n
-
-    @property
-    def needs_validation(self) -> bool:
-        return self.beta_mode in ("adaptive", "auto") or self.guard_margin is not None
+from actors.groups import ActorGroups
+from orchestrator.config import ScheduleConfig
 
 
 @dataclass
@@ -70,11 +45,7 @@ class Decision:
 class ExtrapolationPolicy:
     """β state and decisions of RL-Extra; pure and picklable."""
 
-    def __init__(self, cfg: ExtrapolationConfig):
-        if cfg.beta_mode not in BETA_MODES:
-            raise ValueError(f"schedule.beta_mode: expected one of {BETA_MODES}, got {cfg.beta_mode!r}")
-        if cfg.beta_mode == "fixed" and cfg.beta is None:
-            raise ValueError("schedule.beta: beta_mode=fixed needs a number")
+    def __init__(self, cfg: ScheduleConfig):
         self.cfg = cfg
         self.beta_max = float(cfg.beta) if cfg.beta is not None else cfg.schedule_beta
 
@@ -172,12 +143,12 @@ class ExtrapolatorActor:
 
     def __init__(
         self,
-        cfg: ExtrapolationConfig,
+        cfg: ScheduleConfig,
         validation: tuple | None,
         sampling,
         verifier: str,
-        reward_timeout_s: float = 10.0,
-        bucket_mb: float = 64.0,
+        reward_timeout_s: float,
+        bucket_mb: float,
     ):
         """
         validation: (prompt ids, answers) of the fixed validation batch, or None when no scoring is needed.
@@ -187,7 +158,7 @@ class ExtrapolatorActor:
 
         self.policy = ExtrapolationPolicy(cfg)
         self.cfg = cfg
-        self.groups = None  # the job's `ActorGroups`, handed over with every call (learners may be restarted)
+        self.groups: ActorGroups | None = None  # this phase's view of the job's actors (handles, no restarts)
         self.validation = validation
         self.sampling = sampling
         self.verifier = verifier
@@ -215,24 +186,24 @@ class ExtrapolatorActor:
     def _project(self, beta: float):
         stats = self.groups.call_learners("extra_project", beta)[0]
         if stats.finite:
-            self.groups.sync_weights(self.bucket_mb)
+            self.groups.sync_weights()
         return stats
 
     def _rollback_and_sync(self) -> None:
         self.groups.call_learners("extra_rollback")
-        self.groups.sync_weights(self.bucket_mb)
+        self.groups.sync_weights()
 
     # ------------------------------------------------------------------------------------------ phase
 
-    def extrapolate(self, cycle: int, groups) -> tuple[ExtrapolationRecord, object]:
+    def extrapolate(self, cycle: int, learners: list, rollouts: list, weight_version: int) -> ExtrapolationRecord:
         """The end of cycle `cycle`: monitor, gate, try candidates, decide, apply or roll back.
 
-        groups: the job's `ActorGroups`; returned with the weight version (and any restarted rollout engine)
-        as they are after this phase."""
+        learners / rollouts: the job's live actor handles; weight_version: what the engines hold now. The record's
+        `weight_version` is what they hold after this phase."""
         start = time.perf_counter()
         cfg, policy = self.cfg, self.policy
-        self.groups = groups
-        weight_version = groups.weight_version
+        self.groups = ActorGroups.of(rollouts, learners, weight_version, self.bucket_mb)
+        self.groups.call_learners("extra_begin_phase")  # what a failed phase is restored to
         beta_max = policy.beta_max
         per_rank = self.groups.call_learners(
             "extra_end_cycle", cfg.selection, cfg.selection_threshold, cfg.selection_fraction
@@ -305,7 +276,8 @@ class ExtrapolatorActor:
         record.val_reward_after = tried[decision.beta] if before is not None else None
         return self._finish(record, start)
 
-    def _finish(self, record: ExtrapolationRecord, start: float) -> tuple[ExtrapolationRecord, object]:
+    def _finish(self, record: ExtrapolationRecord, start: float) -> ExtrapolationRecord:
         record.weight_version = self.groups.weight_version
         record.time_s = time.perf_counter() - start
-        return record, self.groups
+        self.groups = None
+        return record

@@ -18,65 +18,54 @@ import contextlib
 import functools
 import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from orchestrator.config import AlgoConfig, JobConfig, LearnerConfig
 from orchestrator.messages import TrainBatch, TrainMetrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class LearnerSpec:
-    """Everything a learner rank needs to build its engine (crosses the Ray boundary)."""
+    """What one learner rank is built from (crosses the Ray boundary): the learner and algorithm settings as
+    configured, the model to load, this rank's share of every step's batch, and the seed."""
 
     model_path: str
-    world_size: int = 1
-    zero_stage: int = 2
-    dtype: str = "fp32"  # fp32 | bf16
-    lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 64
-    samples_per_rank: int = 256  # rank-local batch per optimizer step; must be a multiple of micro_batch_size
-    loss_kind: str = "ppo_clip"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    clip_ratio_c: float = 3.0
-    loss_agg: str = "token-mean"
-    kl_coef: float = 0.0  # > 0: add kl_coef * KL(policy || reference) to the loss; each rank holds a frozen reference
-    kl_kind: str = "k3"  # k1 | k2 | k3
-    num_threads: int = 0  # torch threads per rank; 0 = leave the default
-    backend: str = "auto"  # auto | gloo | nccl
-    seed: int = 0
-    extra_ds_config: dict = field(default_factory=dict)
+    learner: LearnerConfig
+    algo: AlgoConfig
+    samples_per_rank: int  # rank-local batch per optimizer step; a multiple of learner.micro_batch_size
+    seed: int
+
+    @classmethod
+    def for_job(cls, job: JobConfig, model_path: str) -> LearnerSpec:
+        return cls(model_path, job.learner, job.algo, job.batch_size // job.learner.world_size, job.seed)
 
     @property
     def grad_accum_steps(self) -> int:
-        return max(1, self.samples_per_rank // self.micro_batch_size)
+        return max(1, self.samples_per_rank // self.learner.micro_batch_size)
 
 
 def _device_and_backend(spec: LearnerSpec):
     import torch
 
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu"
-    backend = spec.backend if spec.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend = spec.learner.backend if spec.learner.backend != "auto" else ("nccl" if use_cuda else "gloo")
     return ("cuda" if use_cuda else "cpu"), backend
 
 
 def ds_config(spec: LearnerSpec) -> dict:
     cfg = {
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "train_micro_batch_size_per_gpu": spec.learner.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum_steps,
-        "train_batch_size": spec.micro_batch_size * spec.grad_accum_steps * spec.world_size,
-        "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": spec.dtype == "bf16"},
+        "train_batch_size": spec.learner.micro_batch_size * spec.grad_accum_steps * spec.learner.world_size,
+        "gradient_clipping": spec.learner.grad_clip,
+        "zero_optimization": {"stage": spec.learner.zero_stage},
+        "bf16": {"enabled": spec.learner.dtype == "bf16"},
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": spec.lr,
-                "betas": list(spec.betas),
-                "weight_decay": spec.weight_decay,
+                "lr": spec.learner.lr,
+                "betas": list(spec.learner.betas),
+                "weight_decay": spec.learner.weight_decay,
                 "eps": 1e-8,
                 "torch_adam": True,  # the fused CPU Adam op needs a JIT build; torch's is fine here
             },
@@ -84,11 +73,9 @@ def ds_config(spec: LearnerSpec) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.dtype == "bf16":
+    if spec.learner.dtype == "bf16":
         # Keep fp32 gradient accumulation: the fp32 master weights are what RL-Extra projects.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-    for key, value in spec.extra_ds_config.items():
-        cfg[key] = value
     return cfg
 
 
@@ -108,7 +95,7 @@ def response_logits_to_logp(logits, responses, temperature: float):
 
 
 def forward_response_logits(model, batch: TrainBatch):
-    """Run the model on prompt+response and return logits aligned with the response tokens [B, R, V]."""
+    """Run the model on prompt+response and return logits aligned with the response tokens, float[B, R, V]."""
     import torch
 
     input_ids = torch.cat([batch.prompts, batch.responses], dim=1)
@@ -142,12 +129,15 @@ class LearnerActor:
                 "MASTER_ADDR": master_addr,
                 "MASTER_PORT": str(master_port),
                 "RANK": str(rank),
-                "WORLD_SIZE": str(spec.world_size),
+                "WORLD_SIZE": str(spec.learner.world_size),
                 "LOCAL_RANK": "0",
                 "LOCAL_WORLD_SIZE": "1",
             }
         )
         self.engine = None
+        self.optimizer = None
+        self.reference = None
+        self.projector = None  # RL-Extra's ShardProjector, once extra_setup ran
         self.steps_done = 0
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -158,8 +148,8 @@ class LearnerActor:
         from transformers import AutoModelForCausalLM
 
         spec = self.spec
-        if spec.num_threads > 0:
-            torch.set_num_threads(spec.num_threads)
+        if spec.learner.num_threads > 0:
+            torch.set_num_threads(spec.learner.num_threads)
         device, backend = _device_and_backend(spec)
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -171,9 +161,9 @@ class LearnerActor:
             sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         torch.manual_seed(spec.seed)
-        dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+        dtype = torch.bfloat16 if spec.learner.dtype == "bf16" else torch.float32
         config = ds_config(spec)
-        if spec.zero_stage == 3:
+        if spec.learner.zero_stage == 3:
             # transformers partitions at construction (zero.Init) and loads shard by shard when this object
             # is alive during from_pretrained: no rank ever materialises the full model.
             from transformers.integrations import HfDeepSpeedConfig
@@ -181,7 +171,7 @@ class LearnerActor:
             self._hf_ds_config = HfDeepSpeedConfig(config)
         model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False
-        warmup = max(0, spec.warmup_steps)
+        warmup = max(0, spec.learner.warmup_steps)
 
         def lr_lambda(step: int) -> float:
             return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
@@ -194,7 +184,7 @@ class LearnerActor:
         )
         self.engine.train()
         self.device = device
-        self.reference = self._build_reference(config, dtype) if spec.kl_coef > 0 else None
+        self.reference = self._build_reference(config, dtype) if spec.algo.kl_coef > 0 else None
         return {"rank": self.rank, "device": device, "backend": backend, "pid": os.getpid()}
 
     def _build_reference(self, config: dict, dtype):
@@ -204,7 +194,7 @@ class LearnerActor:
 
         ref = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
         ref.eval().requires_grad_(False)
-        if self.spec.zero_stage == 3:
+        if self.spec.learner.zero_stage == 3:
             ref_config = {k: v for k, v in config.items() if k not in ("optimizer", "gradient_clipping")}
             ref_engine, *_ = deepspeed.initialize(model=ref, config=ref_config)
             ref_engine.eval()
@@ -225,31 +215,31 @@ class LearnerActor:
             raise ValueError(f"learner rank {self.rank}: expected {spec.samples_per_rank} samples, got {n}")
         batch = _to_device(batch, engine.device)
         total_tokens = float(batch.response_mask.sum().clamp(min=1))
-        token_weighted = spec.loss_agg == "token-mean"
+        token_weighted = spec.algo.loss_agg == "token-mean"
         sums = {"loss": 0.0, "clip_frac": 0.0, "ppo_kl": 0.0, "entropy": 0.0, "kl_ref": 0.0}
-        for start in range(0, n, spec.micro_batch_size):
-            micro = batch.slice(start, start + spec.micro_batch_size)
+        for start in range(0, n, spec.learner.micro_batch_size):
+            micro = batch.slice(start, start + spec.learner.micro_batch_size)
             logits = forward_response_logits(engine, micro)
             logp, entropy = response_logits_to_logp(logits, micro.responses, micro.temperature)
             mask = micro.response_mask.to(logp.dtype)
             loss, metrics = policy_loss(
-                spec.loss_kind,
+                spec.algo.loss,
                 logp,
                 micro.old_logp,
                 micro.advantages,
                 mask,
-                clip_low=spec.clip_low,
-                clip_high=spec.clip_high,
-                clip_ratio_c=spec.clip_ratio_c,
-                agg=spec.loss_agg,
+                clip_low=spec.algo.clip_low,
+                clip_high=spec.algo.clip_high,
+                clip_ratio_c=spec.algo.clip_ratio_c,
+                agg=spec.algo.loss_agg,
             )
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logp, _ = response_logits_to_logp(
                         forward_response_logits(self.reference, micro), micro.responses, micro.temperature
                     )
-                kl = agg_loss(kl_penalty(logp, ref_logp, spec.kl_kind), mask, spec.loss_agg)
-                loss = loss + spec.kl_coef * kl
+                kl = agg_loss(kl_penalty(logp, ref_logp, spec.algo.kl_kind), mask, spec.algo.loss_agg)
+                loss = loss + spec.algo.kl_coef * kl
                 metrics["kl_ref"] = float(kl.detach())
             # Weight each micro-batch so the accumulated loss equals the aggregate over the whole shard;
             # DeepSpeed divides by the accumulation steps, so multiply that back in.
@@ -264,7 +254,7 @@ class LearnerActor:
             with torch.no_grad():
                 sums["entropy"] += float((entropy * mask).sum()) / total_tokens
         self.steps_done += 1
-        if getattr(self, "projector", None) is not None:
+        if self.projector is not None:
             self.projector.observe()
         grad_norm = engine.get_global_grad_norm()
         return TrainMetrics(
@@ -304,7 +294,7 @@ class LearnerActor:
                 continue
             ctx = (
                 deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
-                if self.spec.zero_stage == 3
+                if self.spec.learner.zero_stage == 3
                 else contextlib.nullcontext()
             )
             with ctx:
@@ -314,7 +304,7 @@ class LearnerActor:
                     # (the caller serialises it before the next optimizer step).
                     if self.rank != 0:
                         yield name, None
-                    elif self.spec.zero_stage == 3 or p.device.type != "cpu":
+                    elif self.spec.learner.zero_stage == 3 or p.device.type != "cpu":
                         yield name, p.detach().to("cpu", copy=True)
                     else:
                         yield name, p.detach()
@@ -347,7 +337,7 @@ class LearnerActor:
 
         self.projector = ShardProjector(
             self.engine,
-            self.spec.zero_stage,
+            self.spec.learner.zero_stage,
             include,
             exclude,
             anchor_device,
@@ -366,6 +356,9 @@ class LearnerActor:
     def extra_project(self, beta: float):
         return self.projector.project(float(beta))
 
+    def extra_begin_phase(self) -> None:
+        self.projector.begin_phase()
+
     def extra_rollback(self) -> None:
         self.projector.rollback()
 
@@ -380,7 +373,7 @@ class LearnerActor:
         import torch
 
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
-        if getattr(self, "projector", None) is not None:  # anchors, d_prev, trend sums: per rank, like the shards
+        if self.projector is not None:  # anchors, d_prev, trend sums: per rank, like the shards
             torch.save(self.projector.state_dict(), os.path.join(directory, tag, f"rl_extra_rank{self.rank}.pt"))
         hf_dir = os.path.join(directory, tag, "hf")
         state = {}
@@ -407,7 +400,7 @@ class LearnerActor:
         if load_path is None:
             raise FileNotFoundError(f"checkpoint {os.path.join(directory, tag)}: DeepSpeed found nothing to load")
         extra = os.path.join(directory, tag, f"rl_extra_rank{self.rank}.pt")
-        if getattr(self, "projector", None) is not None and os.path.exists(extra):
+        if self.projector is not None and os.path.exists(extra):
             self.projector.load_state_dict(torch.load(extra, weights_only=False))
         return client_state or {}
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from orchestrator.config import RolloutConfig
 from orchestrator.messages import RolloutResult, SamplingConfig
 
 EXTENSION = "actors.rollout.WeightSyncExtension"
@@ -108,19 +109,14 @@ class WeightSyncExtension:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutSpec:
-    """Engine settings for one rollout actor (crosses the Ray boundary)."""
+    """What one rollout engine is built from (crosses the Ray boundary): the engine settings as configured, the
+    model to load, and the engine's sampling seed."""
 
     model_path: str
-    dtype: str = "float32"  # vLLM dtype: float32 | bfloat16 | float16 | auto
-    max_model_len: int = 64
-    kv_cache_mb: int = 64  # explicit KV cache size: auto-sizing on CPU was erratic
-    enforce_eager: bool = True
-    max_num_seqs: int = 256
-    seed: int = 0
-    gpu_memory_utilization: float = 0.85  # used only on GPU when kv_cache_mb == 0
-    tensor_parallel_size: int = 1
+    rollout: RolloutConfig
+    seed: int
 
 
 class RolloutActor:
@@ -133,22 +129,23 @@ class RolloutActor:
         from vllm import LLM
 
         self.spec = spec
+        rc = spec.rollout
         kwargs = dict(
             model=spec.model_path,
-            dtype=spec.dtype,
-            max_model_len=spec.max_model_len,
-            enforce_eager=spec.enforce_eager,
-            max_num_seqs=spec.max_num_seqs,
+            dtype=rc.dtype,
+            max_model_len=rc.max_model_len,
+            enforce_eager=rc.enforce_eager,
+            max_num_seqs=rc.max_num_seqs,
             seed=spec.seed,
             worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs",
-            tensor_parallel_size=spec.tensor_parallel_size,
+            tensor_parallel_size=rc.tensor_parallel_size,
             enable_prefix_caching=True,
         )
-        if spec.kv_cache_mb > 0:
-            kwargs["kv_cache_memory_bytes"] = spec.kv_cache_mb * 2**20
+        if rc.kv_cache_mb > 0:
+            kwargs["kv_cache_memory_bytes"] = rc.kv_cache_mb * 2**20
         else:
-            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.weight_version = 0
 

@@ -26,12 +26,13 @@ SHAPES = {
 
 def build_model_dir(shape: str, out_dir: Path) -> tuple[str, int]:
     """A randomly initialised tied-embedding Qwen2 of the given shape with the toy tokenizer."""
-    from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.toy_task import build_tiny_model, build_tokenizer
 
     path = out_dir / f"model-{shape}"
     tok = build_tokenizer()
     model = build_tiny_model(
-        TinyModelSpec(**SHAPES[shape]), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        TinyModelConfig(**SHAPES[shape]), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed=0
     )
     n_params = sum(p.numel() for p in model.parameters())
     if not (path / "config.json").exists():

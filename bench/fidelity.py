@@ -39,11 +39,9 @@ OUT = RESULTS / "fidelity"
 
 
 def compose(overrides):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    from orchestrator.config import compose as compose_job
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
+    return compose_job(overrides)
 
 
 # --------------------------------------------------------------------------------------------- training

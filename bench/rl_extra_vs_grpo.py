@@ -23,11 +23,9 @@ from common import RESULTS, ROOT, emit, start_ray
 
 
 def compose(overrides):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    from orchestrator.config import compose as compose_job
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
+    return compose_job(overrides)
 
 
 def run_one(name, overrides, seed, steps, eval_every, out_dir, db):

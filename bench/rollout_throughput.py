@@ -55,12 +55,13 @@ def hf_generate_tokens_per_s(model_path, prompt_ids, samples, max_tokens, repeat
 def vllm_tokens_per_s(ray, model_path, prompt_ids, samples, max_tokens, repeats):
     from actors.rollout import RolloutActor, RolloutSpec
     from orchestrator.cluster import rollout_actor_env
+    from orchestrator.config import RolloutConfig
     from orchestrator.messages import SamplingConfig
 
     actor = (
         ray.remote(RolloutActor)
         .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
-        .remote(RolloutSpec(model_path=model_path, max_model_len=64, kv_cache_mb=128, max_num_seqs=512))
+        .remote(RolloutSpec(model_path, RolloutConfig(max_model_len=64, kv_cache_mb=128, max_num_seqs=512), seed=0))
     )
     try:
         ray.get(actor.generate.remote(prompt_ids[:4], SamplingConfig(n=2, max_tokens=4)))  # warm-up
@@ -83,10 +84,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from orchestrator.toy_task import ToyTaskSpec, build_tokenizer, make_splits
+    from orchestrator.config import ToyTaskConfig
+    from orchestrator.toy_task import build_tokenizer, make_splits
 
     tok = build_tokenizer()
-    rows = make_splits(ToyTaskSpec(num_train=10, num_eval=args.prompts))["eval"]
+    rows = make_splits(ToyTaskConfig(num_train=10, num_eval=args.prompts), seed=0)["eval"]
     prompt_ids = [tok(r["prompt"])["input_ids"] for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
         # An untrained model: it rarely emits EOS early, so both engines generate near max_tokens per sample.

@@ -37,28 +37,16 @@ def copy_baseline_s(model_path: str, repeats: int) -> float:
 
 
 def sync_s(ray, model_path: str, repeats: int, world_size: int, zero_stage: int, bucket_mb: float):
-    from omegaconf import OmegaConf
-
     from actors.learner import LearnerSpec
     from actors.rollout import RolloutSpec
     from orchestrator.cluster import start_actor_groups
+    from orchestrator.config import AlgoConfig, JobConfig, LearnerConfig, RolloutConfig
 
-    cfg = OmegaConf.create(
-        {
-            "rollout": {"num_cpus": 1, "num_gpus": 0, "omp_threads": 1},
-            "learner": {"num_cpus": 1, "num_gpus": 0, "num_threads": 1},
-            "cluster": {"placement_strategy": "PACK", "mode": "local"},
-        }
-    )
-    spec = LearnerSpec(
-        model_path=model_path,
-        world_size=world_size,
-        zero_stage=zero_stage,
-        micro_batch_size=1,
-        samples_per_rank=1,
-        num_threads=1,
-    )
-    groups = start_actor_groups(cfg, spec, [RolloutSpec(model_path=model_path, max_model_len=64, kv_cache_mb=32)])
+    learner = LearnerConfig(world_size=world_size, zero_stage=zero_stage, micro_batch_size=1, num_threads=1)
+    rollout = RolloutConfig(max_model_len=64, kv_cache_mb=32)
+    cfg = JobConfig(learner=learner, rollout=rollout)
+    spec = LearnerSpec(model_path, learner, AlgoConfig(), samples_per_rank=1, seed=0)
+    groups = start_actor_groups(cfg, spec, [RolloutSpec(model_path, rollout, seed=0)])
     try:
         groups.sync_weights(bucket_mb)  # warm-up
         times, loads = [], []

@@ -273,8 +273,6 @@ class ShardProjector:
         elements of this rank's partitions, then refresh low precision. A collective: same β on every rank."""
         if not self.has_anchor:
             raise RuntimeError("RL-Extra: project() before snapshot()")
-        if self.backup is not None:
-            snapshot_(self.backup, self.masters)
         sq = self._selected_sq_norm()
         if self.trend is not None and self.trend.n >= 2:
             self._project_least_squares_(beta)
@@ -306,8 +304,16 @@ class ShardProjector:
                 wf[s:e].add_(cf[s:e] * m[s:e], alpha=scale)
 
     @torch.no_grad()
+    def begin_phase(self) -> None:
+        """Backup ← the master weights: what every candidate projection of this phase starts from, and what
+        `rollback` restores (also after a phase that failed half-way)."""
+        if self.backup is None:
+            raise RuntimeError("RL-Extra: begin_phase needs keep_backup=True")
+        snapshot_(self.backup, self.masters)
+
+    @torch.no_grad()
     def rollback(self) -> None:
-        """Restore the pre-projection master weights (needs keep_backup) and refresh low precision."""
+        """Restore the master weights of the phase start (`begin_phase`) and refresh low precision."""
         if self.backup is None:
             raise RuntimeError("RL-Extra: rollback needs keep_backup=True")
         snapshot_(self.masters, self.backup)

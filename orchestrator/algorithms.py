@@ -24,10 +24,10 @@ we return a finite, documented value instead; those places are:
   token sum, divided by ``loss_scale_factor`` (default ``T``). Older verl divided the *batch sum* by ``T``
   (no 1/B factor); the two differ by a factor of B.
 
-Conventions (as in verl): ``B`` is the batch of responses, ``T`` the padded response length, and
-``response_mask`` is ``[B, T]`` with 1 on the response tokens that count (0 on padding; a row of zeros is
-an empty response). Advantages are constants of the batch (computed under ``torch.no_grad``); the policy
-losses differentiate through ``logp`` only.
+Conventions (as in verl): ``B`` is the batch of responses, ``T`` the padded response length, shapes are written
+``dtype[dims]`` (as everywhere in the project), and ``response_mask`` is ``float[B, T]`` with 1 on the response
+tokens that count (0 on padding; a row of zeros is an empty response). Advantages are constants of the batch
+(computed under ``torch.no_grad``); the policy losses differentiate through ``logp`` only.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ Tensor = torch.Tensor
 
 # An advantage estimator, as stored in the registry, has one uniform signature so the learner can call
 # any of them the same way:
-#     fn(rewards: [B] float, group_ids: [B] long, response_mask: [B, T], *, eps=1e-6, gamma=1.0) -> [B, T]
+#     fn(rewards: float[B], group_ids: long[B], response_mask: float[B, T], *, eps=1e-6, gamma=1.0) -> float[B, T]
 # Estimators ignore the options (and group_ids) they do not use.
 AdvantageFn = Callable[..., Tensor]
 
@@ -96,7 +96,7 @@ def _register(registry: dict[str, Callable], kind: str, name: str) -> Callable[[
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator registering an advantage estimator under ``name`` in ``ADVANTAGE_ESTIMATORS``.
 
-    The function must take ``(rewards, group_ids, response_mask, *, eps, gamma)`` and return ``[B, T]``.
+    The function must take ``(rewards, group_ids, response_mask, *, eps, gamma)`` and return ``float[B, T]``.
     """
     return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
@@ -145,12 +145,12 @@ def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``values`` weighted by ``mask``.
 
     Args:
-        values: `(torch.Tensor)` any shape, e.g. (bs, response_length).
-        mask: `(torch.Tensor)` bool or numeric, same shape as ``values``.
+        values: float[...] of any shape, e.g. float[B, T].
+        mask: bool[...] or float[...], the shape of ``values``.
         dim: `(int, optional)` dimension to reduce; None reduces everything.
 
     Returns:
-        `(torch.Tensor)` ``values`` reduced over ``dim``.
+        float[...]: ``values`` reduced over ``dim``.
     """
     # Select before multiplying: padded positions may hold inf/NaN (e.g. log(0)), and 0 * nan = nan.
     valid = torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
@@ -165,12 +165,12 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     and turns 0/0 into 0 for an empty selection.
 
     Args:
-        values: `(torch.Tensor)` any shape, e.g. (bs, response_length).
-        mask: `(torch.Tensor)` bool or numeric, same shape as ``values``.
+        values: float[...] of any shape, e.g. float[B, T].
+        mask: bool[...] or float[...], the shape of ``values``.
         dim: `(int, optional)` dimension to reduce; None reduces everything.
 
     Returns:
-        `(torch.Tensor)` ``values`` reduced over ``dim``.
+        float[...]: ``values`` reduced over ``dim``.
     """
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return masked_sum(values, mask, dim) / (count + 1e-8)
@@ -185,12 +185,12 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     No ``.item()``: this stays free of host-device syncs.
 
     Args:
-        values: `(torch.Tensor)` any shape, e.g. (bs, response_length).
-        mask: `(torch.Tensor)` same shape as ``values``.
-        unbiased: `(bool)` apply Bessel's correction.
+        values: float[...] of any shape, e.g. float[B, T].
+        mask: float[...], the shape of ``values``.
+        unbiased: apply Bessel's correction.
 
     Returns:
-        `(torch.Tensor)` scalar variance.
+        float[] (0-d) variance.
     """
     mean = masked_mean(values, mask)
     variance = masked_mean((values - mean) ** 2, mask)
@@ -210,12 +210,12 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     positions are transformed too and are not zeroed; callers multiply by the mask.
 
     Args:
-        values: `(torch.Tensor)` shape (bs, response_length).
-        mask: `(torch.Tensor)` shape (bs, response_length).
-        shift_mean: `(bool)` if False, keep the original mean.
+        values: float[B, T].
+        mask: float[B, T].
+        shift_mean: if False, keep the original mean.
 
     Returns:
-        `(torch.Tensor)` shape (bs, response_length).
+        float[B, T].
     """
     mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
@@ -253,7 +253,7 @@ def _group_mean_std(rewards: Tensor, group_ids: Any) -> tuple[Tensor, Tensor]:
     float64 for float32 x), hence centred rewards and std exactly 0 rather than rounding residue.
 
     Returns:
-        (mean, std): two float64 tensors of shape (bs,).
+        (mean, std): float64[B] each.
     """
     ids = torch.as_tensor(group_ids, device=rewards.device)
     if ids.dim() != 1 or ids.shape[0] != rewards.shape[0]:
@@ -290,14 +290,14 @@ def grpo_advantages(
     rewards gets ``A = 0``. The scalar is broadcast over the response tokens and masked.
 
     Args:
-        rewards: `(torch.Tensor)` shape (bs,), one scalar reward per response.
-        group_ids: `(torch.Tensor)` shape (bs,), integer id of each response's prompt group.
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        eps: `(float)` added to the std to avoid division by zero.
-        scale_by_std: `(bool)` divide by the group std (GRPO) or not (Dr.GRPO).
+        rewards: float[B], one scalar reward per response.
+        group_ids: long[B], integer id of each response's prompt group.
+        response_mask: float[B, T].
+        eps: added to the std to avoid division by zero.
+        scale_by_std: divide by the group std (GRPO) or not (Dr.GRPO).
 
     Returns:
-        advantages: `(torch.Tensor)` shape (bs, response_length), dtype of ``rewards``.
+        advantages: float[B, T], dtype of ``rewards``.
     """
     _check_outcome_inputs(rewards, response_mask)
     dtype = _out_dtype(rewards)
@@ -311,13 +311,13 @@ def drgrpo_advantages(rewards: Tensor, group_ids: Tensor, response_mask: Tensor,
     """Dr.GRPO advantage: GRPO without the std scaling, ``A_i = r_i - mean_g``.
 
     Args:
-        rewards: `(torch.Tensor)` shape (bs,).
-        group_ids: `(torch.Tensor)` shape (bs,).
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        eps: `(float)` unused (no division); accepted for signature parity with GRPO.
+        rewards: float[B].
+        group_ids: long[B].
+        response_mask: float[B, T].
+        eps: unused (no division); accepted for signature parity with GRPO.
 
     Returns:
-        advantages: `(torch.Tensor)` shape (bs, response_length).
+        advantages: float[B, T].
     """
     return grpo_advantages(rewards, group_ids, response_mask, eps=eps, scale_by_std=False)
 
@@ -337,12 +337,12 @@ def reinforce_pp_advantages(rewards: Tensor, response_mask: Tensor, *, gamma: fl
     so there is no Python loop over the response length. Empty rows get advantage 0.
 
     Args:
-        rewards: `(torch.Tensor)` shape (bs,).
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        gamma: `(float)` discount factor.
+        rewards: float[B].
+        response_mask: float[B, T].
+        gamma: discount factor.
 
     Returns:
-        advantages: `(torch.Tensor)` shape (bs, response_length).
+        advantages: float[B, T].
     """
     _check_outcome_inputs(rewards, response_mask)
     dtype = _out_dtype(rewards)
@@ -367,13 +367,13 @@ def reinforce_pp_baseline_advantages(
     verl) and mask.
 
     Args:
-        rewards: `(torch.Tensor)` shape (bs,).
-        group_ids: `(torch.Tensor)` shape (bs,).
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        eps: `(float)` unused, as in verl (the whitening uses its own 1e-8); kept for signature parity.
+        rewards: float[B].
+        group_ids: long[B].
+        response_mask: float[B, T].
+        eps: unused, as in verl (the whitening uses its own 1e-8); kept for signature parity.
 
     Returns:
-        advantages: `(torch.Tensor)` shape (bs, response_length).
+        advantages: float[B, T].
     """
     _check_outcome_inputs(rewards, response_mask)
     dtype = _out_dtype(rewards)
@@ -445,10 +445,10 @@ def agg_loss(
     global count and multiplied by ``dp_size`` because the DP all-reduce averages gradients.
 
     Args:
-        loss_mat: `(torch.Tensor)` shape (bs, response_length).
-        loss_mask: `(torch.Tensor)` shape (bs, response_length).
-        agg: `(str)` one of ``AGG_MODES``.
-        dp_size: `(int)` data-parallel world size.
+        loss_mat: float[B, T].
+        loss_mask: float[B, T].
+        agg: one of ``AGG_MODES``.
+        dp_size: data-parallel world size.
         batch_num_tokens: `(float, optional)` global number of valid tokens (required if dp_size > 1).
         global_batch_size: `(float, optional)` global number of non-empty sequences (required if
             dp_size > 1).
@@ -456,7 +456,7 @@ def agg_loss(
             constant (e.g. max response length) to keep the normaliser fixed through training.
 
     Returns:
-        loss: `(torch.Tensor)` scalar. 0 (never NaN) when every row is empty.
+        loss: float[] (0-d). 0 (never NaN) when every row is empty.
     """
     if loss_mat.shape != loss_mask.shape:
         raise ValueError(f"loss_mat {tuple(loss_mat.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
@@ -516,17 +516,17 @@ def ppo_clip_loss(
     token whose ratio exploded contributes a bounded loss with no gradient.
 
     Args:
-        logp: `(torch.Tensor)` shape (bs, response_length), current policy; the only input differentiated.
-        old_logp: `(torch.Tensor)` shape (bs, response_length), behaviour policy (detached).
-        advantages: `(torch.Tensor)` shape (bs, response_length) (detached).
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        clip_low / clip_high: `(float)` ratio clip range ``[1 - clip_low, 1 + clip_high]``.
-        agg: `(str)` aggregation mode of ``agg_loss``.
-        clip_ratio_c: `(float)` dual-clip bound, must be > 1.
+        logp: float[B, T], current policy; the only input differentiated.
+        old_logp: float[B, T], behaviour policy (detached).
+        advantages: float[B, T] (detached).
+        response_mask: float[B, T].
+        clip_low / clip_high: ratio clip range ``[1 - clip_low, 1 + clip_high]``.
+        agg: aggregation mode of ``agg_loss``.
+        clip_ratio_c: dual-clip bound, must be > 1.
         agg_kwargs: `(Mapping, optional)` extra keyword arguments of ``agg_loss`` (dp_size, global counts).
 
     Returns:
-        loss: `(torch.Tensor)` scalar.
+        loss: float[] (0-d).
         metrics: ``clip_frac`` (share of valid tokens where the ratio clip is active), ``clip_frac_lower``
             (share where the dual clip is active), ``ppo_kl`` (masked mean of ``old_logp - logp``, with
             the same +-20 clamp as the ratio), all Python floats.
@@ -581,17 +581,17 @@ def gspo_loss(
     ``max(-A s, -A clip(s, 1 - clip_low, 1 + clip_high))``; no dual clip.
 
     Args:
-        logp: `(torch.Tensor)` shape (bs, response_length); the only input differentiated.
-        old_logp: `(torch.Tensor)` shape (bs, response_length).
-        advantages: `(torch.Tensor)` shape (bs, response_length).
-        response_mask: `(torch.Tensor)` shape (bs, response_length).
-        clip_low / clip_high: `(float)` sequence-ratio clip range (GSPO's defaults 3e-4 / 4e-4).
-        agg: `(str)` aggregation; defaults to ``seq-mean-token-mean``, an explicit choice is honoured.
-        clip_ratio_c: `(float)` unused (GSPO has no dual clip); accepted for a uniform signature.
+        logp: float[B, T]; the only input differentiated.
+        old_logp: float[B, T].
+        advantages: float[B, T].
+        response_mask: float[B, T].
+        clip_low / clip_high: sequence-ratio clip range (GSPO's defaults 3e-4 / 4e-4).
+        agg: aggregation; defaults to ``seq-mean-token-mean``, an explicit choice is honoured.
+        clip_ratio_c: unused (GSPO has no dual clip); accepted for a uniform signature.
         agg_kwargs: `(Mapping, optional)` extra keyword arguments of ``agg_loss``.
 
     Returns:
-        loss: `(torch.Tensor)` scalar.
+        loss: float[] (0-d).
         metrics: ``clip_frac``, ``clip_frac_lower`` (always 0.0), ``ppo_kl`` (unclamped), Python floats.
     """
     _check_loss_inputs(logp, old_logp, advantages, response_mask)
@@ -633,8 +633,8 @@ def policy_loss(
     ``token-mean`` for ``ppo_clip``; 3e-4 / 4e-4 / ``seq-mean-token-mean`` for ``gspo``.
 
     Args:
-        kind: `(str)` registered name, see ``POLICY_LOSSES``.
-        logp, old_logp, advantages, response_mask: `(torch.Tensor)` shape (bs, response_length).
+        kind: registered name, see ``POLICY_LOSSES``.
+        logp, old_logp, advantages, response_mask: float[B, T].
         clip_low / clip_high / agg / clip_ratio_c / agg_kwargs: see ``ppo_clip_loss``.
 
     Returns:
@@ -673,12 +673,12 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
         * ``abs``: ``|d|``
 
     Args:
-        logp: `(torch.Tensor)` shape (bs, response_length).
-        ref_logp: `(torch.Tensor)` shape (bs, response_length).
-        kind: `(str)` one of ``KL_PENALTY_KINDS``.
+        logp: float[B, T].
+        ref_logp: float[B, T].
+        kind: one of ``KL_PENALTY_KINDS``.
 
     Returns:
-        `(torch.Tensor)` shape (bs, response_length), unmasked.
+        float[B, T], unmasked.
     """
     if kind in ("k1", "kl"):
         return logp - ref_logp

@@ -156,9 +156,10 @@ def prompts_from_run(run_dir: str | Path) -> list[str] | None:
         return None
     from omegaconf import OmegaConf
 
+    from orchestrator.config import validate
     from orchestrator.data import load_splits
 
-    _, evals = load_splits(OmegaConf.load(cfg_file))
+    _, evals = load_splits(validate(OmegaConf.load(cfg_file)))
     return list(evals["prompt"])
 
 

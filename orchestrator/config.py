@@ -1,274 +1,778 @@
-"""Config validation: fail fast, with one line naming the field and what was expected.
+"""The configuration, typed: one dataclass per Hydra group — its schema, defaults, documentation and constraints.
 
-Hydra already rejects unknown keys (the composed config is in struct mode); this module checks values and
-the relations between fields, and turns the config into the typed specs the actors take.
+Hydra composes `conf/config.yaml` (the job) and `conf/evaluate.yaml` (the evaluation) over `JobConfig` and
+`EvaluateConfig`, registered below in Hydra's ConfigStore as `job_schema` / `evaluate_schema`. A key that is not
+declared here, or a value of the wrong type, fails at composition; the YAML files under `conf/` are presets that
+only override fields. `validate(cfg)` turns a composed config into the typed object and checks every constraint:
+each field's own (declared with `choice`, `integer`, `number`) and the relations between fields (the `check`
+methods), failing on the first one with one line: `<field>: expected <what>, got <value>`.
+
+Adding a setting: add a field to its group's dataclass with its default, its constraint and a comment saying what
+it does; set it in a preset YAML only where a preset differs from the default. Actors take these dataclasses
+themselves (`actors.rollout.RolloutSpec`, `actors.learner.LearnerSpec` wrap them with the model path and seed),
+so there is no second set of defaults anywhere.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+import dataclasses
+import math
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from actors.learner import LearnerSpec
-from actors.rollout import RolloutSpec
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+# Allowed values that are defined here, by the schema; the code that implements them imports them from here.
+BETA_MODES = ("fixed", "schedule", "adaptive", "auto")
+ANCHOR_MODES = ("cycle_start", "previous_step")
+OPTIMIZER_AFTER_PROJECTION = ("keep", "reset")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class ConfigError(ValueError):
     """A bad config value. The message is one line: `<field>: expected <what>, got <value>`."""
 
 
-def _get(cfg: DictConfig, path: str):
-    try:
-        return OmegaConf.select(cfg, path, throw_on_missing=True)
-    except MissingMandatoryValue:
-        raise ConfigError(f"{path}: a value is required (it is ??? in the config)") from None
+# ------------------------------------------------------------------------------------------ field constraints
 
 
-def _int(cfg, path, lo=None, hi=None):
-    v = _get(cfg, path)
-    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
-        raise ConfigError(f"{path}: expected an integer{rng}, got {v!r}")
-    return v
+def choice(default: Any, options: Sequence | Callable[[], Sequence]) -> Any:
+    """A field whose value must be one of `options` (a sequence, or a function returning one: a registry)."""
+    return field(default=default, metadata={"choices": options})
 
 
-def _float(cfg, path, lo=None, hi=None, lo_open=False):
-    v = _get(cfg, path)
+def integer(default: Any, *, ge: int | None = None, le: int | None = None) -> Any:
+    """An integer field, optionally bounded: `ge` <= value <= `le`."""
+    return field(default=default, metadata={"integer": (ge, le)})
+
+
+def number(default: Any, *, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+    """A number field, optionally bounded below (`gt` open or `ge` closed) and above (`le`)."""
+    return field(default=default, metadata={"number": (gt, ge, le)})
+
+
+def listed(factory: Callable[[], list]) -> Any:
+    """A list field with a default (dataclasses need a factory for mutable defaults)."""
+    return field(default_factory=factory)
+
+
+def _check_integer(path: str, v: Any, ge: int | None, le: int | None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or (ge is not None and v < ge) or (le is not None and v > le):
+        bounds = f" in [{ge}, {le}]" if le is not None else (f" >= {ge}" if ge is not None else "")
+        raise ConfigError(f"{path}: expected an integer{bounds}, got {v!r}")
+
+
+def _check_number(path: str, v: Any, gt: float | None, ge: float | None, le: float | None) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{path}: expected a number, got {v!r}")
-    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
-    if bad_lo or (hi is not None and v > hi):
-        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-        hi_s = "" if hi is None else f"<= {hi}"
-        raise ConfigError(f"{path}: expected a number {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v!r}")
-    return float(v)
+    if (gt is not None and v <= gt) or (ge is not None and v < ge) or (le is not None and v > le):
+        parts = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else ""]
+        parts += [f"<= {le}" if le is not None else ""]
+        raise ConfigError(f"{path}: expected a number {' and '.join(p for p in parts if p)}, got {v!r}")
 
 
-def _choice(cfg, path, choices):
-    v = _get(cfg, path)
-    if v not in choices:
-        raise ConfigError(f"{path}: expected one of {list(choices)}, got {v!r}")
-    return v
+def _allows_none(cls: type, name: str) -> bool:
+    hint = typing.get_type_hints(cls)[name]
+    return type(None) in typing.get_args(hint)
 
 
-def validate_rollout_engine(cfg: DictConfig) -> None:
-    """rollout.* that place and size the vLLM engines (shared by the job and `orchestrator.evaluate`)."""
-    r = "rollout"
-    _int(cfg, f"{r}.num_actors", lo=1)
-    _float(cfg, f"{r}.num_cpus", lo=0)
-    _float(cfg, f"{r}.num_gpus", lo=0)
-    _choice(cfg, f"{r}.dtype", ["float32", "bfloat16", "float16", "auto"])
-    _int(cfg, f"{r}.max_model_len", lo=2)
-    _int(cfg, f"{r}.kv_cache_mb", lo=0)
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check every declared constraint of dataclass `obj` and of the dataclasses it holds, then their `check()`.
+
+    Nested dataclasses are checked first (a group's relations may rely on its parts being valid)."""
+    for f in dataclasses.fields(obj):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, path)
+            continue
+        if value is None and _allows_none(type(obj), f.name):
+            continue
+        meta = f.metadata
+        if "choices" in meta:
+            options = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+            if value not in options:
+                raise ConfigError(f"{path}: expected one of {list(options)}, got {value!r}")
+        elif "integer" in meta:
+            _check_integer(path, value, *meta["integer"])
+        elif "number" in meta:
+            _check_number(path, value, *meta["number"])
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(prefix)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad field."""
-    from orchestrator.algorithms import ADVANTAGE_ESTIMATORS, AGG_MODES, POLICY_LOSSES
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+@dataclass
+class TinyModelConfig:
+    """The embedded tiny Qwen2 (built in code, character tokenizer; see orchestrator/toy_task.py)."""
+
+    hidden_size: int = integer(128, ge=1)  # head_dim = hidden_size / num_heads (vLLM's CPU attention needs >= 32)
+    num_layers: int = integer(2, ge=1)
+    num_heads: int = integer(4, ge=1)
+    num_kv_heads: int = integer(2, ge=1)
+    intermediate_size: int = integer(512, ge=1)
+    tie_word_embeddings: bool = True
+    max_positions: int = integer(64, ge=2)  # longest prompt + response the model (and vLLM) accepts
+
+    def check(self, prefix: str) -> None:
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 32:
+            raise ConfigError(
+                f"{_join(prefix, 'hidden_size')}: expected a multiple of num_heads with head_dim >= 32, "
+                f"got hidden_size={self.hidden_size}, num_heads={self.num_heads}"
+            )
+
+
+@dataclass
+class WarmStartConfig:
+    """SFT of the tiny model on the toy task's procedure mixture before RL (cached by every field and the seed)."""
+
+    steps: int = integer(600, ge=0)  # optimizer steps (~1 min on 2 cores)
+    batch_size: int = integer(128, ge=1)
+    lr: float = number(3e-3, gt=0)
+
+
+@dataclass
+class ModelConfig:
+    """The policy: the embedded tiny model (`source: toy`) or a real one (`source: path`)."""
+
+    source: str = choice("toy", ("toy", "path"))  # toy: build and warm-start the tiny model | path: load `path`
+    path: str | None = None  # a hub id or a local save_pretrained directory (source=path)
+    cache_dir: str = ".cache/rlextra"  # toy warm starts and toy data are cached here (relative to the launch dir)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def check(self, prefix: str) -> None:
+        if self.source == "path" and not self.path:
+            raise ConfigError(
+                f"{_join(prefix, 'path')}: expected a hub id or a local directory for model.source=path, got None"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+TOY_OPS = ("add", "mul", "code")
+
+
+@dataclass
+class ToyTaskConfig:
+    """One variant of the synthetic task (generated from the seed; every field changes the data)."""
+
+    op: str = choice("add", TOY_OPS)  # add: a+b | mul: a*b with a 1-digit b | code: tiny Python function problems
+    digits: int = integer(2, ge=1, le=6)  # digits of the (first) operand
+    careful_fraction: float = number(0.3, gt=0, le=1)  # share of correct-procedure solutions in the warm start
+    num_train: int = integer(20000, ge=1)  # RL train prompts
+    num_eval: int = integer(500, ge=1)  # held-out eval prompts (disjoint from train)
+
+    def distinct_problems(self) -> int:
+        """How many different prompts this variant can produce."""
+        if self.op == "code":
+            return 10**9  # random arguments: effectively unbounded
+        first = 9 * 10 ** (self.digits - 1)
+        return first * (first if self.op == "add" else 8)
+
+    def check(self, prefix: str) -> None:
+        if self.careful_fraction >= 1:
+            raise ConfigError(
+                f"{_join(prefix, 'careful_fraction')}: expected a number in (0, 1), got {self.careful_fraction!r}"
+            )
+        if self.num_eval >= self.distinct_problems():
+            raise ConfigError(
+                f"{_join(prefix, 'num_eval')}: expected fewer than the {self.distinct_problems()} distinct "
+                f"{self.digits}-digit problems (some must be left for training), got {self.num_eval}"
+            )
+
+
+def _verifier_names() -> list[str]:
     from verifiers import VERIFIERS
 
-    _int(cfg, "seed", lo=0)
-    t = "trainer"
-    _int(cfg, f"{t}.total_steps", lo=0)
-    prompts = _int(cfg, f"{t}.prompts_per_step", lo=1)
-    samples = _int(cfg, f"{t}.samples_per_prompt", lo=1)
-    _int(cfg, f"{t}.eval_every", lo=0)
-    _int(cfg, f"{t}.eval_prompts", lo=1)
-    _int(cfg, f"{t}.eval_samples", lo=1)
-    _int(cfg, f"{t}.checkpoint_every", lo=0)
-    _int(cfg, f"{t}.keep_checkpoints", lo=0)
-    _choice(cfg, f"{t}.resume", ["auto", "never"])
-    if cfg.get("analysis") is not None and bool(cfg.analysis.enabled):
-        if not cfg.trainer.checkpoint_every:
-            raise ConfigError("analysis.enabled: needs checkpoints to analyse; expected trainer.checkpoint_every > 0")
-        if cfg.trainer.keep_checkpoints not in (0,) and cfg.trainer.keep_checkpoints < 3:
+    return sorted(VERIFIERS)
+
+
+@dataclass
+class DataConfig:
+    """Prompts and reference answers: the synthetic toy task, local files, or a hub dataset, through `datasets`."""
+
+    source: str = choice("toy", ("toy", "files", "hub"))
+    toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # source=toy
+    train_files: Any = None  # source=files: a path or list of paths (.jsonl / .json / .parquet / .csv)
+    eval_files: Any = None  # source=files: the held-out split
+    hub_id: str | None = None  # source=hub: e.g. DigitalLearningGmbH/MATH-lighteval (needs network)
+    hub_config: str | None = None  # source=hub: the dataset's config name, if any
+    train_split: str = "train"  # source=hub
+    eval_split: str = "test"  # source=hub
+    prompt_field: str = "prompt"  # record field holding the prompt text
+    answer_field: str = "answer"  # record field holding the reference answer
+    prompt_template: str = "{prompt}"  # python format string applied to the prompt field
+    apply_chat_template: bool = False  # wrap the prompt with the tokenizer's chat template (real chat models)
+    verifier: str = choice("arith", _verifier_names)  # a name from the verifier registry (arith | math | code ...)
+    max_prompt_tokens: int = integer(32, ge=1)  # longer prompts are an error
+
+    def check(self, prefix: str) -> None:
+        if self.source == "files":
+            for key in ("train_files", "eval_files"):
+                if getattr(self, key) is None:
+                    raise ConfigError(
+                        f"{_join(prefix, key)}: a value is required for data.source=files (a path or a list of paths)"
+                    )
+        if self.source == "hub" and not self.hub_id:
+            raise ConfigError(f"{_join(prefix, 'hub_id')}: a value is required for data.source=hub (a dataset id)")
+        if "{prompt}" not in self.prompt_template:
             raise ConfigError(
-                "analysis.enabled: needs at least 3 kept checkpoints; expected trainer.keep_checkpoints 0 or >= 3"
+                f"{_join(prefix, 'prompt_template')}: expected a format string containing {{prompt}}, "
+                f"got {self.prompt_template!r}"
             )
-        if not cfg.trainer.save_final:
+
+
+# ----------------------------------------------------------------------------------------------------- algo
+
+
+def _advantage_names() -> list[str]:
+    from orchestrator.algorithms import ADVANTAGE_ESTIMATORS
+
+    return sorted(ADVANTAGE_ESTIMATORS)
+
+
+def _loss_names() -> list[str]:
+    from orchestrator.algorithms import POLICY_LOSSES
+
+    return sorted(POLICY_LOSSES)
+
+
+def _agg_modes() -> tuple[str, ...]:
+    from orchestrator.algorithms import AGG_MODES
+
+    return AGG_MODES
+
+
+def _kl_kinds() -> tuple[str, ...]:
+    from orchestrator.algorithms import KL_PENALTY_KINDS
+
+    return KL_PENALTY_KINDS
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm: advantage estimator + policy loss from orchestrator/algorithms.py (verl's definitions)."""
+
+    name: str = "grpo"  # a label for runs and logs
+    advantage: str = choice("grpo", _advantage_names)  # grpo | drgrpo | reinforce_plus_plus | ..._baseline
+    loss: str = choice("ppo_clip", _loss_names)  # ppo_clip (dual-clip PPO) | gspo
+    clip_low: float = number(0.2, ge=0, le=1)  # ratio clip 1 - clip_low
+    clip_high: float = number(0.2, ge=0)  # ratio clip 1 + clip_high
+    clip_ratio_c: float = number(3.0, gt=1)  # dual-clip bound for negative advantages (ppo_clip only)
+    loss_agg: str = choice("token-mean", _agg_modes)  # how token losses are aggregated
+    eps: float = number(1e-6, ge=0)  # added to the group std
+    gamma: float = number(1.0, ge=0, le=1)  # discount for REINFORCE++ returns (ignored by group estimators)
+    kl_coef: float = number(0.0, ge=0)  # > 0: a KL-to-reference loss term; each learner rank holds a frozen reference
+    kl_kind: str = choice("k3", _kl_kinds)  # k1 | k2 | k3 (verl's kl | mse | low_var_kl)
+
+
+# ------------------------------------------------------------------------------------------------- schedule
+
+
+def _selection_modes() -> tuple[str, ...]:
+    from linearity.zero_shards import SELECTION_MODES
+
+    return SELECTION_MODES
+
+
+def _velocity_modes() -> tuple[str, ...]:
+    from linearity.zero_shards import VELOCITY_MODES
+
+    return VELOCITY_MODES
+
+
+@dataclass
+class ScheduleConfig:
+    """`rl`: every step is a real gradient step. `rl_extra` (paper §4.3): cycles of m real RL steps, then one in-place
+    projection of the learners' fp32 master shards standing for n extrapolated steps, W ← A + β (W − A), A the anchor
+    (weights at the cycle start); each rank projects only its own shard, optimizer state / LR schedule / data
+    position carry on (actors/extrapolator.py decides whether, what and how far)."""
+
+    name: str = choice("rl_extra", ("rl", "rl_extra"))
+    m: int = integer(10, ge=1)  # real RL steps per cycle
+    n: int = integer(30, ge=0)  # extrapolated (virtual) steps per cycle (β = (m+n)/m = 4 at most)
+    # cycle_start (A = weights at the cycle start) | previous_step (A = weights one step back: eq. 3 read literally)
+    anchor: str = choice("cycle_start", ANCHOR_MODES)
+    # two_point (the chord W − A) | least_squares (slope of a per-element line through every step of the cycle;
+    # cycle_start only; 2 more shard copies)
+    velocity: str = choice("two_point", _velocity_modes)
+    # fixed (beta) | schedule ((m+n)/m, or 1+n for previous_step) | adaptive (line search on validation) |
+    # auto (adaptive, only when the monitor says linear)
+    beta_mode: str = choice("auto", BETA_MODES)
+    beta: float | None = number(None, gt=0)  # fixed: the β; adaptive/auto: the largest β tried (null = the schedule's)
+    # adaptive/auto: fractions of the largest β to try (each > 1 is tried; never worse than β = 1 on validation)
+    candidates: list[float] = listed(lambda: [0.5, 1.0])
+    monitor_threshold: float = number(0.7, ge=-1, le=1)  # auto: minimum drift share (cos of consecutive displacements)
+    monitor_r2: float | None = number(None, ge=0, le=1)  # auto: also require this median sampled-weight R² (null: off)
+    monitor_samples: int = integer(2048, ge=1)  # weight elements sampled per rank for the running R²
+    # names (include/exclude only) | tensor_drift (tensors whose drift share >= selection_threshold) |
+    # top_elements (top selection_fraction of elements by steady displacement)
+    selection: str = choice("top_elements", _selection_modes)
+    selection_threshold: float = number(0.7, ge=-1, le=1)  # tensor_drift: minimum per-tensor drift share
+    selection_fraction: float = number(0.05, gt=0, le=1)  # top_elements: share of the name-selected elements
+    include: list[str] = listed(lambda: ["*"])  # fnmatch patterns of parameter names that may be projected
+    exclude: list[str] | None = None  # never projected; null = linearity.selection.DEFAULT_EXCLUDE (norm layers)
+    anchor_device: str | None = None  # where anchors live: null = with the shard; "cpu" saves accelerator memory
+    optimizer: str = choice("keep", OPTIMIZER_AFTER_PROJECTION)  # after a projection: keep the Adam state | reset it
+    validation_prompts: int = integer(32, ge=1)  # fixed train-split slice scoring projections (adaptive/auto/guard)
+    validation_samples: int = integer(4, ge=1)  # samples per validation prompt
+    guard_nan: bool = True  # roll the shards back if a projection produces NaN/Inf (off: fail the job)
+    guard_margin: float | None = number(None, ge=0)  # roll back if validation reward falls more than this (null: off)
+    shrink: float = number(0.5, ge=0, le=1)  # after a rollback: largest β ← 1 + (β − 1) · shrink
+    eval_around_projection: bool = False  # evaluate the held-out split just before and after each projection
+
+    @property
+    def schedule_beta(self) -> float:
+        """The paper's β: (m + n) / m over a cycle, or 1 + n for one step's displacement (previous_step)."""
+        return (self.m + self.n) / self.m if self.anchor == "cycle_start" else 1.0 + self.n
+
+    @property
+    def needs_validation(self) -> bool:
+        return self.beta_mode in ("adaptive", "auto") or self.guard_margin is not None
+
+    def check(self, prefix: str) -> None:
+        if self.name != "rl_extra":
+            return
+        if self.beta_mode == "fixed" and self.beta is None:
+            raise ConfigError(f"{_join(prefix, 'beta')}: expected a number when schedule.beta_mode=fixed, got null")
+        if self.velocity == "least_squares" and self.anchor != "cycle_start":
             raise ConfigError(
-                "analysis.enabled: the final checkpoint ends the series; expected trainer.save_final=true"
+                f"{_join(prefix, 'velocity')}: least_squares fits a line through the cycle; "
+                "needs schedule.anchor=cycle_start"
             )
-    _int(cfg, f"{t}.max_learner_restarts", lo=0)
-
-    _choice(cfg, "model.source", ["toy", "path"])
-    if cfg.model.source == "path" and not _get(cfg, "model.path"):
-        raise ConfigError("model.path: expected a hub id or a local directory for model.source=path, got None")
-    if cfg.model.source == "toy":
-        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            _int(cfg, f"model.tiny.{key}", lo=1)
-        if (
-            cfg.model.tiny.hidden_size % cfg.model.tiny.num_heads
-            or cfg.model.tiny.hidden_size // cfg.model.tiny.num_heads < 32
-        ):
+        if self.velocity == "least_squares" and self.anchor_device is not None:
             raise ConfigError(
-                f"model.tiny.hidden_size: expected a multiple of num_heads with head_dim >= 32, "
-                f"got hidden_size={cfg.model.tiny.hidden_size}, num_heads={cfg.model.tiny.num_heads}"
+                f"{_join(prefix, 'anchor_device')}: least_squares keeps its sums beside the shard; expected null"
             )
-        _int(cfg, "model.warm_start.steps", lo=0)
-        _int(cfg, "model.warm_start.batch_size", lo=1)
-        _float(cfg, "model.warm_start.lr", lo=0, lo_open=True)
-
-    source = _choice(cfg, "data.source", ["toy", "files", "hub"])
-    if source == "toy":
-        if cfg.model.source != "toy":
-            raise ConfigError("data.source: expected files or hub with a real model (model.source=path), got toy")
-        _choice(cfg, "data.toy.op", ["add", "mul", "code"])
-        _int(cfg, "data.toy.digits", lo=1, hi=6)
-        _float(cfg, "data.toy.careful_fraction", lo=0, hi=1, lo_open=True)
-        _int(cfg, "data.toy.num_train", lo=1)
-        _int(cfg, "data.toy.num_eval", lo=1)
-    elif source == "files":
-        for key in ("train_files", "eval_files"):
-            _get(cfg, f"data.{key}")
-    else:
-        _get(cfg, "data.hub_id")
-    _choice(cfg, "data.verifier", sorted(VERIFIERS))
-    _int(cfg, "data.max_prompt_tokens", lo=1)
-    if "{prompt}" not in str(_get(cfg, "data.prompt_template")):
-        raise ConfigError(
-            f"data.prompt_template: expected a format string containing {{prompt}}, got {cfg.data.prompt_template!r}"
-        )
-
-    _choice(cfg, "algo.advantage", sorted(ADVANTAGE_ESTIMATORS))
-    _choice(cfg, "algo.loss", sorted(POLICY_LOSSES))
-    _choice(cfg, "algo.loss_agg", list(AGG_MODES))
-    _float(cfg, "algo.clip_low", lo=0, hi=1)
-    _float(cfg, "algo.clip_high", lo=0)
-    _float(cfg, "algo.clip_ratio_c", lo=1, lo_open=True)
-    _float(cfg, "algo.gamma", lo=0, hi=1)
-    _float(cfg, "algo.kl_coef", lo=0)
-    _choice(cfg, "algo.kl_kind", ["k1", "k2", "k3"])
-
-    r = "rollout"
-    validate_rollout_engine(cfg)
-    _float(cfg, f"{r}.temperature", lo=0, lo_open=True)
-    _float(cfg, f"{r}.top_p", lo=0, hi=1, lo_open=True)
-    _int(cfg, f"{r}.max_tokens", lo=1)
-    _float(cfg, f"{r}.bucket_mb", lo=0, lo_open=True)
-    if cfg.model.source == "toy" and cfg.rollout.max_model_len > cfg.model.tiny.max_positions:
-        raise ConfigError(
-            f"rollout.max_model_len: expected <= model.tiny.max_positions ({cfg.model.tiny.max_positions}), "
-            f"got {cfg.rollout.max_model_len}"
-        )
-    if cfg.data.max_prompt_tokens + cfg.rollout.max_tokens > cfg.rollout.max_model_len:
-        raise ConfigError(
-            f"rollout.max_model_len: expected >= data.max_prompt_tokens + rollout.max_tokens "
-            f"({cfg.data.max_prompt_tokens + cfg.rollout.max_tokens}), got {cfg.rollout.max_model_len}"
-        )
-    if prompts % cfg.rollout.num_actors:
-        raise ConfigError(
-            f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({cfg.rollout.num_actors}), "
-            f"got {prompts}"
-        )
-
-    lr = "learner"
-    world = _int(cfg, f"{lr}.world_size", lo=1)
-    _choice(cfg, f"{lr}.zero_stage", [1, 2, 3])
-    _choice(cfg, f"{lr}.dtype", ["fp32", "bf16"])
-    _float(cfg, f"{lr}.lr", lo=0, lo_open=True)
-    _float(cfg, f"{lr}.weight_decay", lo=0)
-    _int(cfg, f"{lr}.warmup_steps", lo=0)
-    _float(cfg, f"{lr}.grad_clip", lo=0)
-    micro = _int(cfg, f"{lr}.micro_batch_size", lo=1)
-    _choice(cfg, f"{lr}.backend", ["auto", "gloo", "nccl"])
-    betas = _get(cfg, f"{lr}.betas")
-    if len(betas) != 2 or not all(0 <= float(b) < 1 for b in betas):
-        raise ConfigError(f"{lr}.betas: expected two numbers in [0, 1), got {list(betas)!r}")
-    batch = prompts * samples
-    if batch % (world * micro):
-        raise ConfigError(
-            f"learner.micro_batch_size: expected prompts_per_step * samples_per_prompt ({batch}) to be divisible "
-            f"by world_size * micro_batch_size ({world} * {micro})"
-        )
-
-    _int(cfg, "reward.num_workers", lo=1)
-    _float(cfg, "reward.timeout_s", lo=0, lo_open=True)
-
-    _choice(cfg, "schedule.name", ["rl", "rl_extra"])
-    if cfg.schedule.name == "rl_extra":
-        _int(cfg, "schedule.m", lo=1)
-        _int(cfg, "schedule.n", lo=0)
-        if _get(cfg, "schedule.beta") is not None:
-            _float(cfg, "schedule.beta", lo=0, lo_open=True)
-        _choice(cfg, "schedule.beta_mode", ["fixed", "schedule", "adaptive", "auto"])
-        if cfg.schedule.beta_mode == "fixed" and _get(cfg, "schedule.beta") is None:
-            raise ConfigError("schedule.beta: expected a number when schedule.beta_mode=fixed, got null")
-        _choice(cfg, "schedule.anchor", ["cycle_start", "previous_step"])
-        _choice(cfg, "schedule.velocity", ["two_point", "least_squares"])
-        if cfg.schedule.velocity == "least_squares" and cfg.schedule.anchor != "cycle_start":
+        if not self.candidates or not all(c > 0 for c in self.candidates):
             raise ConfigError(
-                "schedule.velocity: least_squares fits a line through the cycle; needs schedule.anchor=cycle_start"
+                f"{_join(prefix, 'candidates')}: expected a non-empty list of positive fractions, "
+                f"got {self.candidates!r}"
             )
-        if cfg.schedule.velocity == "least_squares" and _get(cfg, "schedule.anchor_device") is not None:
-            raise ConfigError("schedule.anchor_device: least_squares keeps its sums beside the shard; expected null")
-        cands = _get(cfg, "schedule.candidates")
-        if not cands or not all(isinstance(c, (int, float)) and c > 0 for c in cands):
-            raise ConfigError(f"schedule.candidates: expected a non-empty list of positive fractions, got {cands!r}")
-        _float(cfg, "schedule.monitor_threshold", lo=-1, hi=1)
-        if _get(cfg, "schedule.monitor_r2") is not None:
-            _float(cfg, "schedule.monitor_r2", lo=0, hi=1)
-        _int(cfg, "schedule.monitor_samples", lo=1)
-        _choice(cfg, "schedule.selection", ["names", "tensor_drift", "top_elements"])
-        _float(cfg, "schedule.selection_threshold", lo=-1, hi=1)
-        _float(cfg, "schedule.selection_fraction", lo=0, hi=1, lo_open=True)
-        _choice(cfg, "schedule.optimizer", ["keep", "reset"])
-        _int(cfg, "schedule.validation_prompts", lo=1)
-        _int(cfg, "schedule.validation_samples", lo=1)
-        if _get(cfg, "schedule.guard_margin") is not None:
-            _float(cfg, "schedule.guard_margin", lo=0)
-        _float(cfg, "schedule.shrink", lo=0, hi=1)
         from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
 
-        include, exclude = _get(cfg, "schedule.include"), _get(cfg, "schedule.exclude")
-        for key, value in (("include", include), ("exclude", exclude)):
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise ConfigError(f"schedule.{key}: expected a list of name patterns, got {value!r}")
         try:
-            TensorSelector(tuple(include), tuple(DEFAULT_EXCLUDE if exclude is None else exclude))
+            TensorSelector(tuple(self.include), tuple(DEFAULT_EXCLUDE if self.exclude is None else self.exclude))
         except ValueError as exc:
-            raise ConfigError(f"schedule: {exc}") from None
-
-    from orchestrator.cluster import validate_cluster
-
-    validate_cluster(cfg)  # cluster.* (mode, address, strategies, resources, restarts)
+            raise ConfigError(f"{prefix or 'schedule'}: {exc}") from None
 
 
-def learner_spec(cfg: DictConfig, model_path: str) -> LearnerSpec:
-    lc, algo = cfg.learner, cfg.algo
-    batch = cfg.trainer.prompts_per_step * cfg.trainer.samples_per_prompt
-    return LearnerSpec(
-        model_path=model_path,
-        world_size=lc.world_size,
-        zero_stage=lc.zero_stage,
-        dtype=lc.dtype,
-        lr=float(lc.lr),
-        betas=tuple(float(b) for b in lc.betas),
-        weight_decay=float(lc.weight_decay),
-        warmup_steps=lc.warmup_steps,
-        grad_clip=float(lc.grad_clip),
-        micro_batch_size=lc.micro_batch_size,
-        samples_per_rank=batch // lc.world_size,
-        loss_kind=algo.loss,
-        clip_low=float(algo.clip_low),
-        clip_high=float(algo.clip_high),
-        clip_ratio_c=float(algo.clip_ratio_c),
-        loss_agg=algo.loss_agg,
-        kl_coef=float(algo.kl_coef),
-        kl_kind=algo.kl_kind,
-        num_threads=lc.num_threads,
-        backend=lc.backend,
-        seed=cfg.seed,
-    )
+# -------------------------------------------------------------------------------------------- rollout, learner
 
 
-def rollout_spec(cfg: DictConfig, model_path: str, actor_index: int = 0) -> RolloutSpec:
-    rc = cfg.rollout
-    return RolloutSpec(
-        model_path=model_path,
-        dtype=rc.dtype,
-        max_model_len=rc.max_model_len,
-        kv_cache_mb=rc.kv_cache_mb,
-        max_num_seqs=rc.max_num_seqs,
-        seed=cfg.seed + actor_index,
-        gpu_memory_utilization=float(rc.gpu_memory_utilization),
-    )
+@dataclass
+class RolloutConfig:
+    """vLLM rollout actors (one engine each). Everything a vLLM engine is built from, bar the model and the seed."""
+
+    num_actors: int = integer(1, ge=1)  # engines; prompts are split across them
+    num_cpus: float = number(1, ge=0)  # Ray CPUs per actor
+    num_gpus: float = number(0, ge=0)  # GPUs per actor (1 on a GPU cluster; tensor_parallel_size with TP)
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # bfloat16 for real models
+    max_model_len: int = integer(64, ge=2)  # prompt + response tokens
+    kv_cache_mb: int = integer(64, ge=0)  # KV cache size; 0 = let vLLM size it by gpu_memory_utilization
+    gpu_memory_utilization: float = number(0.5, gt=0, le=1)  # GPU share vLLM may take when kv_cache_mb = 0
+    max_num_seqs: int = integer(256, ge=1)  # sequences per engine step
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile (true on CPU: compiling gains nothing on tiny models)
+    tensor_parallel_size: int = integer(1, ge=1)  # GPUs one engine spans (tensor parallelism)
+    temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
+    top_p: float = number(1.0, gt=0, le=1)  # nucleus sampling for training samples
+    max_tokens: int = integer(8, ge=1)  # response length cap
+    omp_threads: int = integer(1, ge=1)  # OMP_NUM_THREADS for the engine on CPU (2 was erratic in-process)
+    bucket_mb: float = number(64, gt=0)  # weight sync bucket size (one RPC per bucket)
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed ZeRO learner group: world_size ranks, one Ray actor each."""
+
+    world_size: int = integer(1, ge=1)  # ranks (data parallel)
+    zero_stage: int = choice(2, (1, 2, 3))
+    dtype: str = choice("fp32", ("fp32", "bf16"))  # bf16 keeps fp32 master weights (what RL-Extra projects)
+    lr: float = number(3e-5, gt=0)  # AdamW learning rate
+    betas: list[float] = listed(lambda: [0.9, 0.999])  # AdamW betas
+    weight_decay: float = number(0.0, ge=0)
+    warmup_steps: int = integer(0, ge=0)  # linear LR warm-up in optimizer steps
+    grad_clip: float = number(1.0, ge=0)  # global gradient norm clip
+    micro_batch_size: int = integer(64, ge=1)  # samples per forward/backward; gradients accumulate to the rank's share
+    num_cpus: float = number(1, ge=0)  # Ray CPUs per rank
+    num_gpus: float = number(0, ge=0)  # GPUs per rank (1 on a GPU cluster)
+    num_threads: int = integer(2, ge=0)  # torch threads per rank on CPU (0 = torch default)
+    backend: str = choice("auto", ("auto", "gloo", "nccl"))  # auto: nccl on GPU, gloo on CPU
+
+    def check(self, prefix: str) -> None:
+        if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
+            raise ConfigError(f"{_join(prefix, 'betas')}: expected two numbers in [0, 1), got {list(self.betas)!r}")
+
+
+# ------------------------------------------------------------------------------------------ tracking, cluster
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. MLFLOW_TRACKING_URI, when set, wins over tracking_uri."""
+
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"  # view with: mlflow ui --backend-store-uri sqlite:///mlflow.db
+    experiment: str = "rlextra"  # experiment name
+    run_name: str | None = None  # null = "<algo>-<data>-<timestamp>"
+
+
+@dataclass
+class ClusterConfig:
+    """Where the actors run: an in-process Ray (`local`) or an existing cluster (`existing`, e.g. `ray job submit`).
+
+    Placement: one placement group holds every rollout and learner bundle unless `rollout_strategy` or
+    `learner_strategy` is set, which gives each group its own (the other then uses `placement_strategy`)."""
+
+    mode: str = choice("local", ("local", "existing"))
+    address: str | None = None  # existing: the GCS address (host:6379, ray://host:10001 or auto)
+    num_cpus: int | None = integer(8, ge=1)  # local: logical CPUs Ray may hand out (> cores is fine); null = all
+    log_to_driver: bool = False  # stream actor logs to the console
+    placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)  # for the shared placement group
+    rollout_strategy: str | None = choice(None, PLACEMENT_STRATEGIES)  # a placement group of the rollouts' own
+    learner_strategy: str | None = choice(None, PLACEMENT_STRATEGIES)  # e.g. STRICT_SPREAD: one rank per node
+    # custom Ray resources added to every rollout / learner bundle, e.g. {rollout_node: 1}; null = none.
+    # (Any, checked by check_resources: OmegaConf cannot merge a mapping into an Optional[Dict] that is null.)
+    rollout_resources: Any = None
+    learner_resources: Any = None
+    placement_timeout_s: float = number(300, gt=0)  # give up (releasing what was reserved) after this long
+    max_rollout_restarts: int = integer(3, ge=0)  # dead rollout actors are restarted and re-synced at most this often
+
+    def check(self, prefix: str) -> None:
+        for group in ("rollout", "learner"):
+            check_resources(getattr(self, f"{group}_resources"), _join(prefix, f"{group}_resources"))
+        if self.mode != "existing":
+            return
+        address = self.address
+        path = _join(prefix, "address")
+        if not isinstance(address, str) or not address.strip():
+            raise ConfigError(f"{path}: expected 'auto', host:port or ray://host:port, got {address!r}")
+        if address.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{path}: expected the cluster's GCS address (host:6379, 'auto' or ray://host:10001), got the "
+                f"dashboard URL {address!r}; to use it, submit the job: "
+                f"ray job submit --address {address} -- python -m orchestrator.train ..."
+            )
+
+
+def check_resources(value: dict | None, path: str) -> dict[str, float]:
+    """A group's extra per-bundle resources as {name: amount}; None means none."""
+    if value is None:
+        return {}
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of custom resource name to amount, got {value!r}")
+    for name, amount in value.items():
+        if name in BUILTIN_RESOURCES:
+            raise ConfigError(
+                f"{path}: {name!r} is set by rollout/learner num_cpus and num_gpus; expected custom resources only"
+            )
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{path}: expected a number >= 0 for {name!r}, got {amount!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ job
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: steps, batch, evaluation, checkpoints, resume."""
+
+    total_steps: int = integer(150, ge=0)  # real RL steps (each = one optimizer step on one rollout batch)
+    prompts_per_step: int = integer(32, ge=1)  # prompts per RL step
+    samples_per_prompt: int = integer(8, ge=1)  # responses per prompt (the GRPO group size)
+    eval_every: int = integer(20, ge=0)  # evaluate the held-out split every N steps (and before/after); 0 = only those
+    eval_prompts: int = integer(500, ge=1)  # at most this many eval prompts
+    eval_samples: int = integer(4, ge=1)  # k for Avg@k / Pass@k (sampled at rollout.temperature); greedy too
+    checkpoint_every: int = integer(0, ge=0)  # save a checkpoint every N steps (0 = only at the end)
+    save_final: bool = True  # save the final checkpoint (HF weights + DeepSpeed optimizer state)
+    keep_checkpoints: int = integer(2, ge=0)  # keep the newest N step checkpoints (0 = keep all)
+    max_learner_restarts: int = integer(2, ge=0)  # a dead learner rank restarts the group from the newest checkpoint
+    # auto: continue from the newest complete checkpoint in output_dir/checkpoints (same MLflow run) | never
+    resume: str = choice("auto", ("auto", "never"))
+    output_dir: str | None = None  # where checkpoints and summary.json go; null = Hydra's run directory
+    progress: bool = True  # a progress bar with reward and accuracy
+
+
+@dataclass
+class AnalysisConfig:
+    """Linearity analysis of the job's own checkpoints at the end (what `python -m orchestrator.analyze` does)."""
+
+    enabled: bool = False  # needs trainer.checkpoint_every > 0 and keep_checkpoints 0 (all) or >= 3
+    weight_fraction: float = number(0.001, gt=0, le=1)  # share of each tensor's elements sampled (>= 50 per tensor)
+    num_probes: int = integer(64, ge=1)  # eval prompts teacher-forced through every checkpoint (token log-prob R²)
+    samples_per_probe: int = integer(2, ge=1)  # responses per probe, sampled once by the first checkpoint
+    plots: bool = True  # PNGs beside linearity.json (false: JSON only)
+
+
+@dataclass
+class RewardConfig:
+    """The verifier worker pool (scoring runs in parallel worker processes, never in the driver)."""
+
+    num_workers: int = integer(2, ge=1)  # verifier worker processes
+    # per-sample limit; a sample past it scores 0 and its worker is replaced.
+    # code verifier: keep >= tests per problem x (sandbox wall_s + 2), e.g. 24 for 4 tests
+    timeout_s: float = number(10.0, gt=0)
+
+
+@dataclass
+class JobConfig:
+    """`python -m orchestrator.train`: the whole job."""
+
+    seed: int = integer(0, ge=0)  # seeds data order, sampling and the learner; same seed, same result on CPU
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per RL step."""
+        return self.trainer.prompts_per_step * self.trainer.samples_per_prompt
+
+    def check(self, prefix: str = "") -> None:
+        tr, m, d, r, lr = self.trainer, self.model, self.data, self.rollout, self.learner
+        if self.analysis.enabled:
+            if not tr.checkpoint_every:
+                raise ConfigError(
+                    "analysis.enabled: needs checkpoints to analyse; expected trainer.checkpoint_every > 0"
+                )
+            if tr.keep_checkpoints != 0 and tr.keep_checkpoints < 3:
+                raise ConfigError(
+                    "analysis.enabled: needs at least 3 kept checkpoints; expected trainer.keep_checkpoints 0 or >= 3"
+                )
+            if not tr.save_final:
+                raise ConfigError(
+                    "analysis.enabled: the final checkpoint ends the series; expected trainer.save_final=true"
+                )
+        if d.source == "toy" and m.source != "toy":
+            raise ConfigError("data.source: expected files or hub with a real model (model.source=path), got toy")
+        if m.source == "toy" and r.max_model_len > m.tiny.max_positions:
+            raise ConfigError(
+                f"rollout.max_model_len: expected <= model.tiny.max_positions ({m.tiny.max_positions}), "
+                f"got {r.max_model_len}"
+            )
+        if d.max_prompt_tokens + r.max_tokens > r.max_model_len:
+            raise ConfigError(
+                f"rollout.max_model_len: expected >= data.max_prompt_tokens + rollout.max_tokens "
+                f"({d.max_prompt_tokens + r.max_tokens}), got {r.max_model_len}"
+            )
+        if tr.prompts_per_step % r.num_actors:
+            raise ConfigError(
+                f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({r.num_actors}), "
+                f"got {tr.prompts_per_step}"
+            )
+        if self.batch_size % (lr.world_size * lr.micro_batch_size):
+            raise ConfigError(
+                f"learner.micro_batch_size: expected prompts_per_step * samples_per_prompt ({self.batch_size}) to be "
+                f"divisible by world_size * micro_batch_size ({lr.world_size} * {lr.micro_batch_size})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class LogitsExtrapolationConfig:
+    """Sample from l_t0 + α (l_t1 − l_t0) with two checkpoints in lockstep (transformers, in the driver)."""
+
+    enabled: bool = False  # also enabled by the CLI flag --logits-extrapolation
+    t0_path: str | None = None  # the earlier checkpoint
+    t1_path: str | None = None  # the later checkpoint (its tokenizer is used)
+    alpha: float | None = number(None)  # explicit α (1 = t1, > 1 extrapolates); or give `steps`
+    steps: list[float] | None = None  # [t0, t1, target]: α = (target − t0) / (t1 − t0)
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16"))  # logits are mixed in fp32 either way
+    device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto: cuda when available
+    max_batch_rows: int = integer(512, ge=1)  # prompts x k decoded together (bounds the two KV caches' memory)
+
+    def check(self, prefix: str) -> None:
+        if not self.enabled:
+            return
+        for key in ("t0_path", "t1_path"):
+            if getattr(self, key) is None:
+                raise ConfigError(
+                    f"{_join(prefix, key)}: expected a checkpoint path when {prefix}.enabled is true, got None"
+                )
+        if (self.alpha is None) == (self.steps is None):
+            steps = None if self.steps is None else list(self.steps)
+            raise ConfigError(
+                f"{_join(prefix, 'alpha')}: expected exactly one of alpha or steps=[t0, t1, target], "
+                f"got alpha={self.alpha!r}, steps={steps!r}"
+            )
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise ConfigError(f"{_join(prefix, 'alpha')}: expected a finite number, got {self.alpha!r}")
+        if self.steps is not None and (len(self.steps) != 3 or self.steps[0] == self.steps[1]):
+            raise ConfigError(
+                f"{_join(prefix, 'steps')}: expected three numbers [t0, t1, target] with t1 != t0, "
+                f"got {list(self.steps)!r}"
+            )
+
+
+@dataclass
+class EvalConfig:
+    """`python -m orchestrator.evaluate`'s own settings (the rest reuses the job's groups)."""
+
+    # HF checkpoint dirs (or hub ids); null = the model config's model. A step is read from rlextra_state.json /
+    # an rl_step_<N> folder name when present.
+    checkpoints: list[str] | None = None
+    # data-group names (toy_mul, files, ...) or dicts {group: <name>, name: <label>, <data fields to override>};
+    # a dict without `group` overrides the data config. null = the data config
+    datasets: list[Any] | None = None
+    k: int = integer(8, ge=1)  # samples per prompt; Avg@k and the unbiased Pass@k are computed from them
+    temperature: float = number(0.6, ge=0)  # the paper's evaluation setting
+    top_p: float = number(0.95, gt=0, le=1)
+    max_tokens: int | None = integer(None, ge=1)  # response cap; null = rollout.max_tokens
+    max_prompts: int | None = integer(None, ge=1)  # at most this many prompts per dataset (the first); null = all
+    output: str | None = None  # JSON with every result; null = <hydra run dir>/eval.json
+    save_samples: bool = False  # also write every response with its score to <output dir>/samples/*.jsonl
+    progress: bool = True  # progress bar over checkpoints x datasets
+    run_name: str | None = None  # MLflow run name; null = "eval-<timestamp>"
+    logits_extrapolation: LogitsExtrapolationConfig = field(default_factory=LogitsExtrapolationConfig)
+
+    def check(self, prefix: str) -> None:
+        if self.checkpoints is not None and len(self.checkpoints) == 0:
+            raise ConfigError(
+                f"{_join(prefix, 'checkpoints')}: expected a non-empty list of checkpoint paths or null, got []"
+            )
+        if self.datasets is not None and len(self.datasets) == 0:
+            raise ConfigError(
+                f"{_join(prefix, 'datasets')}: expected a non-empty list of data-group names or dicts, or null, got []"
+            )
+        lx = self.logits_extrapolation
+        if lx.enabled and lx.max_batch_rows < self.k:
+            raise ConfigError(
+                f"{_join(prefix, 'logits_extrapolation.max_batch_rows')}: expected an integer >= {self.k}, "
+                f"got {lx.max_batch_rows!r}"
+            )
+
+
+@dataclass
+class EvaluateConfig:
+    """`python -m orchestrator.evaluate`: checkpoints x datasets through the vLLM rollout actors."""
+
+    seed: int = integer(0, ge=0)  # seeds sampling (vLLM per-request seed, the logits-extrapolation generator), toy data
+    model: ModelConfig = field(default_factory=ModelConfig)  # the default checkpoint when eval.checkpoints is null
+    data: DataConfig = field(default_factory=DataConfig)  # the default dataset when eval.datasets is null
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # engine settings; max_tokens is the default cap
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def max_tokens(self) -> int:
+        """The response cap of evaluation samples."""
+        return self.eval.max_tokens if self.eval.max_tokens is not None else self.rollout.max_tokens
+
+
+# ------------------------------------------------------------------------------------- composed → typed
+
+
+def to_typed(cfg: DictConfig | Any, schema: type) -> Any:
+    """The typed object of a composed (or hand-made) config; an instance of `schema` is returned as it is.
+
+    The config is merged over the schema, so a key the schema does not declare (e.g. added with Hydra's `+key=`)
+    or a value of the wrong type is a ConfigError naming the field."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if isinstance(cfg, schema):
+        return cfg
+    _reject_unknown_keys(cfg, schema, schema, "")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key}: a value is required (it is ??? in the config)") from None
+    except (ConfigAttributeError, ConfigKeyError) as exc:
+        raise ConfigError(unknown_field_message(exc.full_key, schema)) from None
+    except ValidationError as exc:
+        raise ConfigError(f"{exc.full_key}: {str(exc.msg).strip().splitlines()[0]}") from None
+
+
+def _reject_unknown_keys(node: Any, schema: type, root: type, prefix: str) -> None:
+    """Hydra's `+key=value` adds keys even to a typed config: refuse what the schema does not declare."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        path = _join(prefix, str(key))
+        if key not in hints:
+            raise ConfigError(unknown_field_message(path, root))
+        if dataclasses.is_dataclass(hints[key]):
+            _reject_unknown_keys(node[key], hints[key], root, path)
+
+
+def unknown_field_message(full_key: str, schema: type) -> str:
+    """`learner.zero_stag` → `learner.zero_stag: not a field of learner (its fields: world_size, ...)`."""
+    parent, _, _ = full_key.rpartition(".")
+    node = schema
+    for part in parent.split(".") if parent else []:
+        node = typing.get_type_hints(node).get(part) if dataclasses.is_dataclass(node) else None
+    where = parent or "the config"
+    if dataclasses.is_dataclass(node):
+        return f"{full_key}: not a field of {where} (its fields: {', '.join(f.name for f in dataclasses.fields(node))})"
+    return f"{full_key}: not a field of {where}"
+
+
+def validate(cfg: DictConfig | JobConfig) -> JobConfig:
+    """The job's typed config; raises ConfigError (one line naming the field) on the first bad value."""
+    job = to_typed(cfg, JobConfig)
+    check_fields(job, "")
+    return job
+
+
+def from_yaml_preset(schema: type, preset: DictConfig | dict) -> Any:
+    """A group's dataclass with a preset's overrides applied (e.g. a data group loaded from conf/data/*.yaml)."""
+    return to_typed(OmegaConf.create(preset) if isinstance(preset, dict) else preset, schema)
+
+
+def to_container(cfg: Any) -> dict:
+    """A typed config (or a composed one) as plain dicts and lists, e.g. to log it."""
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def to_yaml(cfg: Any) -> str:
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return OmegaConf.to_yaml(node, resolve=True)
+
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides, as the entry points do (for tests,
+    benchmarks and tools that drive a job from Python)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+_STORE = ConfigStore.instance()
+_STORE.store(name="job_schema", node=JobConfig)
+_STORE.store(name="evaluate_schema", node=EvaluateConfig)
+del _STORE

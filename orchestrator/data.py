@@ -11,50 +11,23 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from orchestrator.config import ConfigError
-from orchestrator.toy_task import TinyModelSpec, ToyTaskSpec, WarmStartSpec, prepare_toy_model, write_toy_dataset
+from orchestrator.config import ConfigError, DataConfig, JobConfig
+from orchestrator.toy_task import prepare_toy_model, write_toy_dataset
 
 
-def toy_task_spec(cfg: DictConfig) -> ToyTaskSpec:
-    t = cfg.data.toy
-    return ToyTaskSpec(
-        op=t.op,
-        digits=t.digits,
-        careful_fraction=float(t.careful_fraction),
-        num_train=t.num_train,
-        num_eval=t.num_eval,
-        seed=cfg.seed,
-    )
-
-
-def resolve_model(cfg: DictConfig, log=print) -> str:
+def resolve_model(cfg: JobConfig, log=print) -> str:
     """The model path every component loads: the cached warm-started toy, or `model.path`."""
-    if cfg.model.source == "path":
-        path = os.path.expanduser(str(cfg.model.path))
+    m = cfg.model
+    if m.source == "path":
+        path = os.path.expanduser(m.path)
         looks_local = path.startswith(("/", ".")) or os.path.exists(path)  # else a hub id like "org/name"
         if looks_local and not os.path.isdir(path):
-            raise ConfigError(f"model.path: expected an existing directory or a hub id, got {cfg.model.path!r}")
+            raise ConfigError(f"model.path: expected an existing directory or a hub id, got {m.path!r}")
         return path
-    m = cfg.model
-    spec = TinyModelSpec(
-        hidden_size=m.tiny.hidden_size,
-        num_layers=m.tiny.num_layers,
-        num_heads=m.tiny.num_heads,
-        num_kv_heads=m.tiny.num_kv_heads,
-        intermediate_size=m.tiny.intermediate_size,
-        tie_word_embeddings=bool(m.tiny.tie_word_embeddings),
-        max_positions=m.tiny.max_positions,
-        seed=cfg.seed,
-    )
-    ws = WarmStartSpec(
-        steps=m.warm_start.steps, batch_size=m.warm_start.batch_size, lr=float(m.warm_start.lr), seed=cfg.seed
-    )
-    return str(prepare_toy_model(m.cache_dir, toy_task_spec(cfg), spec, ws, log=log))
+    return str(prepare_toy_model(m.cache_dir, cfg.data.toy, m.tiny, m.warm_start, cfg.seed, log=log))
 
 
-def _load_files(files, what: str):
+def load_files(files, what: str):
     import datasets
 
     paths = [files] if isinstance(files, str) else list(files)
@@ -70,7 +43,7 @@ def _load_files(files, what: str):
     return datasets.load_dataset(builder, data_files=paths, split="train")
 
 
-def load_splits(cfg: DictConfig):
+def load_splits(cfg: JobConfig):
     """Returns (train, eval) `datasets.Dataset`s with columns `prompt` and `answer` (strings)."""
     import datasets
 
@@ -78,26 +51,27 @@ def load_splits(cfg: DictConfig):
 
     d = cfg.data
     if d.source == "toy":
-        paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", toy_task_spec(cfg))
-        train, evals = _load_files(str(paths["train"]), "train_files"), _load_files(str(paths["eval"]), "eval_files")
+        paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", d.toy, cfg.seed)
+        train, evals = load_files(str(paths["train"]), "train_files"), load_files(str(paths["eval"]), "eval_files")
     elif d.source == "files":
-        train, evals = _load_files(d.train_files, "train_files"), _load_files(d.eval_files, "eval_files")
+        train, evals = load_files(d.train_files, "train_files"), load_files(d.eval_files, "eval_files")
     else:
-        train = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.train_split)
-        evals = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
-    return _map_fields(train, d, "train"), _map_fields(evals, d, "eval")
+        train = datasets.load_dataset(d.hub_id, d.hub_config, split=d.train_split)
+        evals = datasets.load_dataset(d.hub_id, d.hub_config, split=d.eval_split)
+    return map_fields(train, d, "train"), map_fields(evals, d, "eval")
 
 
-def _map_fields(ds, d: DictConfig, split: str):
+def map_fields(ds, d: DataConfig, split: str):
     for key in ("prompt_field", "answer_field"):
-        if d[key] not in ds.column_names:
+        name = getattr(d, key)
+        if name not in ds.column_names:
             raise ConfigError(
-                f"data.{key}: the {split} split has no field {d[key]!r} (fields: {', '.join(ds.column_names)})"
+                f"data.{key}: the {split} split has no field {name!r} (fields: {', '.join(ds.column_names)})"
             )
-    template = str(d.prompt_template)
+    template, prompt_field, answer_field = d.prompt_template, d.prompt_field, d.answer_field
 
     def convert(row):
-        return {"prompt": template.format(prompt=row[d.prompt_field]), "answer": str(row[d.answer_field])}
+        return {"prompt": template.format(prompt=row[prompt_field]), "answer": str(row[answer_field])}
 
     return ds.map(convert, remove_columns=ds.column_names)
 

@@ -43,10 +43,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.config import ConfigError, _choice, _float, _get, _int
+from actors.groups import ActorGroups
+from orchestrator.cli import hydra_cli
+from orchestrator.config import ConfigError, DataConfig, EvaluateConfig, check_fields, to_typed
+from orchestrator.console import console
 from orchestrator.train import pass_at_k, run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -78,10 +80,10 @@ class CheckpointSpec:
 
 @dataclass
 class DatasetSpec:
-    """One eval dataset: its label, its data config (the `data` group's fields) and the field name for errors."""
+    """One eval dataset: its label, its data config and the field that named it (for errors)."""
 
     name: str
-    data: DictConfig
+    data: DataConfig
     field: str  # "data" or "eval.datasets[i]"
 
 
@@ -151,130 +153,41 @@ def _check_checkpoint(path, where: str) -> str:
     return local if _looks_local(path) else path
 
 
-def _check_data(d: DictConfig, where: str, max_tokens: int | None, max_model_len: int) -> None:
-    from verifiers import VERIFIERS
-
-    view = OmegaConf.create({"data": d})
-    source = _choice(view, "data.source", ["toy", "files", "hub"])
-    if source == "toy":
-        _choice(view, "data.toy.op", ["add", "mul", "code"])
-        _int(view, "data.toy.digits", lo=1, hi=6)
-        _int(view, "data.toy.num_eval", lo=1)
-    elif source == "files":
-        _get(view, "data.eval_files")
-    else:
-        _get(view, "data.hub_id")
-    _choice(view, "data.verifier", sorted(VERIFIERS))
-    prompt_tokens = _int(view, "data.max_prompt_tokens", lo=1)
-    if "{prompt}" not in str(_get(view, "data.prompt_template")):
-        raise ConfigError(
-            f"data.prompt_template: expected a format string containing {{prompt}}, got {d.prompt_template!r}"
-        )
-    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
-        raise ConfigError(
-            f"data.max_prompt_tokens: expected max_prompt_tokens + max tokens ({prompt_tokens} + "
-            f"{max_tokens}) <= rollout.max_model_len ({max_model_len})"
-        )
-
-
-def _check_logits_extrapolation(cfg: DictConfig) -> None:
-    p = "eval.logits_extrapolation"
-    lx = cfg.eval.logits_extrapolation
-    for key in ("t0_path", "t1_path"):
-        if lx[key] is None:
-            raise ConfigError(f"{p}.{key}: expected a checkpoint path when {p}.enabled is true, got None")
-        _check_checkpoint(lx[key], f"{p}.{key}")
-    if (lx.alpha is None) == (lx.steps is None):
-        raise ConfigError(
-            f"{p}.alpha: expected exactly one of alpha or steps=[t0, t1, target], "
-            f"got alpha={lx.alpha!r}, steps={_plain(lx.steps)!r}"
-        )
-    if lx.alpha is not None:
-        _float(cfg, f"{p}.alpha")
-    else:
-        steps = _plain(lx.steps)
-        if (
-            not isinstance(steps, list)
-            or len(steps) != 3
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in steps)
-            or steps[0] == steps[1]
-        ):
-            raise ConfigError(f"{p}.steps: expected three numbers [t0, t1, target] with t1 != t0, got {steps!r}")
-    _choice(cfg, f"{p}.dtype", ["float32", "bfloat16", "float16"])
-    _choice(cfg, f"{p}.device", ["auto", "cpu", "cuda"])
-    _int(cfg, f"{p}.max_batch_rows", lo=int(cfg.eval.k))
-
-
-def validate_eval(cfg: DictConfig) -> None:
-    """Raise ConfigError (one line naming the field) on the first bad value; touches nothing on disk."""
-    _int(cfg, "seed", lo=0)
-    e = "eval"
-    _int(cfg, f"{e}.k", lo=1)
-    _float(cfg, f"{e}.temperature", lo=0)
-    _float(cfg, f"{e}.top_p", lo=0, hi=1, lo_open=True)
-    for key in ("max_tokens", "max_prompts"):
-        if _get(cfg, f"{e}.{key}") is not None:
-            _int(cfg, f"{e}.{key}", lo=1)
-    ckpts = _get(cfg, f"{e}.checkpoints")
-    if ckpts is not None:
-        if not isinstance(ckpts, ListConfig) or len(ckpts) == 0:
+def validate_eval(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
+    """The typed evaluation config; raises ConfigError (one line naming the field) on the first bad value.
+    Checks that the listed checkpoints exist; loads nothing."""
+    ev = to_typed(cfg, EvaluateConfig)
+    check_fields(ev, "")
+    e, lx = ev.eval, ev.eval.logits_extrapolation
+    for i, path in enumerate(e.checkpoints or []):
+        _check_checkpoint(path, f"eval.checkpoints[{i}]")
+    if lx.enabled:
+        for key in ("t0_path", "t1_path"):
+            _check_checkpoint(getattr(lx, key), f"eval.logits_extrapolation.{key}")
+    uses_vllm = e.checkpoints is not None or not lx.enabled
+    if uses_vllm and e.checkpoints is None:  # the model config's model is the one checkpoint
+        if ev.model.source == "path":
+            _check_checkpoint(ev.model.path, "model.path")
+        elif ev.data.source != "toy":
             raise ConfigError(
-                f"{e}.checkpoints: expected a non-empty list of checkpoint paths or null, got {_plain(ckpts)!r}"
+                f"eval.checkpoints: expected a list of checkpoints with data.source={ev.data.source} "
+                "(the default toy model is built from a toy data config), got null"
             )
-        for i, path in enumerate(ckpts):
-            _check_checkpoint(path, f"{e}.checkpoints[{i}]")
-    lx_on = bool(cfg.eval.logits_extrapolation.enabled)
-    if lx_on:
-        _check_logits_extrapolation(cfg)
-    _int(cfg, "reward.num_workers", lo=1)
-    _float(cfg, "reward.timeout_s", lo=0, lo_open=True)
-    uses_vllm = ckpts is not None or not lx_on
-    if uses_vllm:
-        _check_vllm_side(cfg, default_model=ckpts is None)
-    max_model_len = int(cfg.rollout.max_model_len)
-    for ds in resolve_datasets(cfg):
-        try:
-            _check_data(ds.data, ds.field, max_tokens(cfg) if uses_vllm else None, max_model_len)
-        except ConfigError as exc:
-            raise _relabel(exc, ds.field) from None
-
-
-def _check_vllm_side(cfg: DictConfig, default_model: bool) -> None:
-    """rollout.*, cluster.* and (when no checkpoint is listed) the model config's model."""
-    from orchestrator.cluster import validate_cluster
-    from orchestrator.config import validate_rollout_engine
-
-    validate_rollout_engine(cfg)
-    _int(cfg, "rollout.max_tokens", lo=1)
-    validate_cluster(cfg)
-    source = _choice(cfg, "model.source", ["toy", "path"])
-    if default_model and source == "path":
-        _check_checkpoint(_get(cfg, "model.path"), "model.path")
-    if default_model and source == "toy" and cfg.data.source != "toy":
-        raise ConfigError(
-            f"eval.checkpoints: expected a list of checkpoints with data.source={cfg.data.source} "
-            "(the default toy model is built from a toy data config), got null"
-        )
-
-
-def _relabel(exc: ConfigError, where: str) -> ConfigError:
-    """A `data.<x>` error about dataset `where` says `where.<x>`."""
-    msg = str(exc)
-    return ConfigError(where + msg[len("data") :] if msg.startswith("data.") and where != "data" else msg)
-
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
-
-
-def max_tokens(cfg: DictConfig) -> int:
-    return int(cfg.eval.max_tokens if cfg.eval.max_tokens is not None else cfg.rollout.max_tokens)
+    for ds in resolve_datasets(ev):
+        prompt_tokens = ds.data.max_prompt_tokens
+        if uses_vllm and prompt_tokens + ev.max_tokens > ev.rollout.max_model_len:
+            raise ConfigError(
+                f"{ds.field}.max_prompt_tokens: expected max_prompt_tokens + max tokens ({prompt_tokens} + "
+                f"{ev.max_tokens}) <= rollout.max_model_len ({ev.rollout.max_model_len})"
+            )
+    return ev
 
 
 # ------------------------------------------------------------------------------------ datasets, models
 
 
-def _load_group(name: str, where: str) -> DictConfig:
+def _load_group(name: str, where: str) -> DataConfig:
+    """A data group preset (conf/data/<name>.yaml) over the DataConfig defaults."""
     path = CONF_DIR / "data" / f"{name}.yaml"
     if not isinstance(name, str) or not path.is_file():
         groups = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
@@ -282,10 +195,22 @@ def _load_group(name: str, where: str) -> DictConfig:
     node = OmegaConf.load(path)
     if path.read_text().lstrip().startswith("# @package _global_"):
         node = node.data  # a global group also sets other sections (model, rollout); only its data applies here
-    return node
+    return _typed_data(node, where)
 
 
-def _dataset_label(d: DictConfig) -> str:
+def _typed_data(node, where: str) -> DataConfig:
+    """DataConfig from overrides, checked, with errors naming `where` (e.g. eval.datasets[1].toy.digits)."""
+    try:
+        data = to_typed(OmegaConf.create(node) if isinstance(node, dict) else node, DataConfig)
+    except ConfigError:
+        raise
+    except Exception as exc:  # an unknown key or a type clash
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())[:200]}") from None
+    check_fields(data, where)
+    return data
+
+
+def _dataset_label(d: DataConfig) -> str:
     if d.source == "toy":
         return f"toy_{d.toy.op}{d.toy.digits}"
     if d.source == "files":
@@ -294,27 +219,27 @@ def _dataset_label(d: DictConfig) -> str:
     return str(d.hub_id).replace("/", "_")
 
 
-def resolve_datasets(cfg: DictConfig) -> list[DatasetSpec]:
+def resolve_datasets(cfg: DictConfig | EvaluateConfig) -> list[DatasetSpec]:
     """`eval.datasets` entries (group names or dicts) → DatasetSpecs; null → the `data` config."""
+    cfg = to_typed(cfg, EvaluateConfig)
     entries = cfg.eval.datasets
     if entries is None:
         return [DatasetSpec(_dataset_label(cfg.data), cfg.data, "data")]
-    if not isinstance(entries, ListConfig) or len(entries) == 0:
-        raise ConfigError(
-            f"eval.datasets: expected a non-empty list of data-group names or dicts, or null, got {_plain(entries)!r}"
-        )
     specs = []
     for i, entry in enumerate(entries):
         where = f"eval.datasets[{i}]"
-        if isinstance(entry, DictConfig):
-            over = OmegaConf.to_container(entry, resolve=True)
+        if isinstance(entry, dict):
+            over = dict(entry)
             name, group = over.pop("name", None), over.pop("group", None)
-            base = _load_group(group, f"{where}.group") if group is not None else OmegaConf.create(_plain(cfg.data))
-            OmegaConf.set_struct(base, True)
+            if group is not None:
+                base = OmegaConf.structured(_load_group(group, f"{where}.group"))
+            else:
+                base = OmegaConf.structured(cfg.data)
             try:
-                data = OmegaConf.merge(base, over)
+                merged = OmegaConf.merge(base, over)
             except Exception as exc:  # an unknown key (struct mode) or a type clash
                 raise ConfigError(f"{where}: {' '.join(str(exc).split())[:200]}") from None
+            data = _typed_data(merged, where)
             label = name or group or _dataset_label(data)
         else:
             data, label = _load_group(entry, where), entry
@@ -326,31 +251,35 @@ def resolve_datasets(cfg: DictConfig) -> list[DatasetSpec]:
     return specs
 
 
-def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[str]]:
+def load_eval_rows(cfg: EvaluateConfig, ds: DatasetSpec) -> tuple[list[str], list[str]]:
     """The dataset's held-out split as (prompt texts, reference answers), the first `eval.max_prompts`."""
     import datasets
 
-    from orchestrator.data import _load_files, _map_fields, toy_task_spec
+    from orchestrator.data import load_files, map_fields
     from orchestrator.toy_task import write_toy_dataset
 
     datasets.disable_progress_bars()
     d = ds.data
     try:
         if d.source == "toy":
-            paths = write_toy_dataset(
-                Path(cfg.model.cache_dir) / "data", toy_task_spec(OmegaConf.create({"seed": cfg.seed, "data": d}))
-            )
-            split = _load_files(str(paths["eval"]), "eval_files")
+            paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", d.toy, cfg.seed)
+            split = load_files(str(paths["eval"]), "eval_files")
         elif d.source == "files":
-            split = _load_files(d.eval_files, "eval_files")
+            split = load_files(d.eval_files, "eval_files")
         else:
-            split = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
-        split = _map_fields(split, d, "eval")
+            split = datasets.load_dataset(d.hub_id, d.hub_config, split=d.eval_split)
+        split = map_fields(split, d, "eval")
     except ConfigError as exc:
         raise _relabel(exc, ds.field) from None
-    n = len(split) if cfg.eval.max_prompts is None else min(len(split), int(cfg.eval.max_prompts))
+    n = len(split) if cfg.eval.max_prompts is None else min(len(split), cfg.eval.max_prompts)
     split = split.select(range(n))
     return list(split["prompt"]), list(split["answer"])
+
+
+def _relabel(exc: ConfigError, where: str) -> ConfigError:
+    """A `data.<x>` error about dataset `where` says `where.<x>`."""
+    msg = str(exc)
+    return ConfigError(where + msg[len("data") :] if msg.startswith("data.") and where != "data" else msg)
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -436,9 +365,9 @@ class RolloutEngines:
     """The vLLM rollout actors, holding one checkpoint at a time: started once, then reloaded in place when the
     next checkpoint has the same architecture and tokenizer, restarted otherwise."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: EvaluateConfig):
         self.cfg = cfg
-        self.groups = None
+        self.groups: ActorGroups | None = None
         self.signature: str | None = None
 
     def load(self, path: str) -> dict:
@@ -455,53 +384,13 @@ class RolloutEngines:
         self.signature = sig
         return {"how": how, "load_s": time.perf_counter() - start}
 
-    def _start(self, path: str):
-        """Reserve one bundle per rollout actor (cluster.placement_strategy) and start the actors on `path`."""
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _start(self, path: str) -> ActorGroups:
+        """Start the rollout actors on `path`, placed like the job's (orchestrator/cluster.py)."""
+        from actors.rollout import RolloutSpec
+        from orchestrator.cluster import start_actor_groups
 
-        from actors.rollout import RolloutActor
-        from orchestrator.cluster import ActorGroups, rollout_actor_env
-        from orchestrator.config import rollout_spec
-
-        rc, c = self.cfg.rollout, self.cfg.cluster
-        res = {
-            "CPU": float(rc.num_cpus),
-            **({"GPU": float(rc.num_gpus)} if rc.num_gpus else {}),
-            **{k: float(v) for k, v in (c.get("rollout_resources") or {}).items()},
-        }
-        res = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}  # Ray refuses empty bundles
-        strategy = str(c.get("rollout_strategy") or c.placement_strategy)
-        pg = placement_group([dict(res) for _ in range(rc.num_actors)], strategy=strategy)
-        ready, _ = ray.wait([pg.ready()], timeout=float(c.get("placement_timeout_s", 300)))
-        if not ready:
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"cluster: could not reserve {rc.num_actors} rollout bundles {res} ({strategy}); "
-                f"available: {ray.available_resources()}"
-            )
-        env = {"env_vars": rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))}
-        actors = [
-            ray.remote(RolloutActor)
-            .options(
-                num_cpus=rc.num_cpus,
-                num_gpus=rc.num_gpus,
-                runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=i
-                ),
-            )
-            .remote(rollout_spec(self.cfg, path, i))
-            for i in range(rc.num_actors)
-        ]
-        groups = ActorGroups(rollouts=actors, learners=[], placement_groups=[pg])
-        try:
-            ray.get([a.ping.remote() for a in actors])
-        except Exception:
-            groups.shutdown()
-            raise
-        return groups
+        specs = [RolloutSpec(path, self.cfg.rollout, self.cfg.seed + i) for i in range(self.cfg.rollout.num_actors)]
+        return start_actor_groups(self.cfg, None, specs)
 
     def _reload(self, path: str) -> None:
         import ray
@@ -509,7 +398,7 @@ class RolloutEngines:
         from actors.rollout import to_transport
 
         version = self.groups.weight_version + 1
-        for bucket in checkpoint_buckets(path, float(self.cfg.rollout.bucket_mb)):
+        for bucket in checkpoint_buckets(path, self.cfg.rollout.bucket_mb):
             ref = ray.put([[(n, to_transport(t)) for n, t in bucket]])
             ray.get([r.update_weights.remote(ref, version) for r in self.groups.rollouts])
         self.groups.weight_version = version
@@ -540,12 +429,19 @@ class Evaluation:
     """Holds the evaluation's components; `run()` evaluates every target on every dataset. Separate from Hydra
     so tests can drive it."""
 
-    def __init__(self, cfg: DictConfig, output_dir: str):
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig | EvaluateConfig, output_dir: str):
+        self.cfg: EvaluateConfig = validate_eval(cfg)  # nothing starts on a config that cannot work
         self.output_dir = output_dir
         self.rows: dict[str, tuple[list[str], list[str]]] = {}
         self.results: list[EvalResult] = []
         self.loads: list[dict] = []
+        # set up by setup()
+        self.datasets: list[DatasetSpec] = []
+        self.checkpoints: list[CheckpointSpec] = []
+        self.scorer = None  # verifiers.pool.ScoringPool
+        self.tracker = None  # orchestrator.tracking.Tracker
+        self.engines: RolloutEngines | None = None
+        self.ray_started = False
 
     def setup(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -555,28 +451,26 @@ class Evaluation:
         from verifiers.pool import ScoringPool
 
         cfg = self.cfg
-        validate_eval(cfg)
         hf_logging.disable_progress_bar()
         self.datasets = resolve_datasets(cfg)
         paths = (
             list(cfg.eval.checkpoints)
             if cfg.eval.checkpoints is not None
-            else ([] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=_console)])
+            else ([] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=console)])
         )
         paths = [_check_checkpoint(p, "eval.checkpoints") for p in paths]
         self.checkpoints = [CheckpointSpec(p, checkpoint_step(p)) for p in paths]
         for ds in self.datasets:
             self.rows[ds.name] = load_eval_rows(cfg, ds)
-        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=float(cfg.reward.timeout_s))
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, run_name=cfg.eval.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
         self.tracker.log_config(cfg)
         if self.tracker.enabled:
             self.tracker.client.set_tag(self.tracker.run_id, "rlextra.kind", "eval")
-        self.engines = None
         if self.checkpoints:
             from orchestrator.cluster import init_ray
 
-            self.ray_started = init_ray(cfg)
+            self.ray_started = init_ray(cfg.cluster)
             self.engines = RolloutEngines(cfg)
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -604,7 +498,7 @@ class Evaluation:
             n=int(e.k),
             temperature=float(e.temperature),
             top_p=float(e.top_p),
-            max_tokens=max_tokens(self.cfg),
+            max_tokens=self.cfg.max_tokens,
             seed=int(self.cfg.seed),
         )
         out = self.engines.generate(prompt_ids, sampling)
@@ -698,7 +592,7 @@ class Evaluation:
         )
 
         lx, e = self.cfg.eval.logits_extrapolation, self.cfg.eval
-        steps = _plain(lx.steps)
+        steps = list(lx.steps) if lx.steps is not None else None
         alpha = float(lx.alpha) if lx.alpha is not None else alpha_from_steps(*steps)
         m0, m1, tok = load_pair(
             _check_checkpoint(lx.t0_path, "t0_path"),
@@ -714,7 +608,7 @@ class Evaluation:
             n=int(e.k),
             temperature=float(e.temperature),
             top_p=float(e.top_p),
-            max_tokens=max_tokens(self.cfg),
+            max_tokens=self.cfg.max_tokens,
             seed=int(self.cfg.seed),
             max_batch_rows=int(lx.max_batch_rows),
         )
@@ -741,7 +635,7 @@ class Evaluation:
         from tqdm import tqdm
 
         start = time.perf_counter()
-        lx_on = bool(self.cfg.eval.logits_extrapolation.enabled)
+        lx_on = self.cfg.eval.logits_extrapolation.enabled
         total = (len(self.checkpoints) + int(lx_on)) * len(self.datasets)
         bar = tqdm(total=total, desc="eval", disable=not self.cfg.eval.progress, file=sys.stdout, dynamic_ncols=True)
         if self.checkpoints:
@@ -756,7 +650,7 @@ class Evaluation:
             json.dump(summary, f, indent=2)
         self.tracker.log_artifact(path)
         print_results(self.results)
-        _console(f"results: {path}; MLflow run {self.tracker.run_id} at {self.tracker.uri}")
+        console(f"results: {path}; MLflow run {self.tracker.run_id} at {self.tracker.uri}")
         return summary
 
     def _summary(self, wall: float) -> dict:
@@ -766,7 +660,7 @@ class Evaluation:
                 "k": int(e.k),
                 "temperature": float(e.temperature),
                 "top_p": float(e.top_p),
-                "max_tokens": max_tokens(self.cfg),
+                "max_tokens": self.cfg.max_tokens,
                 "seed": int(self.cfg.seed),
                 "max_prompts": e.max_prompts,
             },
@@ -786,15 +680,15 @@ class Evaluation:
         import ray
 
         for closer in (
-            lambda: self.engines.shutdown() if getattr(self, "engines", None) else None,
-            lambda: self.scorer.close() if hasattr(self, "scorer") else None,
-            lambda: self.tracker.finish(status) if hasattr(self, "tracker") else None,
-            lambda: ray.shutdown() if getattr(self, "ray_started", False) else None,
+            lambda: self.engines.shutdown() if self.engines else None,
+            lambda: self.scorer.close() if self.scorer else None,
+            lambda: self.tracker.finish(status) if self.tracker else None,
+            lambda: ray.shutdown() if self.ray_started else None,
         ):
             try:
                 closer()
             except Exception as exc:  # keep closing the rest
-                _console(f"warning: shutdown step failed: {exc}")
+                console(f"warning: shutdown step failed: {exc}")
 
 
 def _advance(bar, r: EvalResult) -> None:
@@ -808,10 +702,6 @@ def _as_list(x) -> list:
 
 def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
-def _console(msg: str) -> None:
-    print(f"[rlextra] {msg}", flush=True)
 
 
 def print_results(results: list[EvalResult]) -> None:
@@ -839,19 +729,15 @@ def print_results(results: list[EvalResult]) -> None:
     print(flush=True)
 
 
-def run_evaluation(cfg: DictConfig, output_dir: str) -> dict:
+def run_evaluation(cfg: DictConfig | EvaluateConfig, output_dir: str) -> dict:
     return run_to_completion(Evaluation(cfg, output_dir))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra_cli("evaluate", EvaluateConfig)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
-        run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from orchestrator.config import TinyModelConfig, ToyTaskConfig, WarmStartConfig, check_fields
 
 TOKENIZER_VERSION = 3  # bump when build_tokenizer changes (part of the warm-start cache key)
 
@@ -33,41 +35,6 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789+*=CN")
 CODE_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII for the code variant
 OPERATORS = {"add": "+", "mul": "*"}
-OPS = ("add", "mul", "code")
-
-
-@dataclass(frozen=True)
-class ToyTaskSpec:
-    """One variant of the synthetic task. Every field changes the data, so all are part of cache keys."""
-
-    op: str = "add"  # "add": a+b with `digits`-digit operands; "mul": a*b with a `digits`-digit and a 1-digit
-    # operand; "code": tiny Python function problems scored by the sandboxed `code` verifier
-    digits: int = 2  # number of digits of the (first) operand
-    careful_fraction: float = 0.3  # share of `C` (correct) solutions in the warm-start mixture
-    num_train: int = 20000  # prompts in the RL train split
-    num_eval: int = 500  # prompts in the held-out eval split
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(f"data.toy.op: expected one of {list(OPS)}, got {self.op!r}")
-        if not 1 <= self.digits <= 6:
-            raise ValueError(f"data.toy.digits: expected an integer in [1, 6], got {self.digits!r}")
-        if not 0.0 < self.careful_fraction < 1.0:
-            raise ValueError(f"data.toy.careful_fraction: expected a number in (0, 1), got {self.careful_fraction!r}")
-        if self.num_train < 1 or self.num_eval < 1:
-            raise ValueError("data.toy.num_train / num_eval: expected positive integers")
-        if self.num_eval >= self.distinct_problems():
-            raise ValueError(
-                f"data.toy.num_eval: expected fewer than the {self.distinct_problems()} distinct "
-                f"{self.digits}-digit problems (some must be left for training), got {self.num_eval}"
-            )
-
-    def distinct_problems(self) -> int:
-        if self.op == "code":
-            return 10**9  # random arguments: effectively unbounded
-        first = 9 * 10 ** (self.digits - 1)
-        return first * (first if self.op == "add" else 8)
 
 
 # ----------------------------------------------------------------------------------------------- arithmetic
@@ -92,7 +59,7 @@ def correct_result(op: str, a: int, b: int) -> int:
     return a + b if op == "add" else a * b
 
 
-def make_problem(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str, int, int]:
+def make_problem(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str, int, int]:
     """Returns (prompt, answer, a, b)."""
     lo, hi = 10 ** (spec.digits - 1), 10**spec.digits - 1
     a = rng.randint(lo, hi)
@@ -100,16 +67,16 @@ def make_problem(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str, int, 
     return f"{a}{OPERATORS[spec.op]}{b}=", str(correct_result(spec.op, a, b)), a, b
 
 
-def make_splits(spec: ToyTaskSpec) -> dict[str, list[dict]]:
+def make_splits(spec: ToyTaskConfig, seed: int) -> dict[str, list[dict]]:
     """Deterministic, disjoint train / eval splits of {"prompt", "answer"} records."""
-    spec.validate()
+    check_fields(spec, "data.toy")
     if spec.op == "code":
         from verifiers.code_tasks import make_code_tasks
 
-        tasks = make_code_tasks(spec.num_eval + spec.num_train, seed=spec.seed)
+        tasks = make_code_tasks(spec.num_eval + spec.num_train, seed=seed)
         rows = [{"prompt": t["prompt"], "answer": t["answer"]} for t in tasks]
         return {"train": rows[spec.num_eval :], "eval": rows[: spec.num_eval]}
-    rng = random.Random(f"toy-{spec.op}-{spec.digits}-{spec.seed}")
+    rng = random.Random(f"toy-{spec.op}-{spec.digits}-{seed}")
     seen: set[str] = set()
     eval_rows: list[dict] = []
     while len(eval_rows) < spec.num_eval:
@@ -126,7 +93,7 @@ def make_splits(spec: ToyTaskSpec) -> dict[str, list[dict]]:
     return {"train": train_rows, "eval": eval_rows}
 
 
-def code_warm_start_example(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str, str]:
+def code_warm_start_example(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str, str]:
     """Code variant: (prompt, response, reference). The response holds the canonical solution, or (the wrong
     procedure) the right signature with the body of another problem's solution."""
     from verifiers.code_tasks import KINDS, make_code_tasks
@@ -140,7 +107,7 @@ def code_warm_start_example(rng: random.Random, spec: ToyTaskSpec) -> tuple[str,
     return task["prompt"], f"```python\n{solution}```", task["answer"]
 
 
-def warm_start_text(rng: random.Random, spec: ToyTaskSpec) -> tuple[str, str]:
+def warm_start_text(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str]:
     """One supervised example from the mixture: (prompt, response without eos)."""
     if spec.op == "code":
         return code_warm_start_example(rng, spec)[:2]
@@ -173,21 +140,7 @@ def build_tokenizer(op: str = "add"):
     return tok
 
 
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Shape of the tiny Qwen2 used by the default job and the tests (head_dim = hidden / heads ≥ 32)."""
-
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 512
-    tie_word_embeddings: bool = True
-    max_positions: int = 64  # longest prompt + response (vLLM refuses a longer max_model_len)
-    seed: int = 0
-
-
-def build_tiny_model(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+def build_tiny_model(spec: TinyModelConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, seed: int):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -206,25 +159,20 @@ def build_tiny_model(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: 
         pad_token_id=pad_id,
         torch_dtype="float32",
     )
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
 
 # ------------------------------------------------------------------------------------------- warm start
 
 
-@dataclass(frozen=True)
-class WarmStartSpec:
-    """Supervised warm start on the procedure mixture."""
-
-    steps: int = 600  # optimizer steps
-    batch_size: int = 128
-    lr: float = 3e-3
-    seed: int = 0
+def seeded(spec, seed: int) -> dict:
+    """A config's fields and the seed: what a cached artefact built from it depends on."""
+    return {**asdict(spec), "seed": seed}
 
 
 def cache_key(*parts) -> str:
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+    blob = json.dumps(list(parts), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -249,12 +197,12 @@ def _encode_batch(tok, pairs: list[tuple[str, str]]):
     return input_ids, attn, loss_mask
 
 
-def train_warm_start(model, tok, task: ToyTaskSpec, ws: WarmStartSpec, log=print) -> None:
+def train_warm_start(model, tok, task: ToyTaskConfig, ws: WarmStartConfig, seed: int, log=print) -> None:
     """Plain-torch SFT on the mixture (cheap; runs once and is cached)."""
     import torch
 
-    rng = random.Random(f"warm-{ws.seed}-{task.seed}")
-    torch.manual_seed(ws.seed)
+    rng = random.Random(f"warm-{seed}-{seed}")
+    torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(1, ws.steps))
@@ -281,9 +229,10 @@ def train_warm_start(model, tok, task: ToyTaskSpec, ws: WarmStartSpec, log=print
 
 def prepare_toy_model(
     cache_dir: str | os.PathLike,
-    task: ToyTaskSpec,
-    model_spec: TinyModelSpec = TinyModelSpec(),
-    ws: WarmStartSpec = WarmStartSpec(),
+    task: ToyTaskConfig,
+    model_spec: TinyModelConfig,
+    ws: WarmStartConfig,
+    seed: int,
     log=print,
 ) -> Path:
     """Build (or reuse from the cache) the warm-started tiny model; returns its `save_pretrained` dir.
@@ -293,25 +242,24 @@ def prepare_toy_model(
     """
     import torch
 
-    task.validate()
-    out = Path(cache_dir) / f"toy-{task.op}{task.digits}-{cache_key(task, model_spec, ws, TOKENIZER_VERSION)}"
+    check_fields(task, "data.toy")
+    parts = {"task": seeded(task, seed), "model": seeded(model_spec, seed), "warm_start": seeded(ws, seed)}
+    out = Path(cache_dir) / f"toy-{task.op}{task.digits}-{cache_key(*parts.values(), TOKENIZER_VERSION)}"
     if (out / "config.json").exists() and (out / "rlextra_toy.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     torch_threads = torch.get_num_threads()
     tok = build_tokenizer(task.op)
-    model = build_tiny_model(model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build_tiny_model(model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed)
     log(
         f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
         f"{ws.steps} SFT steps on {torch_threads} threads)"
     )
-    train_warm_start(model, tok, task, ws, log=log)
+    train_warm_start(model, tok, task, ws, seed, log=log)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "rlextra_toy.json").write_text(
-        json.dumps({"task": asdict(task), "model": asdict(model_spec), "warm_start": asdict(ws)}, indent=2)
-    )
+    (tmp / "rlextra_toy.json").write_text(json.dumps(parts, indent=2))
     if out.exists():  # another process won the race; keep theirs
         import shutil
 
@@ -321,14 +269,14 @@ def prepare_toy_model(
     return out
 
 
-def write_toy_dataset(data_dir: str | os.PathLike, task: ToyTaskSpec) -> dict[str, Path]:
+def write_toy_dataset(data_dir: str | os.PathLike, task: ToyTaskConfig, seed: int) -> dict[str, Path]:
     """Write the splits as jsonl files (idempotent) so they load through `datasets` like real data."""
-    out = Path(data_dir) / f"toy-{task.op}{task.digits}-{cache_key(task)}"
+    out = Path(data_dir) / f"toy-{task.op}{task.digits}-{cache_key(seeded(task, seed))}"
     paths = {split: out / f"{split}.jsonl" for split in ("train", "eval")}
     if all(p.exists() for p in paths.values()):
         return paths
     out.mkdir(parents=True, exist_ok=True)
-    for split, rows in make_splits(task).items():
+    for split, rows in make_splits(task, seed).items():
         tmp = paths[split].with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "w") as f:
             for row in rows:

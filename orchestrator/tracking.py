@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from orchestrator.config import to_container, to_yaml
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -27,10 +27,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
 class Tracker:
     """Thin wrapper over the MLflow client API (no global active-run state, so it is thread-safe)."""
 
-    def __init__(self, cfg: DictConfig, run_name: str | None = None, resume_run_id: str | None = None):
-        self.enabled = bool(cfg.tracking.enabled)
+    def __init__(self, cfg, run_name: str | None = None, resume_run_id: str | None = None):
+        """cfg: the typed job or evaluation config (its `tracking` section names the store and experiment)."""
+        self.enabled = cfg.tracking.enabled
         self.run_id: str | None = None
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.tracking.tracking_uri)
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
@@ -52,7 +53,7 @@ class Tracker:
         else:
             name = (
                 run_name
-                or cfg.tracking.get("run_name")
+                or cfg.tracking.run_name
                 or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
             )
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
@@ -106,16 +107,16 @@ class Tracker:
         if self.enabled and run_id:
             self.client.set_terminated(run_id, status=status)
 
-    def log_config(self, cfg: DictConfig) -> None:
+    def log_config(self, cfg) -> None:
+        """Every field of the typed config as a param, and the whole config as `config.yaml`."""
         if not self.enabled:
             return
         from mlflow.entities import Param
 
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(resolved).items())]
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(to_container(cfg)).items())]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        self.log_text(to_yaml(cfg), "config.yaml")
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if not self.enabled or step <= self.skip_through:
@@ -143,7 +144,7 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def _data_name(cfg: DictConfig) -> str:
+def _data_name(cfg) -> str:
     if cfg.data.source == "toy":
         return f"toy_{cfg.data.toy.op}{cfg.data.toy.digits}"
     return str(cfg.data.source)

@@ -7,6 +7,7 @@
 One RL step: prompts → rollouts (vLLM, behaviour log-probs at the sampling temperature) → rewards (verifiers,
 scored in parallel worker processes) → advantages (GRPO by default) → one optimizer step on the learner group
 (DeepSpeed ZeRO, micro-batched) → weight sync to every rollout engine (bucketed, versioned) → metrics.
+With `schedule=rl_extra` (the default) every m-th step ends with an extrapolation phase (orchestrator/rl_extra.py).
 
 Choices:
 - Strictly on-policy: one optimizer step per rollout batch, and the behaviour log-probs from vLLM are the
@@ -14,6 +15,9 @@ Choices:
 - Evaluation on the held-out split reports greedy accuracy and Avg@k / Pass@k (k samples at the training
   temperature): on the toy task greedy picks the majority procedure, so Avg@k is the smooth signal.
 - Everything is seeded; prompts are drawn by a checkpointable cursor; the learning rate advances by real step.
+- Checkpoints hold model + optimizer per rank, RL-Extra's per-rank state, and `rlextra_state.json` (step counters,
+  data position, schedule position, RNG, MLflow run), written last: `trainer.resume=auto` continues from the newest
+  complete one in the same MLflow run; a dead learner rank restarts the learner group from it.
 """
 
 from __future__ import annotations
@@ -21,14 +25,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
 
-import hydra
 from omegaconf import DictConfig
 
-from orchestrator.config import ConfigError
+from actors.groups import ActorGroups
+from orchestrator.batches import build_train_batch, mean, shard_batch, step_metrics
+from orchestrator.cli import hydra_cli
+from orchestrator.config import JobConfig, validate
+from orchestrator.console import console
+from orchestrator.messages import SamplingConfig
+from orchestrator.rl_extra import RLExtraSchedule, ValidationBatch
+from orchestrator.tracking import Tracker
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,52 +49,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def build_train_batch(result, advantages_per_sample, pad_id: int, temperature: float, device="cpu"):
-    """Pad a RolloutResult into verl's layout: prompts left-padded, responses right-padded.
-
-    advantages_per_sample: float[B] or float[B, R] (broadcast over each response's tokens).
-    """
-    import torch
-
-    from orchestrator.messages import TrainBatch
-
-    B = len(result.response_ids)
-    P = max(len(p) for p in result.prompt_ids)
-    R = max(1, max(len(r) for r in result.response_ids))
-    prompts = torch.full((B, P), pad_id, dtype=torch.long)
-    responses = torch.full((B, R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    rmask = torch.zeros((B, R), dtype=torch.float32)
-    old_logp = torch.zeros((B, R), dtype=torch.float32)
-    for i, (p, r, lp) in enumerate(zip(result.prompt_ids, result.response_ids, result.logprobs)):
-        prompts[i, P - len(p) :] = torch.tensor(p)
-        attn[i, P - len(p) : P] = 1
-        if r:
-            responses[i, : len(r)] = torch.tensor(r)
-            attn[i, P : P + len(r)] = 1
-            rmask[i, : len(r)] = 1
-            old_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-    adv = torch.as_tensor(advantages_per_sample, dtype=torch.float32)
-    if adv.dim() == 1:
-        adv = adv[:, None].expand(B, R).clone()
-    adv = adv[:, :R] * rmask
-    return TrainBatch(prompts, responses, attn, rmask, old_logp, adv, temperature)
-
-
-def shard_batch(batch, world_size: int) -> list:
-    n = len(batch) // world_size
-    return [batch.slice(r * n, (r + 1) * n) for r in range(world_size)]
-
-
 class Job:
-    """Holds the job's components; `run()` executes the loop. Separate from Hydra so tests can drive it."""
+    """Holds the job's components; `run()` executes the loop. Separate from Hydra so tests can drive it.
 
-    def __init__(self, cfg: DictConfig, output_dir: str):
-        self.cfg = cfg
+    The config is checked when the job is made: nothing is written or started on a config that cannot work."""
+
+    def __init__(self, cfg: DictConfig | JobConfig, output_dir: str):
+        self.cfg: JobConfig = validate(cfg)
         self.output_dir = output_dir
-        self.log = _console
-        self.extra = None
-        self.resume = None
+        self.log = console
+        # set up by setup()
+        self.model_path: str | None = None
+        self.train_ds = self.eval_ds = None
+        self.tokenizer = None
+        self.pad_id: int | None = None
+        self.encode = None  # prompt text -> token ids (orchestrator.data.PromptEncoder)
+        self.cursor = None  # orchestrator.data.PromptCursor over the train split
+        self.eval_prompt_ids: list[list[int]] = []
+        self.eval_answers: list[str] = []
+        self.scorer = None  # verifiers.pool.ScoringPool
+        self.resume: tuple[str, dict] | None = None  # (checkpoint tag, its rlextra_state.json) to continue from
+        self.tracker: Tracker | None = None
+        self.ray_started = False
+        self.groups: ActorGroups | None = None
+        self.setup_time_s = 0.0
+        # set up by run()
+        self.extra: RLExtraSchedule | None = None
+        self.eval_before: dict | None = None
+        self.step_times: list[float] = []
         self.learner_restarts = 0
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -92,38 +85,36 @@ class Job:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from actors.learner import LearnerSpec
+        from actors.rollout import RolloutSpec
         from orchestrator.cluster import init_ray, start_actor_groups
-        from orchestrator.config import learner_spec, rollout_spec, validate
         from orchestrator.data import PromptCursor, PromptEncoder, load_splits, resolve_model
-        from orchestrator.tracking import Tracker
         from verifiers.pool import ScoringPool
 
         cfg = self.cfg
-        validate(cfg)
         hf_logging.disable_progress_bar()  # the job has its own progress bar
         t0 = time.perf_counter()
         self.model_path = resolve_model(cfg, log=self.log)
         self.train_ds, self.eval_ds = load_splits(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        )
-        self.encode = PromptEncoder(self.tokenizer, bool(cfg.data.apply_chat_template), cfg.data.max_prompt_tokens)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encode = PromptEncoder(tok, cfg.data.apply_chat_template, cfg.data.max_prompt_tokens)
         self.cursor = PromptCursor(size=len(self.train_ds), seed=cfg.seed)
         n_eval = min(cfg.trainer.eval_prompts, len(self.eval_ds))
         self.eval_prompt_ids = [self.encode(self.eval_ds[i]["prompt"]) for i in range(n_eval)]
         self.eval_answers = [self.eval_ds[i]["answer"] for i in range(n_eval)]
-        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=float(cfg.reward.timeout_s))
-        self.resume = self.resume_state()
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+        self.resume = self.newest_checkpoint() if cfg.trainer.resume == "auto" else None
         if self.resume:  # the same MLflow run continues; steps it already holds are not logged twice
             self.tracker = Tracker(cfg, resume_run_id=self.resume[1]["mlflow_run_id"])
         else:
             self.tracker = Tracker(cfg)
             self.tracker.log_config(cfg)
-        self.ray_started = init_ray(cfg)
-        self.learner_spec = learner_spec(cfg, self.model_path)
-        specs = [rollout_spec(cfg, self.model_path, i) for i in range(cfg.rollout.num_actors)]
-        self.groups = start_actor_groups(cfg, self.learner_spec, specs)
+        self.ray_started = init_ray(cfg.cluster)
+        learner = LearnerSpec.for_job(cfg, self.model_path)
+        rollouts = [RolloutSpec(self.model_path, cfg.rollout, cfg.seed + i) for i in range(cfg.rollout.num_actors)]
+        self.groups = start_actor_groups(cfg, learner, rollouts)
         self.setup_time_s = time.perf_counter() - t0
         self.log(
             f"set-up done in {self.setup_time_s:.1f} s: model {self.model_path}, "
@@ -131,27 +122,53 @@ class Job:
             f"MLflow run {self.tracker.run_id} at {self.tracker.uri}"
         )
 
+    def start_schedule(self) -> RLExtraSchedule | None:
+        """The RL-Extra schedule (schedule=rl_extra), with its extrapolator actor; None for plain RL."""
+        cfg, s = self.cfg, self.cfg.schedule
+        if s.name != "rl_extra":
+            return None
+        return RLExtraSchedule(
+            s,
+            total_steps=cfg.trainer.total_steps,
+            groups=self.groups,
+            tracker=self.tracker,
+            validation=self.validation_batch() if s.needs_validation else None,
+            verifier=cfg.data.verifier,
+            reward_timeout_s=cfg.reward.timeout_s,
+            evaluate=self.evaluate,
+            log=self.log,
+        )
+
+    def validation_batch(self) -> ValidationBatch:
+        """A fixed slice of the train split (never the held-out eval split) to score candidate projections."""
+        s, ds = self.cfg.schedule, self.train_ds
+        idx = random.Random(f"validation-{self.cfg.seed}").sample(range(len(ds)), min(s.validation_prompts, len(ds)))
+        rows = ds.select(idx)
+        return ValidationBatch(
+            [self.encode(p) for p in rows["prompt"]],
+            list(rows["answer"]),
+            self.sampling(s.validation_samples, seed=self.cfg.seed + 777),
+        )
+
     # ------------------------------------------------------------------------------------------ pieces
 
-    def sampling(self, n: int, greedy: bool = False, seed: int | None = None):
-        from orchestrator.messages import SamplingConfig
-
+    def sampling(self, n: int, greedy: bool = False, seed: int | None = None) -> SamplingConfig:
         rc = self.cfg.rollout
         return SamplingConfig(
             n=n,
-            temperature=0.0 if greedy else float(rc.temperature),
-            top_p=float(rc.top_p),
+            temperature=0.0 if greedy else rc.temperature,
+            top_p=rc.top_p,
             max_tokens=rc.max_tokens,
             seed=seed,
         )
 
     def evaluate(self) -> dict:
-        k = self.cfg.trainer.eval_samples
+        k, verifier = self.cfg.trainer.eval_samples, self.cfg.data.verifier
         greedy = self.groups.generate(self.eval_prompt_ids, self.sampling(1, greedy=True))
-        g_scores = self.scorer.score_batch(self.cfg.data.verifier, greedy.response_text, self.eval_answers)
+        g_scores = self.scorer.score_batch(verifier, greedy.response_text, self.eval_answers)
         sampled = self.groups.generate(self.eval_prompt_ids, self.sampling(k, seed=self.cfg.seed + 12345))
         refs = [self.eval_answers[i] for i in sampled.prompt_index]
-        s_scores = self.scorer.score_batch(self.cfg.data.verifier, sampled.response_text, refs)
+        s_scores = self.scorer.score_batch(verifier, sampled.response_text, refs)
         per_prompt = [s_scores[i * k : (i + 1) * k] for i in range(len(self.eval_answers))]
         correct = [sum(1 for s in row if s >= 1.0) for row in per_prompt]
         return {
@@ -161,8 +178,8 @@ class Job:
             "eval/response_length": sum(len(r) for r in sampled.response_ids) / len(sampled.response_ids),
         }
 
-    def rl_step(self, step: int) -> dict:
-        """One real RL step; returns its metrics."""
+    def rollout_and_learn(self, step: int) -> dict:
+        """One real RL step: sample, score, compute advantages, one optimizer step, sync; returns its metrics."""
         import torch
 
         from orchestrator.algorithms import get_advantage_fn
@@ -170,8 +187,7 @@ class Job:
         cfg, tr = self.cfg, self.cfg.trainer
         times = {}
         t = time.perf_counter()
-        idx = self.cursor.next(tr.prompts_per_step)
-        rows = self.train_ds.select(idx)
+        rows = self.train_ds.select(self.cursor.next(tr.prompts_per_step))
         prompt_ids = [self.encode(p) for p in rows["prompt"]]
         answers = list(rows["answer"])
         result = self.groups.generate(prompt_ids, self.sampling(tr.samples_per_prompt, seed=cfg.seed * 100003 + step))
@@ -183,50 +199,49 @@ class Job:
         times["time/reward_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        batch = build_train_batch(result, torch.zeros(len(rewards)), self.pad_id, float(cfg.rollout.temperature))
-        adv_fn = get_advantage_fn(cfg.algo.advantage)
-        batch.advantages = adv_fn(
+        batch = build_train_batch(result, torch.zeros(len(rewards)), self.pad_id, cfg.rollout.temperature)
+        batch.advantages = get_advantage_fn(cfg.algo.advantage)(
             torch.tensor(rewards, dtype=torch.float32),
             torch.tensor(result.prompt_index, dtype=torch.long),
             batch.response_mask,
-            eps=float(cfg.algo.eps),
-            gamma=float(cfg.algo.gamma),
+            eps=cfg.algo.eps,
+            gamma=cfg.algo.gamma,
         ).float()
-        metrics_per_rank = self.groups.train_step(shard_batch(batch, self.learner_spec.world_size))
+        per_rank = self.groups.train_step(shard_batch(batch, cfg.learner.world_size))
         times["time/learn_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        sync = self.groups.sync_weights(float(cfg.rollout.bucket_mb))
+        sync = self.groups.sync_weights(cfg.rollout.bucket_mb)
         times["time/sync_s"] = time.perf_counter() - t
 
         n_tokens = int(batch.response_mask.sum())
-        step_time = sum(times.values())
-        m = {
-            "train/reward_mean": sum(rewards) / len(rewards),
-            "train/accuracy": sum(1 for r in rewards if r >= 1.0) / len(rewards),
-            "train/response_length": n_tokens / len(rewards),
-            "train/truncated_frac": 1.0 - sum(result.finished) / len(result.finished),
-            "train/loss": _mean(x.loss for x in metrics_per_rank),
-            "train/clip_frac": _mean(x.clip_frac for x in metrics_per_rank),
-            "train/kl_behaviour": _mean(x.ppo_kl for x in metrics_per_rank),
-            "train/entropy": _mean(x.entropy for x in metrics_per_rank),
-            "train/kl_ref": _mean(x.extra["kl_ref"] for x in metrics_per_rank) if cfg.algo.kl_coef > 0 else None,
-            "train/grad_norm": metrics_per_rank[0].grad_norm,
-            "train/lr": metrics_per_rank[0].lr,
+        return {
+            **step_metrics(result, rewards, per_rank, n_tokens, with_kl_ref=cfg.algo.kl_coef > 0),
             "perf/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
             "perf/weight_version": sync["version"],
             "cluster/rollout_restarts": self.groups.rollout_restarts,
-            "time/step_s": step_time,
+            "time/step_s": sum(times.values()),
             **times,
         }
+
+    def step(self, step: int) -> dict:
+        """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
+        if self.extra:
+            self.extra.before_step(step)
+        m = self.rollout_and_learn(step)
+        m["rl_step"] = step
+        if self.extra:
+            m.update(self.extra.after_step(step, m))
+        else:
+            m["virtual_step"] = step
         return m
+
+    # ------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, step: int) -> str:
         """Model + optimizer + LR schedule per rank (DeepSpeed), RL-Extra anchors and statistics per rank, and
         `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run), written last:
         a checkpoint without it is incomplete and never resumed from."""
-        import random
-
         ckpt_root = os.path.join(self.output_dir, "checkpoints")
         tag = f"rl_step_{step}"
         state = {
@@ -250,10 +265,6 @@ class Job:
                 shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
         return hf_dir
 
-    def resume_state(self) -> tuple[str, dict] | None:
-        """The newest complete checkpoint when trainer.resume=auto, else None."""
-        return self.newest_checkpoint() if self.cfg.trainer.resume == "auto" else None
-
     def newest_checkpoint(self) -> tuple[str, dict] | None:
         """(tag, rlextra_state.json) of the newest complete checkpoint under output_dir/checkpoints, or None."""
         root = os.path.join(self.output_dir, "checkpoints")
@@ -265,13 +276,11 @@ class Job:
 
     def restore(self, tag: str, state: dict) -> int:
         """Load a checkpoint into the live job; returns the next RL step."""
-        import random
-
         root = os.path.join(self.output_dir, "checkpoints")
         self.groups.call_learners("load_checkpoint", root, tag)
         self.cursor.position = int(state["data_position"])
         self.groups.weight_version = int(state["weight_version"])
-        self.groups.sync_weights(float(self.cfg.rollout.bucket_mb))  # the engines still hold the initial weights
+        self.groups.sync_weights(self.cfg.rollout.bucket_mb)  # the engines still hold the initial weights
         self.eval_before = state["eval_before"]
         self.step_times = list(state.get("step_times", []))
         random.setstate(_from_jsonable(state["python_rng"]))
@@ -293,14 +302,19 @@ class Job:
         if os.path.isdir(self.model_path):
             found = [(0.0, self.model_path)] + found
         a = self.cfg.analysis
-        options = {k: a[k] for k in ("weight_fraction", "num_probes", "samples_per_probe", "plots")}
-        prompts = [self.eval_ds[i]["prompt"] for i in range(min(int(a.num_probes), len(self.eval_ds)))]
+        options = {
+            "weight_fraction": a.weight_fraction,
+            "num_probes": a.num_probes,
+            "samples_per_probe": a.samples_per_probe,
+            "plots": a.plots,
+        }
+        prompts = [self.eval_ds[i]["prompt"] for i in range(min(a.num_probes, len(self.eval_ds)))]
         result = analyze_run(
             found,
             os.path.join(self.output_dir, "linearity"),
             options,
             prompts=prompts,
-            chat_template=bool(self.cfg.data.apply_chat_template),
+            chat_template=self.cfg.data.apply_chat_template,
             mlflow_run_id=self.tracker.run_id,
             tracking_uri=self.tracker.uri,
             log=self.log,
@@ -312,18 +326,6 @@ class Job:
             "weights_frac_above_0_7": r2.get("frac_above_0.7"),
             "output": os.path.join(self.output_dir, "linearity"),
         }
-
-    def one_step(self, step: int) -> dict:
-        """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
-        if self.extra:
-            self.extra.before_step(step)
-        m = self.rl_step(step)
-        m["rl_step"] = step
-        if self.extra:
-            m.update(self.extra.after_step(step, m))
-        else:
-            m["virtual_step"] = step
-        return m
 
     # ---------------------------------------------------------------------------------------- failures
 
@@ -344,7 +346,7 @@ class Job:
     def recover_learners(self, failed_step: int, exc: Exception) -> int:
         """Restart the learner group, reload the newest complete checkpoint (or the initial weights), and
         return the step to continue from. Steps already logged are replayed identically but not logged twice."""
-        limit = int(self.cfg.trainer.max_learner_restarts)
+        limit = self.cfg.trainer.max_learner_restarts
         self.learner_restarts += 1
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         if self.learner_restarts > limit:
@@ -366,7 +368,7 @@ class Job:
         self.log("no checkpoint yet: starting again from the initial weights")
         self.cursor.position = 0
         self.step_times = []
-        self.groups.sync_weights(float(self.cfg.rollout.bucket_mb))
+        self.groups.sync_weights(self.cfg.rollout.bucket_mb)
         if self.extra:
             self.extra.reset_state()
         return 1
@@ -378,8 +380,8 @@ class Job:
 
         cfg, tr = self.cfg, self.cfg.trainer
         start = time.perf_counter()
-        self.extra = RLExtraSchedule(self) if cfg.schedule.name == "rl_extra" else None
-        self.step_times: list[float] = []
+        self.extra = self.start_schedule()
+        self.step_times = []
         first_step = 1
         if self.resume:
             first_step = self.restore(*self.resume)
@@ -403,7 +405,7 @@ class Job:
         step = first_step
         while step <= tr.total_steps:
             try:
-                m = self.one_step(step)
+                m = self.step(step)
             except Exception as exc:  # a dead learner rank: restart the group from the last checkpoint
                 if not self.learner_died(exc):
                     raise
@@ -427,8 +429,12 @@ class Job:
         after = self.evaluate() if tr.total_steps else before
         self.tracker.log_metrics(after, step=tr.total_steps)
         final_ckpt = self.save_checkpoint(tr.total_steps) if tr.save_final else None
-        linearity = self.analyze_own_checkpoints() if cfg.get("analysis") is not None and cfg.analysis.enabled else None
-        wall = time.perf_counter() - start
+        linearity = self.analyze_own_checkpoints() if cfg.analysis.enabled else None
+        return self.write_summary(before, after, first_step, final_ckpt, linearity, time.perf_counter() - start)
+
+    def write_summary(self, before: dict, after: dict, first_step: int, final_ckpt, linearity, wall: float) -> dict:
+        """summary.json in output_dir (also an MLflow artifact) and the table on stdout."""
+        cfg, tr = self.cfg, self.cfg.trainer
         summary = {
             "rl_steps": tr.total_steps,
             "virtual_steps": self.extra.virtual_step if self.extra else tr.total_steps,
@@ -443,10 +449,10 @@ class Job:
             "eval_k": tr.eval_samples,
             "resumed_from_step": first_step - 1 if self.resume else None,
             "learner_restarts": self.learner_restarts,
-            "rollout_restarts": getattr(self.groups, "rollout_restarts", 0),
+            "rollout_restarts": self.groups.rollout_restarts,
             "wall_time_s": wall,
             "setup_time_s": self.setup_time_s,
-            "mean_step_time_s": _mean(self.step_times) if self.step_times else 0.0,
+            "mean_step_time_s": mean(self.step_times) if self.step_times else 0.0,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.uri,
             "final_checkpoint": final_ckpt,
@@ -470,244 +476,16 @@ class Job:
 
         # Close whatever set-up got as far as creating, in reverse order of dependence.
         for closer in (
-            lambda: self.extra.close() if getattr(self, "extra", None) else None,
-            lambda: self.groups.shutdown() if hasattr(self, "groups") else None,
-            lambda: self.scorer.close() if hasattr(self, "scorer") else None,
-            lambda: self.tracker.finish(status) if hasattr(self, "tracker") else None,
-            lambda: ray.shutdown() if getattr(self, "ray_started", False) else None,
+            lambda: self.extra.close() if self.extra else None,
+            lambda: self.groups.shutdown() if self.groups else None,
+            lambda: self.scorer.close() if self.scorer else None,
+            lambda: self.tracker.finish(status) if self.tracker else None,
+            lambda: ray.shutdown() if self.ray_started else None,
         ):
             try:
                 closer()
             except Exception as exc:  # keep closing the rest
                 self.log(f"warning: shutdown step failed: {exc}")
-
-
-def extrapolation_config(schedule) -> ExtrapolationConfig:
-    from actors.extrapolator import ExtrapolationConfig
-
-    s = schedule
-    return ExtrapolationConfig(
-        m=int(s.m),
-        n=int(s.n),
-        beta_mode=str(s.beta_mode),
-        beta=None if s.beta is None else float(s.beta),
-        anchor=str(s.anchor),
-        candidates=tuple(float(c) for c in s.candidates),
-        monitor_threshold=float(s.monitor_threshold),
-        monitor_r2=None if s.monitor_r2 is None else float(s.monitor_r2),
-        selection=str(s.selection),
-        selection_threshold=float(s.selection_threshold),
-        selection_fraction=float(s.selection_fraction),
-        guard_nan=bool(s.guard_nan),
-        guard_margin=None if s.guard_margin is None else float(s.guard_margin),
-        shrink=float(s.shrink),
-        optimizer=str(s.optimizer),
-    )
-
-
-class RLExtraSchedule:
-    """The driver's side of RL-Extra: cycles of m real RL steps, each ended by an extrapolation phase that the
-    `ExtrapolatorActor` (actors/extrapolator.py) decides and carries out on the learners' shards.
-
-    The driver snapshots the anchors (at the cycle start, or one step before its end for `previous_step`),
-    counts `virtual_step` (+ (β − 1) · span per projection made), and logs: a nested MLflow run per RL phase
-    (`rl-phase-k`: the cycle's training metrics) and per extrapolation phase (`extrapolation-k`: β, tensors and
-    elements projected, displacement norm, drift share, R², validation reward before/after, guard decisions,
-    time), plus `rl_extra/extrapolation-k.json` with every candidate and reason."""
-
-    def __init__(self, job: Job):
-        import ray
-
-        from actors.extrapolator import ExtrapolatorActor
-
-        self.job, s = job, job.cfg.schedule
-        self.xcfg = extrapolation_config(s)
-        self.m = self.xcfg.m
-        self.setup_learners()
-        self.reset_state()
-        validation = self._validation_batch() if self.xcfg.needs_validation else None
-        sampling = job.sampling(int(s.validation_samples), seed=job.cfg.seed + 777)
-        self.actor = (
-            ray.remote(ExtrapolatorActor)
-            .options(num_cpus=0, max_concurrency=1)
-            .remote(
-                self.xcfg,
-                validation,
-                sampling,
-                str(job.cfg.data.verifier),
-                float(job.cfg.reward.timeout_s),
-                float(job.cfg.rollout.bucket_mb),
-            )
-        )
-        job.tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
-
-    def setup_learners(self) -> None:
-        """Give every learner rank its projector (at start, and after a learner group restart)."""
-        s = self.job.cfg.schedule
-        exclude = None if s.exclude is None else list(s.exclude)
-        info = self.job.groups.call_learners(
-            "extra_setup", list(s.include), exclude, s.anchor_device, str(s.velocity), int(s.monitor_samples)
-        )
-        self.selected = sorted({n for i in info for n in i["selected"]})
-        self.skipped = sorted({n for i in info for n in i["skipped"]})
-
-    def reset_state(self) -> None:
-        self.virtual_step = 0
-        self.cycle = 0
-        self.phase_run = None
-        self.counters = {"projections_made": 0, "projections_skipped": 0, "projections_rolled_back": 0}
-        self.records: list[dict] = []
-        if hasattr(self, "actor"):
-            import ray
-
-            from actors.extrapolator import ExtrapolationPolicy
-
-            ray.get(self.actor.load_state.remote({"beta_max": ExtrapolationPolicy(self.xcfg).beta_max}))
-
-    def _validation_batch(self):
-        """A fixed slice of the train split (never the held-out eval split) to score candidate projections."""
-        import random
-
-        s, ds = self.job.cfg.schedule, self.job.train_ds
-        idx = random.Random(f"validation-{self.job.cfg.seed}").sample(
-            range(len(ds)), min(s.validation_prompts, len(ds))
-        )
-        rows = ds.select(idx)
-        return [self.job.encode(p) for p in rows["prompt"]], list(rows["answer"])
-
-    # ------------------------------------------------------------------------------------------ the loop
-
-    def before_step(self, step: int) -> None:
-        first, last = (step - 1) % self.m == 0, step % self.m == 0
-        if first:
-            self.cycle += 1
-            self.phase_run = self.job.tracker.start_phase(
-                f"rl-phase-{self.cycle}", "rl_phase", {"cycle": self.cycle, "first_rl_step": step, "m": self.m}
-            )
-        if (first and self.xcfg.anchor == "cycle_start") or (last and self.xcfg.anchor == "previous_step"):
-            self.job.groups.call_learners("extra_snapshot")
-
-    def after_step(self, step: int, metrics: dict) -> dict:
-        self.virtual_step += 1
-        keep = ("train/reward_mean", "train/accuracy", "train/loss", "train/kl_behaviour", "time/step_s")
-        self.job.tracker.log_phase_metrics(self.phase_run, {k: metrics[k] for k in keep}, step)
-        out = {"virtual_step": self.virtual_step}
-        if step % self.m == 0:
-            self.job.tracker.end_phase(self.phase_run)
-            self.phase_run = None
-            # No projection after the job's last real step: nothing would re-ground it (cycle 1 + m of the paper).
-            if step != self.job.cfg.trainer.total_steps:
-                out.update(self.extrapolate(step))
-                out["virtual_step"] = self.virtual_step
-        return out
-
-    def extrapolate(self, step: int) -> dict:
-        import ray
-
-        job, s = self.job, self.job.cfg.schedule
-        run = job.tracker.start_phase(
-            f"extrapolation-{self.cycle}",
-            "extrapolation_phase",
-            {
-                "cycle": self.cycle,
-                "beta_mode": s.beta_mode,
-                "m": self.m,
-                "n": s.n,
-                "rl_step": step,
-                "selection": s.selection,
-                "velocity": s.velocity,
-                "anchor": s.anchor,
-                "tensors_eligible": len(self.selected),
-            },
-        )
-        eval_before = job.evaluate() if s.eval_around_projection else None
-        rec, groups = ray.get(self.actor.extrapolate.remote(self.cycle, job.groups))
-        job.groups.weight_version = groups.weight_version
-        job.groups.rollouts = groups.rollouts  # a rollout engine the extrapolator had to restart
-        job.groups.rollout_restarts = getattr(groups, "rollout_restarts", 0)
-        self.counters[f"projections_{rec.outcome}"] += 1
-        span = rec.steps_in_cycle if self.xcfg.anchor == "cycle_start" else 1
-        if rec.outcome == "made":
-            self.virtual_step += round((rec.beta - 1.0) * span)
-        eval_after = job.evaluate() if s.eval_around_projection and rec.outcome == "made" else eval_before
-        result = {
-            "extra/beta": rec.beta,
-            "extra/beta_max": rec.beta_max,
-            "extra/made": float(rec.outcome == "made"),
-            "extra/rolled_back": float(rec.outcome == "rolled_back"),
-            "extra/skipped": float(rec.outcome == "skipped"),
-            "extra/drift_share": rec.drift_share,
-            "extra/r2_median": rec.r2_median,
-            "extra/r2_frac_above_0_7": rec.r2_frac_above_0_7,
-            "extra/displacement_norm": rec.displacement_norm,
-            "extra/selected_frac": rec.selected_frac,
-            "extra/selected_tensors": rec.selected_tensors,
-            "extra/projected_frac": rec.projected_frac,
-            "extra/time_s": rec.time_s,
-            "extra/val_reward_before": rec.val_reward_before,
-            "extra/val_reward_after": rec.val_reward_after,
-        }
-        if eval_before is not None:
-            result["extra/eval_acc_before"] = eval_before["eval/avg_at_k"]
-            result["extra/eval_acc_after"] = eval_after["eval/avg_at_k"]
-        result = {k: v for k, v in result.items() if v is None or not (isinstance(v, float) and math.isnan(v))}
-        job.tracker.log_phase_metrics(run, {**result, "virtual_step": self.virtual_step}, step)
-        record = {k: v for k, v in vars(rec).items() if k != "drift_share_per_tensor"}
-        record.update(rl_step=step, virtual_step=self.virtual_step, eval_before=eval_before, eval_after=eval_after)
-        self.records.append(record)
-        job.tracker.log_json(
-            {**record, "drift_share_per_tensor": rec.drift_share_per_tensor},
-            f"rl_extra/extrapolation-{self.cycle}.json",
-        )
-        job.tracker.end_phase(run)
-        what = {"made": f"projected with beta={rec.beta:.3g}", "skipped": "skipped", "rolled_back": "rolled back"}[
-            rec.outcome
-        ]
-        job.log(
-            f"cycle {self.cycle} (rl_step {step}): {what}; drift share {rec.drift_share:.3f}, "
-            f"R² median {rec.r2_median:.3f}, selected {rec.selected_frac:.1%}"
-            + (f" — {'; '.join(rec.reasons)}" if rec.reasons else "")
-        )
-        return result
-
-    # ---------------------------------------------------------------------------------------- checkpoints
-
-    def state(self) -> dict:
-        import ray
-
-        return {
-            "cycle": self.cycle,
-            "virtual_step": self.virtual_step,
-            "counters": dict(self.counters),
-            "phase_run": self.phase_run,
-            "policy": ray.get(self.actor.state.remote()),
-            "records": self.records,
-        }
-
-    def load_state(self, state: dict) -> None:
-        import ray
-
-        self.cycle, self.virtual_step = int(state["cycle"]), int(state["virtual_step"])
-        self.counters.update(state["counters"])
-        self.phase_run = state.get("phase_run")
-        self.records = list(state.get("records", []))
-        ray.get(self.actor.load_state.remote(state["policy"]))
-        if self.phase_run:
-            self.job.tracker.reopen_phase(self.phase_run)
-
-    def finish(self) -> None:
-        """The job's last steps may form a partial cycle: close its RL phase run."""
-        if self.phase_run:
-            self.job.tracker.end_phase(self.phase_run)
-            self.phase_run = None
-
-    def close(self) -> None:
-        import ray
-
-        try:
-            ray.get(self.actor.close.remote(), timeout=30)
-        finally:
-            ray.kill(self.actor)
 
 
 def complete_checkpoints(root: str) -> list[str]:
@@ -726,15 +504,6 @@ def _jsonable(x):
 
 def _from_jsonable(x):
     return tuple(_from_jsonable(v) for v in x) if isinstance(x, list) else x
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _console(msg: str) -> None:
-    print(f"[rlextra] {msg}", flush=True)
 
 
 def print_summary(summary: dict) -> None:
@@ -776,21 +545,18 @@ def run_to_completion(task) -> dict:
         task.close(status)
 
 
-def run_job(cfg: DictConfig, output_dir: str) -> dict:
+def run_job(cfg: DictConfig | JobConfig, output_dir: str) -> dict:
     return run_to_completion(Job(cfg, output_dir))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra_cli("config", JobConfig)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    output_dir = cfg.trainer.output_dir or HydraConfig.get().runtime.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    try:
-        run_job(cfg, output_dir)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    job = Job(cfg, "")  # checks the config before anything is written
+    job.output_dir = job.cfg.trainer.output_dir or HydraConfig.get().runtime.output_dir
+    os.makedirs(job.output_dir, exist_ok=True)
+    run_to_completion(job)
 
 
 if __name__ == "__main__":

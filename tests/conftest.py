@@ -32,14 +32,16 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_model_path(cache_dir) -> str:
     """A tied-embedding tiny Qwen2 warm-started on 1-digit addition (~10 s; samples ~50 % correct)."""
-    from orchestrator.toy_task import TinyModelSpec, ToyTaskSpec, WarmStartSpec, prepare_toy_model
+    from orchestrator.config import TinyModelConfig, ToyTaskConfig, WarmStartConfig
+    from orchestrator.toy_task import prepare_toy_model
 
     return str(
         prepare_toy_model(
             cache_dir,
-            ToyTaskSpec(op="add", digits=1, num_train=2000, num_eval=40),
-            TinyModelSpec(tie_word_embeddings=True),
-            WarmStartSpec(steps=120, batch_size=64, lr=3e-3),
+            ToyTaskConfig(op="add", digits=1, num_train=2000, num_eval=40),
+            TinyModelConfig(tie_word_embeddings=True),
+            WarmStartConfig(steps=120, batch_size=64, lr=3e-3),
+            seed=0,
             log=lambda *_: None,
         )
     )

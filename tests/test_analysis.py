@@ -254,11 +254,12 @@ def _synthetic_hf_series(root: Path, steps, noisy: str) -> list[Checkpoint]:
 
     import torch
 
-    from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.toy_task import build_tiny_model, build_tokenizer
 
     tok = build_tokenizer()
-    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
-    model = build_tiny_model(spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    spec = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
+    model = build_tiny_model(spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed=0)
     meta = root / "meta"
     model.config.save_pretrained(meta)
     tok.save_pretrained(meta)
@@ -438,7 +439,7 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     from mlflow.tracking import MlflowClient
 
     from orchestrator.analyze import main
-    from orchestrator.data import toy_task_spec
+    from orchestrator.config import validate
     from orchestrator.toy_task import write_toy_dataset
     from orchestrator.train import run_job
     from tests.test_job import compose_cfg, small_job_overrides
@@ -462,7 +463,8 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     # the trainer's own end-of-job analysis (analysis.enabled): the warm start + 3 checkpoints
     assert summary["linearity"]["checkpoints"] == 4 and 0.0 <= summary["linearity"]["weights_r2_median"] <= 1.0
     assert json.loads((tmp_path / "out" / "linearity" / "linearity.json").read_text())["steps"] == [0, 2, 4, 6]
-    eval_file = write_toy_dataset(Path(cache_dir) / "data", toy_task_spec(cfg))["eval"]
+    job = validate(cfg)
+    eval_file = write_toy_dataset(Path(cache_dir) / "data", job.data.toy, job.seed)["eval"]
 
     code = main(
         [

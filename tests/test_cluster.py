@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+
+from orchestrator.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -48,8 +48,7 @@ WORKING_DIR_EXCLUDES = [
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def tiny_job_overrides(cache_dir, out_dir, steps=2) -> list[str]:
@@ -90,10 +89,18 @@ def test_existing_cluster_address_follows_ray_address(monkeypatch):
     assert compose_cfg(["cluster=existing", "cluster.address=ray://head:10001"]).cluster.address == "ray://head:10001"
 
 
-def test_cluster_group_files_declare_the_same_fields():
-    local = set(OmegaConf.load(ROOT / "conf/cluster/local.yaml"))
-    existing = set(OmegaConf.load(ROOT / "conf/cluster/existing.yaml"))
-    assert local - {"num_cpus"} == existing - {"address"}
+def test_cluster_presets_differ_only_where_they_say(monkeypatch):
+    """Both presets override ClusterConfig (the one schema): an existing cluster differs from a local Ray only in
+    mode, address, streamed logs and the SPREAD placement."""
+    from dataclasses import asdict
+
+    from orchestrator.config import validate
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local, existing = (asdict(validate(compose_cfg([f"cluster={c}"])).cluster) for c in ("local", "existing"))
+    differ = {k for k in local if local[k] != existing[k]}
+    assert differ == {"mode", "address", "log_to_driver", "placement_strategy"}
+    assert existing["address"] == "auto" and existing["placement_strategy"] == "SPREAD"
 
 
 @pytest.mark.parametrize(
@@ -112,33 +119,34 @@ def test_cluster_group_files_declare_the_same_fields():
     ],
 )
 def test_bad_cluster_values_fail_with_one_line(override, message):
-    from orchestrator.cluster import validate_cluster
-    from orchestrator.config import ConfigError
+    from orchestrator.config import ConfigError, validate
 
     cfg = compose_cfg(["cluster=existing", override])
     with pytest.raises(ConfigError) as info:
-        validate_cluster(cfg)
+        validate(cfg)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_default_plan_is_one_shared_placement_group():
-    from orchestrator.cluster import plan_placement, validate_cluster
+    from orchestrator.cluster import plan_placement
+    from orchestrator.config import validate
 
-    cfg = compose_cfg(["rollout.num_actors=2", "learner.world_size=2", "learner.num_cpus=2"])
-    validate_cluster(cfg)
-    plan = plan_placement(cfg, num_rollouts=2, world_size=2)
+    cfg = validate(compose_cfg(["rollout.num_actors=2", "learner.world_size=2", "learner.num_cpus=2"]))
+    plan = plan_placement(cfg.cluster, cfg.rollout, cfg.learner, num_rollouts=2, world_size=2)
     assert len(plan.groups) == 1 and plan.groups[0].strategy == "PACK"
     assert list(plan.groups[0].bundles) == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 2.0}]
     assert plan.rollout_slots == ((0, 0), (0, 1)) and plan.learner_slots == ((0, 2), (0, 3))
 
 
 def test_per_group_plan_with_custom_resources():
-    from orchestrator.cluster import plan_placement, validate_cluster
+    from orchestrator.cluster import plan_placement
+    from orchestrator.config import validate
 
     cfg = compose_cfg(
         [
             "cluster=existing",
             "learner.world_size=3",
+            "trainer.prompts_per_step=24",  # 24 x 8 samples split over 3 ranks of 64
             "rollout.num_cpus=0",
             "learner.num_gpus=1",
             "cluster.learner_strategy=STRICT_SPREAD",
@@ -146,8 +154,8 @@ def test_per_group_plan_with_custom_resources():
             "cluster.learner_resources={learner_node:0.5}",
         ]
     )
-    validate_cluster(cfg)
-    plan = plan_placement(cfg, num_rollouts=1, world_size=3)
+    cfg = validate(cfg)
+    plan = plan_placement(cfg.cluster, cfg.rollout, cfg.learner, num_rollouts=1, world_size=3)
     rollout, learner = plan.groups
     assert (rollout.name, rollout.strategy, list(rollout.bundles)) == ("rollout", "SPREAD", [{"rollout_node": 1.0}])
     assert learner.strategy == "STRICT_SPREAD"
@@ -200,7 +208,7 @@ def _multinode_run(cache_dir: str, out_dir: str) -> dict:
         def where(actor):
             return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
-        steps = [job.rl_step(s) for s in (1, 2)]
+        steps = [job.rollout_and_learn(s) for s in (1, 2)]
         after = job.groups.generate([job.encode(job.train_ds[0]["prompt"])], job.sampling(2, seed=1))
         return {
             "node_resources": nodes,

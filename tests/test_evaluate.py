@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, compose
 from orchestrator.evaluate import (
     checkpoint_step,
     pass_levels,
@@ -30,8 +29,7 @@ CONF = str(ROOT / "conf")
 
 
 def compose_eval(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides)
+    return compose(overrides, config_name="evaluate")
 
 
 # ------------------------------------------------------------------------------------------- estimator
@@ -88,7 +86,9 @@ def test_checkpoint_step(tmp_path):
 
 
 def test_datasets_from_group_names_and_dicts():
-    cfg = compose_eval(["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1}},{toy:{num_eval:7}},toy_code]"])
+    cfg = compose_eval(
+        ["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1,num_eval:40}},{toy:{num_eval:7}},toy_code]"]
+    )
     specs = resolve_datasets(cfg)
     assert [s.name for s in specs] == ["toy_mul", "add1", "toy_add2", "toy_code"]
     assert specs[0].data.toy.op == "mul" and specs[1].data.toy.digits == 1
@@ -162,12 +162,13 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def random_ckpt(tmp_path_factory) -> str:
     """A randomly initialised tiny Qwen2 with the toy tokenizer: same architecture as the toy model, scores 0."""
-    from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.toy_task import build_tiny_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("random-ckpt")
     tok = build_tokenizer()
     build_tiny_model(
-        TinyModelSpec(seed=5), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        TinyModelConfig(), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed=5
     ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -6,11 +6,19 @@ import math
 
 import pytest
 
-from actors.extrapolator import ExtrapolationConfig, ExtrapolationPolicy
+from actors.extrapolator import ExtrapolationPolicy
+from orchestrator.config import ScheduleConfig, check_fields
+
+
+def schedule(**kw) -> ScheduleConfig:
+    """A checked schedule config (m = n = 10, β from the schedule unless kw says otherwise)."""
+    cfg = ScheduleConfig(**{"m": 10, "n": 10, "beta_mode": "schedule", **kw})
+    check_fields(cfg, "schedule")
+    return cfg
 
 
 def policy(**kw) -> ExtrapolationPolicy:
-    return ExtrapolationPolicy(ExtrapolationConfig(**{"m": 10, "n": 10, **kw}))
+    return ExtrapolationPolicy(schedule(**kw))
 
 
 def test_schedule_beta_per_anchor_mode():
@@ -25,9 +33,9 @@ def test_schedule_beta_per_anchor_mode():
 
 
 def test_line_search_candidates_are_above_one():
-    p = policy(beta_mode="adaptive", candidates=(0.25, 0.5, 0.75, 1.0), beta=4.0)
+    p = policy(beta_mode="adaptive", candidates=[0.25, 0.5, 0.75, 1.0], beta=4.0)
     assert p.betas() == [1.0 * 2, 3.0, 4.0]  # 0.25 · 4 = 1 is "not projecting": not a candidate
-    assert policy(beta_mode="adaptive", candidates=(0.1,), beta=2.0).betas() == [2.0]  # nothing above 1: β_max
+    assert policy(beta_mode="adaptive", candidates=[0.1], beta=2.0).betas() == [2.0]  # nothing above 1: β_max
 
 
 def test_auto_gate_needs_drift_share_and_optional_r2():
@@ -76,6 +84,6 @@ def test_guard_margin_and_nan_and_shrink():
 
 
 def test_needs_validation():
-    assert not ExtrapolationConfig(m=1, n=1, beta_mode="schedule").needs_validation
-    assert ExtrapolationConfig(m=1, n=1, beta_mode="auto").needs_validation
-    assert ExtrapolationConfig(m=1, n=1, beta_mode="fixed", beta=2, guard_margin=0.1).needs_validation
+    assert not schedule(m=1, n=1, beta_mode="schedule").needs_validation
+    assert schedule(m=1, n=1, beta_mode="auto").needs_validation
+    assert schedule(m=1, n=1, beta_mode="fixed", beta=2, guard_margin=0.1).needs_validation

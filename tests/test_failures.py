@@ -15,6 +15,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from tests.test_cluster import compose_cfg, tiny_job_overrides
 
@@ -34,7 +35,6 @@ def _sample(ray, actor, prompts, sampling):
 def test_dead_rollout_actor_is_restarted_and_resynced(
     ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch, capfd
 ):
-    import cloudpickle
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import Job
@@ -56,14 +56,14 @@ def test_dead_rollout_actor_is_restarted_and_resynced(
         at_v0 = _sample(ray, groups.rollouts[1], probe, seeded)
 
         killed = {}
-        run_step = job.rl_step
+        run_step = job.rollout_and_learn
 
         def rl_step_with_fault(step: int) -> dict:
             if step == 3:  # after two real steps and syncs: engine 0 dies before step 3's rollout
                 killed["pid"] = _kill_process_of(ray, groups.rollouts[0])
             return run_step(step)
 
-        job.rl_step = rl_step_with_fault
+        job.rollout_and_learn = rl_step_with_fault
         summary = job.run()
 
         # The job completed every step at the expected versions, with one restart, logged.
@@ -87,17 +87,9 @@ def test_dead_rollout_actor_is_restarted_and_resynced(
             "training changed the policy (else the check is void)"
         )
 
-        # A copy of the groups (as handed to another actor) replaces engine 1; the original adopts that one.
-        copy = cloudpickle.loads(cloudpickle.dumps(groups))
-        _kill_process_of(ray, groups.rollouts[1])
-        assert copy.generate(probe, seeded).weight_version == 4 and copy.rollout_restarts == 2
-        assert groups.generate(probe, seeded).weight_version == 4
-        assert groups.rollout_restarts == 1 and groups.rollouts[1]._actor_id == copy.rollouts[1]._actor_id
-        assert "rollout actor 1 was already restarted elsewhere" in capfd.readouterr().out
-
         # A death found by a weight sync: the new engine gets that sync's weights and version.
         _kill_process_of(ray, groups.rollouts[0])
-        sync = groups.sync_weights(float(job.cfg.rollout.bucket_mb))
+        sync = groups.sync_weights(job.cfg.rollout.bucket_mb)
         assert sync["version"] == 5 and groups.rollout_restarts == 2
         assert ray.get([r.get_weight_version.remote() for r in groups.rollouts]) == [5, 5]
         assert groups.generate(probe, seeded).weight_version == 5
@@ -108,5 +100,71 @@ def test_dead_rollout_actor_is_restarted_and_resynced(
             RuntimeError, match=r"rollout actor 0 died and no restart is left \(cluster.max_rollout_restarts=2"
         ):
             groups.generate(probe, seeded)
+    finally:
+        job.close()
+
+
+def _weights(ray, learner) -> dict:
+    from actors.rollout import from_transport
+
+    buckets = ray.get(learner.export_weights.remote(64.0))
+    return {name: from_transport(*t).clone() for bucket in buckets for name, t in bucket}
+
+
+@pytest.mark.slow
+def test_engine_dying_during_an_extrapolation_phase(ray_session, cache_dir, tmp_path, monkeypatch, capfd):
+    from orchestrator.train import Job
+
+    ray = ray_session
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out_dir = tmp_path / "out"
+    overrides = tiny_job_overrides(cache_dir, out_dir, steps=4) + [
+        "schedule=rl_extra",
+        "schedule.beta_mode=adaptive",  # the phase starts with a validation rollout: it meets the dead engine
+        "schedule.m=2",
+        "schedule.n=2",
+        "schedule.validation_prompts=8",
+        "rollout.num_actors=2",
+        "cluster.max_rollout_restarts=1",
+        "learner.lr=1e-3",
+    ]
+    job = Job(compose_cfg(overrides), str(out_dir))
+    seen = {}
+    start_schedule = job.start_schedule
+
+    def schedule_with_fault():
+        extra = start_schedule()
+        run_phase = extra.run_phase
+
+        def phase_with_fault():
+            if extra.cycle == 1:
+                seen["before"] = _weights(ray, job.groups.learners[0])
+                seen["killed"] = _kill_process_of(ray, job.groups.rollouts[0])
+                record = run_phase()
+                seen["after"] = _weights(ray, job.groups.learners[0])
+                return record
+            return run_phase()
+
+        extra.run_phase = phase_with_fault
+        return extra
+
+    job.start_schedule = schedule_with_fault
+    try:
+        job.setup()
+        summary = job.run()
+        groups = job.groups
+        first = summary["extrapolations"][0]
+        assert summary["rl_steps"] == 4 and groups.rollout_restarts == 1
+        assert first["outcome"] == "skipped" and "a rollout engine died during the phase" in first["reasons"][0]
+        assert seen["before"].keys() == seen["after"].keys()
+        for name, tensor in seen["before"].items():
+            assert torch.equal(tensor, seen["after"][name]), f"{name}: not restored to the phase-start weights"
+        assert ray.get(groups.rollouts[0].ping.remote()) != seen["killed"]
+        log = capfd.readouterr().out
+        assert "cluster: rollout actor 0 died" in log and "cycle 1 (rl_step 2): skipped" in log
+        # both engines serve the final weights at the final version
+        probe = [job.encode(job.train_ds[i]["prompt"]) for i in range(4)]
+        a, b = (_sample(ray, r, probe, job.sampling(2, seed=7)) for r in groups.rollouts)
+        assert a.weight_version == b.weight_version == groups.weight_version and a.response_ids == b.response_ids
     finally:
         job.close()

@@ -110,15 +110,12 @@ def test_vendored_crd_schemas_match_the_shared_crds():
 
 def compose_entrypoint(entrypoint: str):
     """`python -m orchestrator.train <overrides>` -> the composed, validated Hydra config."""
-    from hydra import compose, initialize_config_dir
-
-    from orchestrator.config import validate
+    from orchestrator.config import compose, validate
 
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "orchestrator.train"], f"unexpected entrypoint {argv[:3]}"
     assert importlib.util.find_spec(argv[2]) is not None, f"module {argv[2]} not found"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=argv[3:])
+    cfg = compose(argv[3:])
     validate(cfg)
     return cfg
 

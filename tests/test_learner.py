@@ -13,8 +13,9 @@ import torch
 from actors.learner import LearnerActor, LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
 from orchestrator.algorithms import policy_loss
+from orchestrator.batches import shard_batch
+from orchestrator.config import AlgoConfig, LearnerConfig
 from orchestrator.messages import TrainBatch
-from orchestrator.train import shard_batch
 
 pytestmark = pytest.mark.slow
 
@@ -49,19 +50,25 @@ def _reference_step(model_path: str, batch: TrainBatch, spec: LearnerSpec):
     logits = forward_response_logits(model, batch)
     logp, _ = response_logits_to_logp(logits, batch.responses, batch.temperature)
     loss, _ = policy_loss(
-        spec.loss_kind,
+        spec.algo.loss,
         logp,
         batch.old_logp,
         batch.advantages,
         batch.response_mask,
-        clip_low=spec.clip_low,
-        clip_high=spec.clip_high,
-        agg=spec.loss_agg,
+        clip_low=spec.algo.clip_low,
+        clip_high=spec.algo.clip_high,
+        agg=spec.algo.loss_agg,
     )
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=spec.betas, eps=1e-8, weight_decay=spec.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=spec.learner.lr,
+        betas=spec.learner.betas,
+        eps=1e-8,
+        weight_decay=spec.learner.weight_decay,
+    )
     opt.step()
     return loss.item(), grad_norm, {n: p.detach().clone() for n, p in model.named_parameters()}, grads
 
@@ -89,7 +96,7 @@ def _start_group(ray, spec: LearnerSpec):
 
     port = _free_port()
     Remote = ray.remote(LearnerActor).options(num_cpus=1, runtime_env={"env_vars": learner_actor_env(1)})
-    actors = [Remote.remote(spec, rank, "127.0.0.1", port) for rank in range(spec.world_size)]
+    actors = [Remote.remote(spec, rank, "127.0.0.1", port) for rank in range(spec.learner.world_size)]
     ray.get([a.setup.remote() for a in actors])
     return actors
 
@@ -104,16 +111,13 @@ def _stop_group(ray, actors):
 def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg):
     ray = ray_session
     spec = LearnerSpec(
-        model_path=toy_model_path,
-        world_size=2,
-        zero_stage=3,
-        dtype="fp32",
-        lr=1e-3,
-        grad_clip=0.0,
-        micro_batch_size=4,
+        toy_model_path,
+        LearnerConfig(
+            world_size=2, zero_stage=3, dtype="fp32", lr=1e-3, grad_clip=0.0, micro_batch_size=4, num_threads=1
+        ),
+        AlgoConfig(loss_agg=agg),
         samples_per_rank=8,
-        loss_agg=agg,
-        num_threads=1,
+        seed=0,
     )
     batch = _random_batch(toy_model_path)
     batch.old_logp = _behaviour_logp(toy_model_path, batch)
@@ -141,13 +145,19 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
         # is well above eps, and elsewhere check only Adam's bound |update| <= lr.
         stable = ref_grads[name].abs() > 1e-6
         torch.testing.assert_close(weights[name][stable], ref[stable], rtol=1e-4, atol=2e-5, msg=f"{name} differs")
-        assert ((weights[name] - initial[name]).abs() <= spec.lr * 1.001).all()
+        assert ((weights[name] - initial[name]).abs() <= spec.learner.lr * 1.001).all()
         assert stable.float().mean() > 0.5, f"{name}: too few well-conditioned elements to compare"
 
 
 def test_train_step_rejects_wrong_shard_size(ray_session, toy_model_path):
     ray = ray_session
-    spec = LearnerSpec(model_path=toy_model_path, world_size=1, zero_stage=2, micro_batch_size=4, samples_per_rank=8)
+    spec = LearnerSpec(
+        toy_model_path,
+        LearnerConfig(world_size=1, zero_stage=2, micro_batch_size=4),
+        AlgoConfig(),
+        samples_per_rank=8,
+        seed=0,
+    )
     actors = _start_group(ray, spec)
     try:
         batch = _random_batch(toy_model_path, batch=4)

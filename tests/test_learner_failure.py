@@ -47,14 +47,14 @@ def test_dead_learner_restarts_group_from_checkpoint(
     try:
         job.setup()
         killed = {}
-        run_step = job.rl_step
+        run_step = job.rollout_and_learn
 
         def rl_step_with_fault(step: int) -> dict:
             if step == 4 and "pid" not in killed:  # one step into cycle 2; the newest checkpoint is rl_step_2
                 killed["pid"] = _kill_process_of(ray, job.groups.learners[1])
             return run_step(step)
 
-        job.rl_step = rl_step_with_fault
+        job.rollout_and_learn = rl_step_with_fault
         summary = job.run()
         assert summary["rl_steps"] == 5 and summary["learner_restarts"] == 1
         assert summary["projections_made"] == 2 and summary["virtual_steps"] == 9

@@ -23,7 +23,8 @@ from linearity.logits_extrapolation import (
     sample_top_p,
     top_p_filter,
 )
-from orchestrator.toy_task import TinyModelSpec, build_tiny_model, build_tokenizer
+from orchestrator.config import TinyModelConfig
+from orchestrator.toy_task import build_tiny_model, build_tokenizer
 
 PROMPTS = ["12+45=", "9+1=", "50+50=", "3+7=", "123+456=", "8+8="]  # different lengths: left padding matters
 
@@ -31,7 +32,7 @@ PROMPTS = ["12+45=", "9+1=", "50+50=", "3+7=", "123+456=", "8+8="]  # different 
 def _random_model(tok, seed: int, std: float = 0.2):
     """A tiny Qwen2 with weights drawn wider than the default init, so greedy outputs differ by prompt and some
     rows emit EOS early (the default 0.02 init gives near-uniform logits and one repeated token)."""
-    model = build_tiny_model(TinyModelSpec(seed=seed), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build_tiny_model(TinyModelConfig(), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

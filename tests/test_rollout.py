@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSpec, bucket_by_layer, layer_key
+from orchestrator.config import RolloutConfig
 from orchestrator.messages import SamplingConfig
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ def rollout(ray_session, toy_model_path):
     actor = (
         ray_session.remote(RolloutActor)
         .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
-        .remote(RolloutSpec(model_path=toy_model_path, kv_cache_mb=16))
+        .remote(RolloutSpec(toy_model_path, RolloutConfig(kv_cache_mb=16), seed=0))
     )
     yield actor
     ray_session.kill(actor)

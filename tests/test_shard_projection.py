@@ -15,7 +15,8 @@ import torch
 
 from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
-from orchestrator.train import shard_batch
+from orchestrator.batches import shard_batch
+from orchestrator.config import AlgoConfig, LearnerConfig
 from tests.test_learner import _behaviour_logp, _random_batch, _start_group, _stop_group
 
 pytestmark = pytest.mark.slow
@@ -36,15 +37,11 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
     ray = ray_session
     lr = 1e-3
     spec = LearnerSpec(
-        model_path=toy_model_path,
-        world_size=2,
-        zero_stage=stage,
-        dtype=dtype,
-        lr=lr,
-        micro_batch_size=8,
+        toy_model_path,
+        LearnerConfig(world_size=2, zero_stage=stage, dtype=dtype, lr=lr, micro_batch_size=8, num_threads=1),
+        AlgoConfig(loss_agg="seq-mean-token-mean"),
         samples_per_rank=8,
-        num_threads=1,
-        loss_agg="seq-mean-token-mean",
+        seed=0,
     )
     batch = _random_batch(toy_model_path)
     batch.old_logp = _behaviour_logp(toy_model_path, batch)
@@ -59,6 +56,7 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
         for _ in range(2):
             ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(batch, 2))])
         moved = _full(ray, actors)
+        ray.get([a.extra_begin_phase.remote() for a in actors])
         stats = ray.get([a.extra_project.remote(BETA) for a in actors])
         projected = _full(ray, actors)
         logp_after = ray.get([a.compute_logp.remote(s) for a, s in zip(actors, shard_batch(batch, 2))])
@@ -99,7 +97,8 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
         assert gap > 2 * lr, "the projection should have moved the weights by (β − 1) × two Adam steps"
         assert still_away > gap / 2, "weights fell back toward the unprojected values"
 
-        # rollback restores the pre-projection weights of that projection
+        # rollback restores the weights of the phase start
+        ray.get([a.extra_begin_phase.remote() for a in actors])
         ray.get([a.extra_project.remote(BETA) for a in actors])
         ray.get([a.extra_rollback.remote() for a in actors])
         restored = _full(ray, actors)
@@ -126,15 +125,11 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
     ray = ray_session
     lr = 1e-3
     spec = LearnerSpec(
-        model_path=toy_model_path,
-        world_size=2,
-        zero_stage=stage,
-        dtype="fp32",
-        lr=lr,
-        micro_batch_size=8,
+        toy_model_path,
+        LearnerConfig(world_size=2, zero_stage=stage, dtype="fp32", lr=lr, micro_batch_size=8, num_threads=1),
+        AlgoConfig(loss_agg="seq-mean-token-mean"),
         samples_per_rank=8,
-        num_threads=1,
-        loss_agg="seq-mean-token-mean",
+        seed=0,
     )
     batches = []
     for seed in range(3):
@@ -159,6 +154,7 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
         assert r2 and all(0.0 <= v <= 1.0 for v in r2)
 
         beta = 2.0
+        ray.get([a.extra_begin_phase.remote() for a in actors])
         ray.get([a.extra_project.remote(beta) for a in actors])
         projected = _full(ray, actors)
         t = np.arange(4.0)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from orchestrator.config import ConfigError, TinyModelConfig, ToyTaskConfig, WarmStartConfig
 from orchestrator.toy_task import (
-    ToyTaskSpec,
     build_tokenizer,
     correct_result,
     make_splits,
@@ -28,10 +28,10 @@ def test_no_carry_procedure_is_subtly_wrong():
 
 @pytest.mark.parametrize("op", ["add", "mul"])
 def test_splits_are_deterministic_and_disjoint(op):
-    spec = ToyTaskSpec(op=op, digits=2, num_train=300, num_eval=50, seed=7)
-    a, b = make_splits(spec), make_splits(spec)
+    spec = ToyTaskConfig(op=op, digits=2, num_train=300, num_eval=50)
+    a, b = make_splits(spec, seed=7), make_splits(spec, seed=7)
     assert a == b
-    assert make_splits(ToyTaskSpec(op=op, digits=2, num_train=300, num_eval=50, seed=8)) != a
+    assert make_splits(spec, seed=8) != a
     eval_prompts = {r["prompt"] for r in a["eval"]}
     assert len(eval_prompts) == 50 and not eval_prompts & {r["prompt"] for r in a["train"]}
     sign = "+" if op == "add" else "*"
@@ -41,7 +41,7 @@ def test_splits_are_deterministic_and_disjoint(op):
 
 
 def test_warm_start_mixture_and_verifier():
-    spec = ToyTaskSpec(careful_fraction=0.3)
+    spec = ToyTaskConfig(careful_fraction=0.3)
     rng = random.Random(0)
     samples = [warm_start_text(rng, spec) for _ in range(4000)]
     careful = [s for s in samples if s[1].startswith("C")]
@@ -67,24 +67,23 @@ def test_tokenizer_roundtrip_and_bos():
 
 
 def test_bad_task_spec_names_the_field():
-    with pytest.raises(ValueError, match=r"^data.toy.op: expected one of \['add', 'mul', 'code'\], got 'div'$"):
-        make_splits(ToyTaskSpec(op="div"))
+    with pytest.raises(ConfigError, match=r"^data.toy.op: expected one of \['add', 'mul', 'code'\], got 'div'$"):
+        make_splits(ToyTaskConfig(op="div"), seed=0)
 
 
 def test_eval_split_larger_than_the_problem_space_is_refused():
-    with pytest.raises(ValueError, match=r"^data.toy.num_eval: expected fewer than the 81 distinct 1-digit problems"):
-        make_splits(ToyTaskSpec(digits=1, num_eval=100))
+    with pytest.raises(ConfigError, match=r"^data.toy.num_eval: expected fewer than the 81 distinct 1-digit problems"):
+        make_splits(ToyTaskConfig(digits=1, num_eval=100), seed=0)
 
 
 def test_warm_start_is_cached_and_reused(toy_model_path, cache_dir):
-    from orchestrator.toy_task import TinyModelSpec, WarmStartSpec
-
     calls = []
     again = prepare_toy_model(
         cache_dir,
-        ToyTaskSpec(op="add", digits=1, num_train=2000, num_eval=40),
-        TinyModelSpec(tie_word_embeddings=True),
-        WarmStartSpec(steps=120, batch_size=64, lr=3e-3),
+        ToyTaskConfig(op="add", digits=1, num_train=2000, num_eval=40),
+        TinyModelConfig(tie_word_embeddings=True),
+        WarmStartConfig(steps=120, batch_size=64, lr=3e-3),
+        seed=0,
         log=calls.append,
     )
     assert str(again) == toy_model_path and calls == []  # nothing rebuilt
@@ -95,10 +94,10 @@ def test_warm_start_is_cached_and_reused(toy_model_path, cache_dir):
 def test_dataset_files_load_through_datasets(tmp_path):
     import datasets
 
-    paths = write_toy_dataset(tmp_path, ToyTaskSpec(num_train=100, num_eval=20))
+    paths = write_toy_dataset(tmp_path, ToyTaskConfig(num_train=100, num_eval=20), seed=0)
     ds = datasets.load_dataset("json", data_files=str(paths["eval"]), split="train")
     assert len(ds) == 20 and set(ds.column_names) == {"prompt", "answer"}
-    assert write_toy_dataset(tmp_path, ToyTaskSpec(num_train=100, num_eval=20)) == paths  # idempotent
+    assert write_toy_dataset(tmp_path, ToyTaskConfig(num_train=100, num_eval=20), seed=0) == paths  # idempotent
 
 
 def test_code_variant_mixture_scores_through_the_sandbox():
@@ -106,9 +105,9 @@ def test_code_variant_mixture_scores_through_the_sandbox():
     from orchestrator.toy_task import code_warm_start_example
     from verifiers.code import score_code
 
-    spec = ToyTaskSpec(op="code", careful_fraction=0.5, num_train=20, num_eval=5)
-    splits = make_splits(spec)
-    assert len(splits["train"]) == 20 and len(splits["eval"]) == 5 and splits == make_splits(spec)
+    spec = ToyTaskConfig(op="code", careful_fraction=0.5, num_train=20, num_eval=5)
+    splits = make_splits(spec, seed=0)
+    assert len(splits["train"]) == 20 and len(splits["eval"]) == 5 and splits == make_splits(spec, seed=0)
     rng = random.Random(3)
     outcomes = set()
     for _ in range(8):

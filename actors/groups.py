@@ -1,0 +1,212 @@
+"""A job's live actor groups: the rollout engines and the learner ranks, and what is done to each group as a whole.
+
+`ActorGroups` splits a generation across the rollout engines and merges the results in prompt order, runs a train
+step or any method on every learner rank, and syncs the learners' weights to the engines under a version number
+(every result carries the version it was generated with; a mismatch is an error, never silently stale weights).
+
+Restarts belong to the driver alone. The driver's groups carry factories (`orchestrator.cluster.start_actor_groups`
+builds them): a rollout engine found dead is restarted in its placement-group bundle, given the learners' weights at
+the current version, and its call retried (at most `max_rollout_restarts` per job); `restart_learners` replaces the
+whole learner group. Groups made from bare handles (`ActorGroups.of`, what the extrapolator actor uses) have no
+factories: a dead actor fails the call, and the driver, which sees that failure, restarts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from orchestrator.console import console
+from orchestrator.messages import RolloutResult, SamplingConfig, TrainBatch
+
+
+@dataclass
+class ActorGroups:
+    """The live actors of one job and the weight version the rollout engines hold."""
+
+    rollouts: list  # rollout actor handles
+    learners: list  # learner rank handles, rank order
+    placement_groups: list = field(default_factory=list)
+    weight_version: int = 0
+    bucket_mb: float = 64.0  # weight sync bucket size
+    rollout_specs: list = field(default_factory=list)  # what each rollout actor was started from
+    rollout_factory: Callable | None = None  # (spec, i) -> a new rollout actor i in its bundle; None: no restarts
+    max_rollout_restarts: int = 0
+    rollout_restarts: int = 0
+    learner_factory: Callable | None = None  # (rank, master_addr, port) -> a new learner rank in its bundle
+    learner_rendezvous: Callable | None = None  # () -> (rank 0's node address, a free port there)
+    log: Callable[[str], None] = console
+
+    @classmethod
+    def of(cls, rollouts: list, learners: list, weight_version: int, bucket_mb: float) -> ActorGroups:
+        """Groups over existing handles, without factories: a dead actor fails the call (the owner restarts it)."""
+        return cls(list(rollouts), list(learners), weight_version=weight_version, bucket_mb=bucket_mb)
+
+    # ----------------------------------------------------------------------------------------- rollout
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> RolloutResult:
+        """Split prompts evenly across the rollout actors; results come back in prompt order."""
+        k = len(self.rollouts)
+        chunks = [prompt_ids[i::k] for i in range(k)]
+        index = [list(range(i, len(prompt_ids), k)) for i in range(k)]
+        used = [i for i in range(k) if chunks[i]]
+        by_actor = self._call_rollouts(lambda r, i: r.generate.remote(chunks[i], sampling), used, resync=True)
+        merged = RolloutResult([], [], [], [], [], [], self.weight_version, 0.0)
+        rows = []
+        for i in used:
+            part, idx = by_actor[i], index[i]
+            if part.weight_version != self.weight_version:
+                raise RuntimeError(
+                    f"rollout actor returned weight version {part.weight_version}, expected {self.weight_version}"
+                )
+            for j in range(len(part.response_ids)):
+                rows.append((idx[part.prompt_index[j]], j, part, j))
+            merged.gen_time_s = max(merged.gen_time_s, part.gen_time_s)
+        rows.sort(key=lambda r: (r[0], r[1]))
+        for prompt_i, _, part, j in rows:
+            merged.prompt_index.append(prompt_i)
+            merged.prompt_ids.append(part.prompt_ids[j])
+            merged.response_ids.append(part.response_ids[j])
+            merged.response_text.append(part.response_text[j])
+            merged.logprobs.append(part.logprobs[j])
+            merged.finished.append(part.finished[j])
+        return merged
+
+    def _call_rollouts(self, submit: Callable, indices: Iterable[int], resync: bool) -> dict:
+        """Run `submit(actor, i)` on the given rollout actors; an actor found dead is restarted (and, with
+        `resync`, given the current weights) and its call retried. Returns {i: result}."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = {i: submit(self.rollouts[i], i) for i in indices}
+        out = {}
+        for i, ref in refs.items():
+            while i not in out:
+                try:
+                    out[i] = ray.get(ref)
+                except RayActorError as exc:
+                    self.restart_rollout(i, exc, resync)
+                    ref = submit(self.rollouts[i], i)
+        return out
+
+    def _push_current_weights(self, actor) -> None:
+        import ray
+
+        # every rank takes part: ZeRO-3 gathers are collectives
+        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
+        ray.get(actor.update_weights.remote(refs[0], self.weight_version))
+        ray.get(refs[1:])
+
+    def restart_rollout(self, i: int, exc: Exception, resync: bool = True) -> None:
+        """Replace dead rollout actor `i` in its bundle; with `resync`, load the learners' weights at the
+        current version into it."""
+        import ray
+
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if self.rollout_factory is None:
+            raise RuntimeError(f"cluster: rollout actor {i} died ({reason}); its owner restarts it") from exc
+        if self.rollout_restarts >= self.max_rollout_restarts:
+            raise RuntimeError(
+                f"cluster: rollout actor {i} died and no restart is left "
+                f"(cluster.max_rollout_restarts={self.max_rollout_restarts}, used {self.rollout_restarts}): {reason}"
+            ) from exc
+        self.rollout_restarts += 1
+        self.log(
+            f"cluster: rollout actor {i} died ({type(exc).__name__}); restarting it in its placement bundle "
+            f"(restart {self.rollout_restarts}/{self.max_rollout_restarts})"
+        )
+        start = time.perf_counter()
+        try:
+            ray.kill(self.rollouts[i], no_restart=True)
+        except Exception:
+            pass
+        actor = self.rollout_factory(self.rollout_specs[i], i)
+        ray.get(actor.ping.remote())
+        if resync and self.weight_version > 0:
+            self._push_current_weights(actor)
+        self.rollouts[i] = actor
+        what = f"back at weight version {self.weight_version}" if resync else "back; it gets this sync's weights"
+        self.log(f"cluster: rollout actor {i} is {what} ({time.perf_counter() - start:.1f} s)")
+
+    def dead_rollouts(self) -> list[int]:
+        """Indices of rollout actors that no longer answer."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        dead = []
+        for i, actor in enumerate(self.rollouts):
+            try:
+                ray.get(actor.ping.remote(), timeout=60)
+            except (RayActorError, GetTimeoutError):
+                dead.append(i)
+        return dead
+
+    # ----------------------------------------------------------------------------------------- learner
+
+    def train_step(self, shards: list[TrainBatch]) -> list:
+        import ray
+
+        return ray.get([learner.train_step.remote(s) for learner, s in zip(self.learners, shards)])
+
+    def sync_weights(self, bucket_mb: float | None = None) -> dict:
+        """Learners → rollout engines. Rank 0's buckets go straight from the object store to every engine;
+        the driver never holds the weights. Every rank takes part (ZeRO-3 gathers are collectives). An engine
+        found dead is restarted and loaded with these same buckets."""
+        import ray
+
+        if bucket_mb is not None:
+            self.bucket_mb = float(bucket_mb)
+        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
+        version = self.weight_version + 1
+        results = self._call_rollouts(
+            lambda r, i: r.update_weights.remote(refs[0], version), range(len(self.rollouts)), resync=False
+        )
+        ray.get(refs[1:])
+        self.weight_version = version
+        loads = list(results.values())
+        return {"version": version, "tensors": loads[0]["tensors"], "load_s": max(r["time_s"] for r in loads)}
+
+    def restart_learners(self) -> None:
+        """Replace every learner rank (a collective group cannot lose one member): kill them all, start new
+        ones in the same bundles with a fresh rendezvous, and set them up (initial weights; the caller loads a
+        checkpoint)."""
+        import ray
+
+        if self.learner_factory is None or self.learner_rendezvous is None:
+            raise RuntimeError("cluster: these actor groups cannot restart their learners (no factory)")
+        start = time.perf_counter()
+        for actor in self.learners:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        addr, port = self.learner_rendezvous()
+        self.learners = [self.learner_factory(rank, addr, port) for rank in range(len(self.learners))]
+        ray.get([learner.setup.remote() for learner in self.learners])
+        self.log(f"cluster: learner group restarted ({len(self.learners)} ranks, {time.perf_counter() - start:.1f} s)")
+
+    def call_learners(self, method: str, *args, **kwargs) -> list:
+        """`method(*args, **kwargs)` on every rank at once (collectives need all ranks); results in rank order."""
+        import ray
+
+        return ray.get([getattr(learner, method).remote(*args, **kwargs) for learner in self.learners])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([learner.shutdown.remote() for learner in self.learners], timeout=60)
+        except Exception:
+            pass
+        for actor in self.rollouts + self.learners:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        for pg in self.placement_groups:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass

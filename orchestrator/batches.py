@@ -1,0 +1,67 @@
+"""One RL step's data: a rollout result padded into the learners' batch layout, its shards, and its metrics."""
+
+from __future__ import annotations
+
+from orchestrator.messages import RolloutResult, TrainBatch, TrainMetrics
+
+
+def build_train_batch(
+    result: RolloutResult, advantages_per_sample, pad_id: int, temperature: float, device="cpu"
+) -> TrainBatch:
+    """Pad a RolloutResult into verl's layout: prompts left-padded, responses right-padded.
+
+    advantages_per_sample: float[B] or float[B, R] (broadcast over each response's tokens).
+    """
+    import torch
+
+    B = len(result.response_ids)
+    P = max(len(p) for p in result.prompt_ids)
+    R = max(1, max(len(r) for r in result.response_ids))
+    prompts = torch.full((B, P), pad_id, dtype=torch.long)
+    responses = torch.full((B, R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    rmask = torch.zeros((B, R), dtype=torch.float32)
+    old_logp = torch.zeros((B, R), dtype=torch.float32)
+    for i, (p, r, lp) in enumerate(zip(result.prompt_ids, result.response_ids, result.logprobs)):
+        prompts[i, P - len(p) :] = torch.tensor(p)
+        attn[i, P - len(p) : P] = 1
+        if r:
+            responses[i, : len(r)] = torch.tensor(r)
+            attn[i, P : P + len(r)] = 1
+            rmask[i, : len(r)] = 1
+            old_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    adv = torch.as_tensor(advantages_per_sample, dtype=torch.float32)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(B, R).clone()
+    adv = adv[:, :R] * rmask
+    return TrainBatch(prompts, responses, attn, rmask, old_logp, adv, temperature)
+
+
+def shard_batch(batch: TrainBatch, world_size: int) -> list[TrainBatch]:
+    """Equal contiguous shards, one per learner rank (rank order)."""
+    n = len(batch) // world_size
+    return [batch.slice(r * n, (r + 1) * n) for r in range(world_size)]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def step_metrics(
+    result: RolloutResult, rewards: list[float], per_rank: list[TrainMetrics], n_tokens: int, with_kl_ref: bool
+) -> dict:
+    """What one RL step reports under train/*: reward and accuracy of its samples, and the learners' loss terms."""
+    return {
+        "train/reward_mean": sum(rewards) / len(rewards),
+        "train/accuracy": sum(1 for r in rewards if r >= 1.0) / len(rewards),
+        "train/response_length": n_tokens / len(rewards),
+        "train/truncated_frac": 1.0 - sum(result.finished) / len(result.finished),
+        "train/loss": mean(x.loss for x in per_rank),
+        "train/clip_frac": mean(x.clip_frac for x in per_rank),
+        "train/kl_behaviour": mean(x.ppo_kl for x in per_rank),
+        "train/entropy": mean(x.entropy for x in per_rank),
+        "train/kl_ref": mean(x.extra["kl_ref"] for x in per_rank) if with_kl_ref else None,
+        "train/grad_norm": per_rank[0].grad_norm,
+        "train/lr": per_rank[0].lr,
+    }
