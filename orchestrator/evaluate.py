@@ -47,7 +47,8 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from orchestrator.config import ConfigError, _choice, _float, _get, _int
-from orchestrator.train import pass_at_k, run_to_completion
+from orchestrator.metrics import sample_metrics
+from orchestrator.train import run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ARGV_FLAGS = {"--logits-extrapolation": "eval.logits_extrapolation.enabled=true"}
@@ -104,27 +105,6 @@ class EvalResult:
     gen_time_s: float
     tokens_per_s: float
     extra: dict = field(default_factory=dict)
-
-
-def pass_levels(k: int) -> list[int]:
-    """The j of the Pass@j curve: powers of two below k, then k."""
-    levels, j = [], 1
-    while j < k:
-        levels.append(j)
-        j *= 2
-    return levels + [k]
-
-
-def sample_metrics(scores: list[float], k: int) -> dict:
-    """Avg@k and Pass@j (j in pass_levels(k)) from prompt-major scores of k samples per prompt.
-
-    Avg@k is the mean score (fractional scores count as such); for Pass@j a sample is correct when its score
-    is 1, and each prompt's unbiased estimate 1 − C(k − c, j) / C(k, j) is averaged over prompts."""
-    if not scores or len(scores) % k:
-        raise ValueError(f"scores: expected a non-empty multiple of k={k} values, got {len(scores)}")
-    correct = [sum(1 for s in scores[i : i + k] if s >= 1.0) for i in range(0, len(scores), k)]
-    curve = {str(j): sum(pass_at_k(k, c, j) for c in correct) / len(correct) for j in pass_levels(k)}
-    return {"avg_at_k": sum(scores) / len(scores), "pass_at_k": curve[str(k)], "pass_at": curve}
 
 
 # ----------------------------------------------------------------------------------------------- argv

@@ -29,13 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestrator.config import ConfigError
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased Pass@k from n samples with c correct (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+from orchestrator.metrics import sample_metrics
 
 
 def build_train_batch(result, advantages_per_sample, pad_id: int, temperature: float, device="cpu"):
@@ -152,12 +146,11 @@ class Job:
         sampled = self.groups.generate(self.eval_prompt_ids, self.sampling(k, seed=self.cfg.seed + 12345))
         refs = [self.eval_answers[i] for i in sampled.prompt_index]
         s_scores = self.scorer.score_batch(self.cfg.data.verifier, sampled.response_text, refs)
-        per_prompt = [s_scores[i * k : (i + 1) * k] for i in range(len(self.eval_answers))]
-        correct = [sum(1 for s in row if s >= 1.0) for row in per_prompt]
+        sampled_metrics = sample_metrics(s_scores, k)
         return {
             "eval/greedy_accuracy": sum(g_scores) / len(g_scores),
-            "eval/avg_at_k": sum(s_scores) / len(s_scores),
-            "eval/pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / len(correct),
+            "eval/avg_at_k": sampled_metrics["avg_at_k"],
+            "eval/pass_at_k": sampled_metrics["pass_at_k"],
             "eval/response_length": sum(len(r) for r in sampled.response_ids) / len(sampled.response_ids),
         }
 

@@ -17,13 +17,11 @@ from hydra import compose, initialize_config_dir
 from orchestrator.config import ConfigError
 from orchestrator.evaluate import (
     checkpoint_step,
-    pass_levels,
     resolve_datasets,
     rewrite_argv,
-    sample_metrics,
     validate_eval,
 )
-from orchestrator.train import pass_at_k
+from orchestrator.metrics import pass_at_k, pass_levels, sample_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
