@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from actors.learner import LearnerActor, LearnerSpec
 from actors.rollout import RolloutActor, RolloutSpec
+from orchestrator.console import console
 from orchestrator.messages import RolloutResult, SamplingConfig, TrainBatch
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -44,10 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def _console(msg: str) -> None:
-    print(f"[rlextra] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -259,7 +256,7 @@ class ActorGroups:
     max_rollout_restarts: int = 0
     bucket_mb: float = 64.0
     rollout_restarts: int = 0
-    log: Callable[[str], None] = _console
+    log: Callable[[str], None] = console
     learner_factory: Callable | None = None  # (rank, master_addr, port) -> a new learner actor in rank's bundle
     learner_rendezvous: Callable | None = None  # () -> (rank 0's node address, a free port there)
 
@@ -438,7 +435,7 @@ class ActorGroups:
 
 
 def start_actor_groups(
-    cfg: DictConfig, learner: LearnerSpec, rollout_specs: list[RolloutSpec], log: Callable[[str], None] = _console
+    cfg: DictConfig, learner: LearnerSpec, rollout_specs: list[RolloutSpec], log: Callable[[str], None] = console
 ) -> ActorGroups:
     """Reserve the placement groups of `plan_placement` and start the rollout actors and learner ranks."""
     import ray

@@ -47,6 +47,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from orchestrator.config import ConfigError, _choice, _float, _get, _int
+from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
 from orchestrator.train import run_to_completion
 
@@ -541,7 +542,7 @@ class Evaluation:
         paths = (
             list(cfg.eval.checkpoints)
             if cfg.eval.checkpoints is not None
-            else ([] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=_console)])
+            else ([] if cfg.eval.logits_extrapolation.enabled else [resolve_model(cfg, log=console)])
         )
         paths = [_check_checkpoint(p, "eval.checkpoints") for p in paths]
         self.checkpoints = [CheckpointSpec(p, checkpoint_step(p)) for p in paths]
@@ -736,7 +737,7 @@ class Evaluation:
             json.dump(summary, f, indent=2)
         self.tracker.log_artifact(path)
         print_results(self.results)
-        _console(f"results: {path}; MLflow run {self.tracker.run_id} at {self.tracker.uri}")
+        console(f"results: {path}; MLflow run {self.tracker.run_id} at {self.tracker.uri}")
         return summary
 
     def _summary(self, wall: float) -> dict:
@@ -774,7 +775,7 @@ class Evaluation:
             try:
                 closer()
             except Exception as exc:  # keep closing the rest
-                _console(f"warning: shutdown step failed: {exc}")
+                console(f"warning: shutdown step failed: {exc}")
 
 
 def _advance(bar, r: EvalResult) -> None:
@@ -788,10 +789,6 @@ def _as_list(x) -> list:
 
 def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
-def _console(msg: str) -> None:
-    print(f"[rlextra] {msg}", flush=True)
 
 
 def print_results(results: list[EvalResult]) -> None:

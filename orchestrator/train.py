@@ -29,6 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestrator.config import ConfigError
+from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
 
 
@@ -75,7 +76,7 @@ class Job:
     def __init__(self, cfg: DictConfig, output_dir: str):
         self.cfg = cfg
         self.output_dir = output_dir
-        self.log = _console
+        self.log = console
         self.extra = None
         self.resume = None
         self.learner_restarts = 0
@@ -724,10 +725,6 @@ def _from_jsonable(x):
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-
-def _console(msg: str) -> None:
-    print(f"[rlextra] {msg}", flush=True)
 
 
 def print_summary(summary: dict) -> None:
