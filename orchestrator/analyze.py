@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,22 +57,13 @@ from linearity.analysis import (
     read_safetensors_entries,
     token_groups,
 )
+from orchestrator.checkpoints import CHECKPOINTS_DIR, HF_DIR, step_from_path, step_of_tag
 
 SUMMARY_NAME = "linearity.json"
 PROBES_NAME = "probes.jsonl"
-_STEP_RE = re.compile(r"(?:rl_step|global_step|step|checkpoint)[_-](\d+)")
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-def step_from_path(path: str | Path) -> int | None:
-    """The step in a checkpoint path (``…/rl_step_50/hf``, ``global_step_100``, ``checkpoint-200``), or None."""
-    for part in reversed(Path(path).parts):
-        m = _STEP_RE.fullmatch(part)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def checkpoints_from_paths(paths: Sequence[str], steps: Sequence[float] | None = None) -> list[Checkpoint]:
@@ -97,12 +87,12 @@ def discover_run_checkpoints(run_dir: str | Path, include_base: bool = True) -> 
     run = Path(run_dir)
     if not run.is_dir():
         raise AnalysisError(f"--run-dir {run}: not a directory")
-    root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    root = run / CHECKPOINTS_DIR if (run / CHECKPOINTS_DIR).is_dir() else run
     found = []
     for d in root.iterdir():
-        m = re.fullmatch(r"rl_step_(\d+)", d.name)
-        if m and (d / "hf" / "config.json").is_file():
-            found.append(Checkpoint(float(m.group(1)), d / "hf"))
+        step = step_of_tag(d.name)
+        if step is not None and (d / HF_DIR / "config.json").is_file():
+            found.append(Checkpoint(float(step), d / HF_DIR))
     if not found:
         raise AnalysisError(
             f"--run-dir {run}: no checkpoints/rl_step_N/hf folders (train with trainer.checkpoint_every=N "

@@ -46,6 +46,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from orchestrator.checkpoints import checkpoint_step
 from orchestrator.config import ConfigError, _choice, _float, _get, _int
 from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
@@ -332,22 +333,6 @@ def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[st
     n = len(split) if cfg.eval.max_prompts is None else min(len(split), int(cfg.eval.max_prompts))
     split = split.select(range(n))
     return list(split["prompt"]), list(split["answer"])
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The RL step of a checkpoint: `rl_step` in a sibling/parent rlextra_state.json, else an `rl_step_<N>` folder."""
-    p = Path(path)
-    for state in (p / "rlextra_state.json", p.parent / "rlextra_state.json"):
-        if state.is_file():
-            try:
-                return int(json.loads(state.read_text())["rl_step"])
-            except (ValueError, KeyError, TypeError):
-                pass
-    for part in reversed(p.parts):
-        m = re.fullmatch(r"rl_step_(\d+)", part)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def engine_signature(path: str) -> str | None:

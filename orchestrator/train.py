@@ -28,6 +28,13 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from orchestrator.checkpoints import (
+    checkpoint_root,
+    checkpoint_tag,
+    complete_checkpoints,
+    newest_checkpoint,
+    write_state,
+)
 from orchestrator.config import ConfigError
 from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
@@ -221,8 +228,8 @@ class Job:
         a checkpoint without it is incomplete and never resumed from."""
         import random
 
-        ckpt_root = os.path.join(self.output_dir, "checkpoints")
-        tag = f"rl_step_{step}"
+        ckpt_root = checkpoint_root(self.output_dir)
+        tag = checkpoint_tag(step)
         state = {
             "rl_step": step,
             "data_position": self.cursor.position,
@@ -234,10 +241,7 @@ class Job:
             "python_rng": _jsonable(random.getstate()),
         }
         hf_dir = self.groups.call_learners("save_checkpoint", ckpt_root, tag, {"rl_step": step})[0]
-        tmp = os.path.join(ckpt_root, tag, "rlextra_state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, os.path.join(ckpt_root, tag, "rlextra_state.json"))
+        write_state(os.path.join(ckpt_root, tag), state)
         keep = self.cfg.trainer.keep_checkpoints
         if keep:
             for old in complete_checkpoints(ckpt_root)[:-keep]:
@@ -246,22 +250,13 @@ class Job:
 
     def resume_state(self) -> tuple[str, dict] | None:
         """The newest complete checkpoint when trainer.resume=auto, else None."""
-        return self.newest_checkpoint() if self.cfg.trainer.resume == "auto" else None
-
-    def newest_checkpoint(self) -> tuple[str, dict] | None:
-        """(tag, rlextra_state.json) of the newest complete checkpoint under output_dir/checkpoints, or None."""
-        root = os.path.join(self.output_dir, "checkpoints")
-        tags = complete_checkpoints(root) if os.path.isdir(root) else []
-        if not tags:
-            return None
-        with open(os.path.join(root, tags[-1], "rlextra_state.json")) as f:
-            return tags[-1], json.load(f)
+        return newest_checkpoint(checkpoint_root(self.output_dir)) if self.cfg.trainer.resume == "auto" else None
 
     def restore(self, tag: str, state: dict) -> int:
         """Load a checkpoint into the live job; returns the next RL step."""
         import random
 
-        root = os.path.join(self.output_dir, "checkpoints")
+        root = checkpoint_root(self.output_dir)
         self.groups.call_learners("load_checkpoint", root, tag)
         self.cursor.position = int(state["data_position"])
         self.groups.weight_version = int(state["weight_version"])
@@ -354,7 +349,7 @@ class Job:
         if self.extra:
             self.extra.setup_learners()
         self.tracker.prepare_replay(failed_step - 1)
-        found = self.newest_checkpoint()
+        found = newest_checkpoint(checkpoint_root(self.output_dir))
         if found:
             return self.restore(*found)
         self.log("no checkpoint yet: starting again from the initial weights")
@@ -702,16 +697,6 @@ class RLExtraSchedule:
             ray.get(self.actor.close.remote(), timeout=30)
         finally:
             ray.kill(self.actor)
-
-
-def complete_checkpoints(root: str) -> list[str]:
-    """Checkpoint tags under `root` that finished writing (have rlextra_state.json), oldest first."""
-    tags = [
-        d
-        for d in os.listdir(root)
-        if d.startswith("rl_step_") and os.path.exists(os.path.join(root, d, "rlextra_state.json"))
-    ]
-    return sorted(tags, key=lambda d: int(d.split("_")[-1]))
 
 
 def _jsonable(x):

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from orchestrator.checkpoints import checkpoint_step
 from orchestrator.config import ConfigError
-from orchestrator.evaluate import (
-    checkpoint_step,
-    resolve_datasets,
-    rewrite_argv,
-    validate_eval,
-)
+from orchestrator.evaluate import resolve_datasets, rewrite_argv, validate_eval
 from orchestrator.metrics import pass_at_k, pass_levels, sample_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
