@@ -46,7 +46,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from orchestrator.checkpoints import checkpoint_step
+from orchestrator.checkpoints import SafetensorsError, checkpoint_step, read_safetensors_checkpoint
 from orchestrator.config import ConfigError, _choice, _float, _get, _int
 from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
@@ -339,21 +339,20 @@ def engine_signature(path: str) -> str | None:
     """A hash of what a vLLM engine fixes at start (model config, tokenizer files); None when the weights can't
     be streamed into a running engine (hub id, no safetensors)."""
     p = Path(path)
-    if not (p / "config.json").is_file() or not _safetensors_files(p):
+    if not (p / "config.json").is_file():
         return None
+    try:
+        read_safetensors_checkpoint(p)
+    except SafetensorsError as exc:
+        if exc.problem == "no_weights":
+            return None
+        raise
     config = {k: v for k, v in json.loads((p / "config.json").read_text()).items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in _TOKENIZER_FILES:
         if (p / name).is_file():
             h.update(name.encode() + (p / name).read_bytes())
     return h.hexdigest()
-
-
-def _safetensors_files(p: Path) -> list[Path]:
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        return [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
 
 
 def checkpoint_buckets(path: str, bucket_mb: float):
@@ -363,22 +362,14 @@ def checkpoint_buckets(path: str, bucket_mb: float):
 
     from actors.rollout import layer_key
 
-    where: dict[str, tuple[Path, int]] = {}  # name -> (file, bytes)
-    for f in _safetensors_files(Path(path)):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                sl = h.get_slice(name)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                where[name] = (f, numel * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+    tensors = read_safetensors_checkpoint(path).tensors
     layers: dict[str, list[str]] = {}
-    for name in sorted(where):
+    for name in sorted(tensors):
         layers.setdefault(layer_key(name), []).append(name)
     limit, plan, current, size = bucket_mb * 2**20, [], [], 0
     for names in layers.values():
         current += names
-        size += sum(where[n][1] for n in names)
+        size += sum(tensors[n].nbytes for n in names)
         if size >= limit:
             plan.append(current)
             current, size = [], 0
@@ -387,12 +378,9 @@ def checkpoint_buckets(path: str, bucket_mb: float):
     for names in plan:
         bucket = []
         for name in names:
-            with safe_open(str(where[name][0]), framework="pt") as h:
+            with safe_open(str(tensors[name].file), framework="pt") as h:
                 bucket.append((name, h.get_tensor(name)))
         yield bucket
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 # ---------------------------------------------------------------------------------------------- engines
