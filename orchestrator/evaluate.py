@@ -644,12 +644,8 @@ class Evaluation:
                 _advance(bar, r)
 
     def _evaluate_logits_extrapolation(self, bar) -> None:
-        from linearity.logits_extrapolation import (
-            LogitsExtrapolationSampler,
-            SamplerConfig,
-            alpha_from_steps,
-            load_pair,
-        )
+        from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig, alpha_from_steps
+        from orchestrator.models import load_pair
 
         lx, e = self.cfg.eval.logits_extrapolation, self.cfg.eval
         steps = _plain(lx.steps)
