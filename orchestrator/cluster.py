@@ -41,7 +41,8 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this node now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -183,7 +184,8 @@ def _bundle(num_cpus: float, num_gpus: float, custom: dict[str, float]) -> dict:
 
 
 def plan_placement(cfg: DictConfig, num_rollouts: int, world_size: int) -> PlacementPlan:
-    """Bundles and strategies for `num_rollouts` rollout actors and `world_size` learner ranks (pure)."""
+    """Bundles and strategies for `num_rollouts` rollout actors and `world_size` learner ranks (pure). With no
+    learner ranks (rollout engines alone) there is no learner placement group."""
     c, rc, lc = cfg.cluster, cfg.rollout, cfg.learner
     rollout_b = _bundle(rc.num_cpus, rc.num_gpus, _resources(c.get("rollout_resources"), "cluster.rollout_resources"))
     learner_b = _bundle(lc.num_cpus, lc.num_gpus, _resources(c.get("learner_resources"), "cluster.learner_resources"))
@@ -197,15 +199,16 @@ def plan_placement(cfg: DictConfig, num_rollouts: int, world_size: int) -> Place
             rollout_slots=tuple((0, i) for i in range(num_rollouts)),
             learner_slots=tuple((0, num_rollouts + r) for r in range(world_size)),
         )
-    return PlacementPlan(
-        groups=(
-            GroupPlacement(
-                "rollout", tuple(dict(rollout_b) for _ in range(num_rollouts)), str(r_strategy or c.placement_strategy)
-            ),
-            GroupPlacement(
-                "learner", tuple(dict(learner_b) for _ in range(world_size)), str(l_strategy or c.placement_strategy)
-            ),
+    groups = (
+        GroupPlacement(
+            "rollout", tuple(dict(rollout_b) for _ in range(num_rollouts)), str(r_strategy or c.placement_strategy)
         ),
+        GroupPlacement(
+            "learner", tuple(dict(learner_b) for _ in range(world_size)), str(l_strategy or c.placement_strategy)
+        ),
+    )
+    return PlacementPlan(
+        groups=groups if world_size else groups[:1],  # Ray refuses an empty placement group
         rollout_slots=tuple((0, i) for i in range(num_rollouts)),
         learner_slots=tuple((1, r) for r in range(world_size)),
     )
@@ -233,6 +236,32 @@ def _slot_strategy(pgs: list, slot: tuple[int, int]):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=pgs[slot[0]], placement_group_bundle_index=slot[1])
+
+
+def _placed(actor_cls, pgs: list, slot: tuple[int, int], resources_cfg, env: dict, **options):
+    """`actor_cls` options for an actor in bundle `slot` of the reserved placement groups `pgs`."""
+    return actor_cls.options(
+        num_cpus=resources_cfg.num_cpus,
+        num_gpus=resources_cfg.num_gpus,
+        scheduling_strategy=_slot_strategy(pgs, slot),
+        runtime_env={"env_vars": env},
+        **options,
+    )
+
+
+def _rollout_starter(cfg: DictConfig, pgs: list, plan: PlacementPlan, names: list[str] | None = None) -> Callable:
+    """`start(spec, i)`: rollout actor `i` (named `names[i]` when given) in its bundle of the plan."""
+    import ray
+
+    rc = cfg.rollout
+    env = rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))
+    remote = ray.remote(RolloutActor)
+
+    def start(spec: RolloutSpec, i: int):
+        options = {"name": names[i]} if names else {}
+        return _placed(remote, pgs, plan.rollout_slots[i], rc, env, **options).remote(spec)
+
+    return start
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -444,23 +473,8 @@ def start_actor_groups(
     plan = plan_placement(cfg, len(rollout_specs), learner.world_size)
     pgs = reserve(plan, float(c.get("placement_timeout_s", 300)))
 
-    def placed(actor_cls, slot, resources_cfg, env, **options):
-        return actor_cls.options(
-            num_cpus=resources_cfg.num_cpus,
-            num_gpus=resources_cfg.num_gpus,
-            scheduling_strategy=_slot_strategy(pgs, slot),
-            runtime_env={"env_vars": env},
-            **options,
-        )
-
-    rollout_env = rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))
-    RolloutRemote = ray.remote(RolloutActor)
-
     names = [f"rlextra-rollout-{uuid.uuid4().hex[:12]}-{i}" for i in range(len(rollout_specs))]
-
-    def start_rollout(spec: RolloutSpec, i: int):
-        return placed(RolloutRemote, plan.rollout_slots[i], rc, rollout_env, name=names[i]).remote(spec)
-
+    start_rollout = _rollout_starter(cfg, pgs, plan, names)
     rollouts = [start_rollout(spec, i) for i, spec in enumerate(rollout_specs)]
 
     learner_env = learner_actor_env(lc.num_threads, bool(lc.num_gpus))
@@ -469,13 +483,15 @@ def start_actor_groups(
     def rendezvous():
         """Rank 0's node address and a free port there (asked of a task placed in rank 0's bundle)."""
         return ray.get(
-            ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), _free_port()))
+            ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), free_port()))
             .options(scheduling_strategy=_slot_strategy(pgs, plan.learner_slots[0]))
             .remote()
         )
 
     def start_learner(rank: int, master_addr: str, port: int):
-        return placed(LearnerRemote, plan.learner_slots[rank], lc, learner_env).remote(learner, rank, master_addr, port)
+        return _placed(LearnerRemote, pgs, plan.learner_slots[rank], lc, learner_env).remote(
+            learner, rank, master_addr, port
+        )
 
     master_addr, port = rendezvous()
     learners = [start_learner(rank, master_addr, port) for rank in range(learner.world_size)]
@@ -494,6 +510,26 @@ def start_actor_groups(
     )
     try:
         ray.get([learner.setup.remote() for learner in learners] + [r.ping.remote() for r in rollouts])
+    except Exception:
+        groups.shutdown()
+        raise
+    return groups
+
+
+def start_rollout_group(cfg: DictConfig, rollout_specs: list[RolloutSpec]) -> ActorGroups:
+    """Rollout actors without learners (e.g. evaluation engines), reserved and placed as the job places its own:
+    `plan_placement` with no learner ranks, `reserve`, one bundle each. No restarts: without learners there are
+    no weights to load into a replacement."""
+    import ray
+
+    plan = plan_placement(cfg, len(rollout_specs), 0)
+    pgs = reserve(plan, float(cfg.cluster.get("placement_timeout_s", 300)))
+    start_rollout = _rollout_starter(cfg, pgs, plan)
+    groups = ActorGroups(
+        rollouts=[start_rollout(spec, i) for i, spec in enumerate(rollout_specs)], learners=[], placement_groups=pgs
+    )
+    try:
+        ray.get([r.ping.remote() for r in groups.rollouts])
     except Exception:
         groups.shutdown()
         raise

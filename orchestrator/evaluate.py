@@ -410,52 +410,13 @@ class RolloutEngines:
         return {"how": how, "load_s": time.perf_counter() - start}
 
     def _start(self, path: str):
-        """Reserve one bundle per rollout actor (cluster.placement_strategy) and start the actors on `path`."""
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from actors.rollout import RolloutActor
-        from orchestrator.cluster import ActorGroups, rollout_actor_env
+        """Start the rollout actors on `path`, one placement bundle each, placed as the training job places its own."""
+        from orchestrator.cluster import start_rollout_group
         from orchestrator.config import rollout_spec
 
-        rc, c = self.cfg.rollout, self.cfg.cluster
-        res = {
-            "CPU": float(rc.num_cpus),
-            **({"GPU": float(rc.num_gpus)} if rc.num_gpus else {}),
-            **{k: float(v) for k, v in (c.get("rollout_resources") or {}).items()},
-        }
-        res = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}  # Ray refuses empty bundles
-        strategy = str(c.get("rollout_strategy") or c.placement_strategy)
-        pg = placement_group([dict(res) for _ in range(rc.num_actors)], strategy=strategy)
-        ready, _ = ray.wait([pg.ready()], timeout=float(c.get("placement_timeout_s", 300)))
-        if not ready:
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"cluster: could not reserve {rc.num_actors} rollout bundles {res} ({strategy}); "
-                f"available: {ray.available_resources()}"
-            )
-        env = {"env_vars": rollout_actor_env(rc.omp_threads, bool(rc.num_gpus))}
-        actors = [
-            ray.remote(RolloutActor)
-            .options(
-                num_cpus=rc.num_cpus,
-                num_gpus=rc.num_gpus,
-                runtime_env=env,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=i
-                ),
-            )
-            .remote(rollout_spec(self.cfg, path, i))
-            for i in range(rc.num_actors)
-        ]
-        groups = ActorGroups(rollouts=actors, learners=[], placement_groups=[pg])
-        try:
-            ray.get([a.ping.remote() for a in actors])
-        except Exception:
-            groups.shutdown()
-            raise
-        return groups
+        return start_rollout_group(
+            self.cfg, [rollout_spec(self.cfg, path, i) for i in range(self.cfg.rollout.num_actors)]
+        )
 
     def _reload(self, path: str) -> None:
         import ray

@@ -155,6 +155,17 @@ def test_per_group_plan_with_custom_resources():
     assert plan.rollout_slots == ((0, 0),) and plan.learner_slots == ((1, 0), (1, 1), (1, 2))
 
 
+def test_rollout_only_plan_reserves_no_learner_group():
+    """Evaluation engines (`start_rollout_group`) go through the job's plan with no learner ranks."""
+    from orchestrator.cluster import plan_placement
+
+    shared = plan_placement(compose_cfg([]), num_rollouts=2, world_size=0)
+    assert [(g.name, g.strategy, list(g.bundles)) for g in shared.groups] == [("job", "PACK", [{"CPU": 1.0}] * 2)]
+    per_group = plan_placement(compose_cfg(["cluster.rollout_strategy=SPREAD"]), num_rollouts=2, world_size=0)
+    assert [(g.name, g.strategy) for g in per_group.groups] == [("rollout", "SPREAD")]
+    assert shared.rollout_slots == per_group.rollout_slots == ((0, 0), (0, 1)) and not per_group.learner_slots
+
+
 # ------------------------------------------------------------------------------------- multi-node Ray
 
 
