@@ -54,7 +54,8 @@ def resolve_model(cfg: DictConfig, log=print) -> str:
     return str(prepare_toy_model(m.cache_dir, toy_task_spec(cfg), spec, ws, log=log))
 
 
-def _load_files(files, what: str):
+def load_files(files, what: str):
+    """Local data files (jsonl/json, parquet or csv) as one `datasets.Dataset`; errors name `data.<what>`."""
     import datasets
 
     paths = [files] if isinstance(files, str) else list(files)
@@ -79,16 +80,17 @@ def load_splits(cfg: DictConfig):
     d = cfg.data
     if d.source == "toy":
         paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", toy_task_spec(cfg))
-        train, evals = _load_files(str(paths["train"]), "train_files"), _load_files(str(paths["eval"]), "eval_files")
+        train, evals = load_files(str(paths["train"]), "train_files"), load_files(str(paths["eval"]), "eval_files")
     elif d.source == "files":
-        train, evals = _load_files(d.train_files, "train_files"), _load_files(d.eval_files, "eval_files")
+        train, evals = load_files(d.train_files, "train_files"), load_files(d.eval_files, "eval_files")
     else:
         train = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.train_split)
         evals = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
-    return _map_fields(train, d, "train"), _map_fields(evals, d, "eval")
+    return map_fields(train, d, "train"), map_fields(evals, d, "eval")
 
 
-def _map_fields(ds, d: DictConfig, split: str):
+def map_fields(ds, d: DictConfig, split: str):
+    """`prompt` (the template filled with the prompt field) and `answer` columns from the configured fields."""
     for key in ("prompt_field", "answer_field"):
         if d[key] not in ds.column_names:
             raise ConfigError(

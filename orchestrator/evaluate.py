@@ -312,7 +312,7 @@ def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[st
     """The dataset's held-out split as (prompt texts, reference answers), the first `eval.max_prompts`."""
     import datasets
 
-    from orchestrator.data import _load_files, _map_fields, toy_task_spec
+    from orchestrator.data import load_files, map_fields, toy_task_spec
     from orchestrator.toy_task import write_toy_dataset
 
     datasets.disable_progress_bars()
@@ -322,12 +322,12 @@ def load_eval_rows(cfg: DictConfig, ds: DatasetSpec) -> tuple[list[str], list[st
             paths = write_toy_dataset(
                 Path(cfg.model.cache_dir) / "data", toy_task_spec(OmegaConf.create({"seed": cfg.seed, "data": d}))
             )
-            split = _load_files(str(paths["eval"]), "eval_files")
+            split = load_files(str(paths["eval"]), "eval_files")
         elif d.source == "files":
-            split = _load_files(d.eval_files, "eval_files")
+            split = load_files(d.eval_files, "eval_files")
         else:
             split = datasets.load_dataset(d.hub_id, d.get("hub_config"), split=d.eval_split)
-        split = _map_fields(split, d, "eval")
+        split = map_fields(split, d, "eval")
     except ConfigError as exc:
         raise _relabel(exc, ds.field) from None
     n = len(split) if cfg.eval.max_prompts is None else min(len(split), int(cfg.eval.max_prompts))
