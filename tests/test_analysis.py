@@ -328,7 +328,7 @@ def test_probe_prompts_come_from_a_hydra_run_dirs_eval_split(tmp_path):
     from omegaconf import OmegaConf
 
     from orchestrator.analyze import load_probe_file, prompts_from_run
-    from tests.test_job import compose_cfg
+    from tests.helpers import compose_cfg
 
     cfg = compose_cfg([f"model.cache_dir={tmp_path / 'cache'}", "data.toy.num_train=50", "data.toy.num_eval=7"])
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
@@ -438,7 +438,7 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     from orchestrator.data import toy_task_spec
     from orchestrator.toy_task import write_toy_dataset
     from orchestrator.train import run_job
-    from tests.test_job import compose_cfg, small_job_overrides
+    from tests.helpers import compose_cfg, small_job_overrides
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(

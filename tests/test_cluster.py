@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from tests.helpers import compose_cfg, free_ports, tiny_job_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 VENV_BIN = Path(sys.executable).parent
 
 # What a job's working_dir upload leaves out (the README's runtime env lists the same).
@@ -45,38 +45,6 @@ WORKING_DIR_EXCLUDES = [
     "**/__pycache__",
     ".pytest_cache",
 ]
-
-
-def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def tiny_job_overrides(cache_dir, out_dir, steps=2) -> list[str]:
-    """The tests' small job (the same model and data as tests/conftest.py's `toy_model_path`)."""
-    return [
-        f"model.cache_dir={cache_dir}",
-        "model.warm_start.steps=120",
-        "model.warm_start.batch_size=64",
-        "data.toy.num_train=2000",
-        "data.toy.num_eval=40",
-        "data.toy.digits=1",
-        "schedule=rl",
-        f"trainer.total_steps={steps}",
-        "trainer.prompts_per_step=8",
-        "trainer.samples_per_prompt=4",
-        "trainer.eval_every=0",
-        "trainer.eval_prompts=8",
-        "trainer.eval_samples=2",
-        "trainer.progress=false",
-        "trainer.save_final=false",
-        f"trainer.output_dir={out_dir}",
-        "learner.micro_batch_size=16",
-        "rollout.kv_cache_mb=16",
-        "reward.num_workers=1",
-        f"tracking.tracking_uri=sqlite:///{Path(out_dir) / 'mlflow.db'}",
-        "tracking.experiment=test-cluster",
-    ]
 
 
 # ------------------------------------------------------------------------------------------------ unit
@@ -299,19 +267,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _wait_for_job_api(address: str, timeout_s: float = 120) -> None:
     """`ray start` returns before the head's job agent registers: submit a no-op job until one succeeds."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -340,7 +295,7 @@ def ray_head():
     """`ray start --head` on loopback with its own temp dir and ports; yields the dashboard (job API) URL."""
     temp_dir = tempfile.mkdtemp(prefix="rxj", dir="/tmp")  # short: Ray's unix sockets live under it
     # Every port explicit: another Ray on this machine holds the defaults (the agent's 52365 above all).
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = free_ports(7)
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")
     }  # the job gets the upload only

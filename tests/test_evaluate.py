@@ -11,18 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from orchestrator.config import ConfigError
 from orchestrator.evaluate import resolve_datasets, rewrite_argv, validate_eval
+from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-def compose_eval(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="evaluate", overrides=overrides)
 
 
 # ----------------------------------------------------------------------------------------- config, CLI
@@ -37,7 +31,9 @@ def test_literal_flag_maps_to_hydra_override():
 
 
 def test_datasets_from_group_names_and_dicts():
-    cfg = compose_eval(["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1}},{toy:{num_eval:7}},toy_code]"])
+    cfg = compose_cfg(
+        ["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1}},{toy:{num_eval:7}},toy_code]"], "evaluate"
+    )
     specs = resolve_datasets(cfg)
     assert [s.name for s in specs] == ["toy_mul", "add1", "toy_add2", "toy_code"]
     assert specs[0].data.toy.op == "mul" and specs[1].data.toy.digits == 1
@@ -66,7 +62,7 @@ def test_datasets_from_group_names_and_dicts():
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_eval(compose_eval(overrides))
+        validate_eval(compose_cfg(overrides, "evaluate"))
 
 
 def test_alpha_and_steps_are_exclusive(tmp_path):
@@ -77,10 +73,10 @@ def test_alpha_and_steps_are_exclusive(tmp_path):
         f"eval.logits_extrapolation.t1_path={tmp_path}",
     ]
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.alpha: expected exactly one of alpha or steps"):
-        validate_eval(compose_eval(lx))
+        validate_eval(compose_cfg(lx, "evaluate"))
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.steps: expected three numbers"):
-        validate_eval(compose_eval(lx + ["eval.logits_extrapolation.steps=[5,5,10]"]))
-    validate_eval(compose_eval(lx + ["eval.logits_extrapolation.alpha=2.0"]))
+        validate_eval(compose_cfg(lx + ["eval.logits_extrapolation.steps=[5,5,10]"], "evaluate"))
+    validate_eval(compose_cfg(lx + ["eval.logits_extrapolation.alpha=2.0"], "evaluate"))
 
 
 def _run_cli(args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:
