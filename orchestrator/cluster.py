@@ -183,32 +183,34 @@ def _bundle(num_cpus: float, num_gpus: float, custom: dict[str, float]) -> dict:
     return b or {"CPU": 0.01}  # Ray refuses empty bundles
 
 
+def _bundles(cfg: DictConfig, group: str, count: int) -> tuple[dict, ...]:
+    """`count` bundles for the `group` ("rollout" or "learner") actors: their CPUs, GPUs and custom resources."""
+    if not count:  # no actors: the config may even lack the group (an evaluation has no learner section)
+        return ()
+    g = cfg[group]
+    bundle = _bundle(
+        g.num_cpus, g.num_gpus, _resources(cfg.cluster.get(f"{group}_resources"), f"cluster.{group}_resources")
+    )
+    return tuple(dict(bundle) for _ in range(count))
+
+
 def plan_placement(cfg: DictConfig, num_rollouts: int, world_size: int) -> PlacementPlan:
     """Bundles and strategies for `num_rollouts` rollout actors and `world_size` learner ranks (pure). With no
-    learner ranks (rollout engines alone) there is no learner placement group."""
-    c, rc, lc = cfg.cluster, cfg.rollout, cfg.learner
-    rollout_b = _bundle(rc.num_cpus, rc.num_gpus, _resources(c.get("rollout_resources"), "cluster.rollout_resources"))
-    learner_b = _bundle(lc.num_cpus, lc.num_gpus, _resources(c.get("learner_resources"), "cluster.learner_resources"))
+    learner ranks (rollout engines alone, e.g. evaluation) there is no learner placement group."""
+    c = cfg.cluster
+    rollout_bundles, learner_bundles = _bundles(cfg, "rollout", num_rollouts), _bundles(cfg, "learner", world_size)
     r_strategy, l_strategy = c.get("rollout_strategy"), c.get("learner_strategy")
     if r_strategy is None and l_strategy is None:
-        bundles = tuple(dict(rollout_b) for _ in range(num_rollouts)) + tuple(
-            dict(learner_b) for _ in range(world_size)
-        )
         return PlacementPlan(
-            groups=(GroupPlacement("job", bundles, str(c.placement_strategy)),),
+            groups=(GroupPlacement("job", rollout_bundles + learner_bundles, str(c.placement_strategy)),),
             rollout_slots=tuple((0, i) for i in range(num_rollouts)),
             learner_slots=tuple((0, num_rollouts + r) for r in range(world_size)),
         )
-    groups = (
-        GroupPlacement(
-            "rollout", tuple(dict(rollout_b) for _ in range(num_rollouts)), str(r_strategy or c.placement_strategy)
-        ),
-        GroupPlacement(
-            "learner", tuple(dict(learner_b) for _ in range(world_size)), str(l_strategy or c.placement_strategy)
-        ),
-    )
+    groups = (GroupPlacement("rollout", rollout_bundles, str(r_strategy or c.placement_strategy)),)
+    if learner_bundles:  # Ray refuses an empty placement group
+        groups += (GroupPlacement("learner", learner_bundles, str(l_strategy or c.placement_strategy)),)
     return PlacementPlan(
-        groups=groups if world_size else groups[:1],  # Ray refuses an empty placement group
+        groups=groups,
         rollout_slots=tuple((0, i) for i in range(num_rollouts)),
         learner_slots=tuple((1, r) for r in range(world_size)),
     )

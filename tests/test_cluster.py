@@ -124,12 +124,15 @@ def test_per_group_plan_with_custom_resources():
 
 
 def test_rollout_only_plan_reserves_no_learner_group():
-    """Evaluation engines (`start_rollout_group`) go through the job's plan with no learner ranks."""
+    """Evaluation engines (`start_rollout_group`) go through the job's plan with no learner ranks (and the
+    evaluation's config has no learner section)."""
     from orchestrator.cluster import plan_placement
 
-    shared = plan_placement(compose_cfg([]), num_rollouts=2, world_size=0)
+    shared = plan_placement(compose_cfg([], "evaluate"), num_rollouts=2, world_size=0)
     assert [(g.name, g.strategy, list(g.bundles)) for g in shared.groups] == [("job", "PACK", [{"CPU": 1.0}] * 2)]
-    per_group = plan_placement(compose_cfg(["cluster.rollout_strategy=SPREAD"]), num_rollouts=2, world_size=0)
+    per_group = plan_placement(
+        compose_cfg(["cluster.rollout_strategy=SPREAD"], "evaluate"), num_rollouts=2, world_size=0
+    )
     assert [(g.name, g.strategy) for g in per_group.groups] == [("rollout", "SPREAD")]
     assert shared.rollout_slots == per_group.rollout_slots == ((0, 0), (0, 1)) and not per_group.learner_slots
 
