@@ -20,6 +20,7 @@ import gc
 import os
 from dataclasses import dataclass
 
+from orchestrator.checkpoints import HF_DIR
 from orchestrator.config import AlgoConfig, JobConfig, LearnerConfig
 from orchestrator.messages import TrainBatch, TrainMetrics
 
@@ -375,7 +376,7 @@ class LearnerActor:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state or {})
         if self.projector is not None:  # anchors, d_prev, trend sums: per rank, like the shards
             torch.save(self.projector.state_dict(), os.path.join(directory, tag, f"rl_extra_rank{self.rank}.pt"))
-        hf_dir = os.path.join(directory, tag, "hf")
+        hf_dir = os.path.join(directory, tag, HF_DIR)
         state = {}
         for name, tensor in self.named_full_parameters():
             if tensor is not None:

@@ -35,6 +35,8 @@ from pathlib import Path
 import common  # noqa: F401  (sys.path, env)
 from common import RESULTS, ROOT, emit
 
+from orchestrator.models import load_causal_lm
+
 OUT = RESULTS / "fidelity"
 
 
@@ -111,17 +113,10 @@ class Evaluator:
         return {"avg_at_k": mean, "se": math.sqrt(var / len(per_prompt))}
 
 
-def load(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
 def evaluate_real(ev: Evaluator, ckpts: dict[int, Path]) -> dict[int, dict]:
     out = {}
     for step, path in sorted(ckpts.items()):
-        m = load(path)
+        m = load_causal_lm(path)
         out[step] = ev(m, m, 1.0)
         print(f"  real step {step:>4}: Avg@{ev.k} {out[step]['avg_at_k']:.3f}", flush=True)
     return out
@@ -149,7 +144,7 @@ def weight_extrapolation(
                 target_step=target,
                 echo=lambda *_: None,
             )
-            m = load(dst)
+            m = load_causal_lm(dst)
             out[t1][target] = ev(m, m, 1.0)
             shutil.rmtree(dst, ignore_errors=True)
             print(
@@ -161,7 +156,7 @@ def weight_extrapolation(
 
 
 def logits_extrapolation(ev: Evaluator, ckpts: dict[int, Path], t0: int, t1: int, targets) -> dict[int, dict]:
-    m0, m1 = load(ckpts[t0]), load(ckpts[t1])
+    m0, m1 = load_causal_lm(ckpts[t0]), load_causal_lm(ckpts[t1])
     out = {}
     for target in targets:
         alpha = (target - t0) / (t1 - t0)
@@ -369,7 +364,7 @@ def main():
         real = evaluate_real(ev, {s: p for s, p in ckpts.items() if s % (2 * args.every) == 0 or s == args.steps})
         for t1 in args.t1:
             if t1 not in real:
-                real[t1] = ev(load(ckpts[t1]), load(ckpts[t1]), 1.0)
+                real[t1] = ev(load_causal_lm(ckpts[t1]), load_causal_lm(ckpts[t1]), 1.0)
         wex = weight_extrapolation(ev, ckpts, args.t1, args.multiples, tmp)
         T = args.steps
         t0_logit = (T // 2) // args.every * args.every

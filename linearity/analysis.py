@@ -19,10 +19,6 @@ Choices made:
   4, and the centred Welford sums of y and t·y and y² in float64). Memory is a fixed number of float64 per
   sampled element, whatever the number of checkpoints; the only state that grows with the series is the full
   trajectory of a small, fixed number of elements (``track``, default 64) kept for the example plots.
-- **Reading only the sampled elements.** Safetensors files are memory-mapped with numpy and indexed at the
-  (sorted) sampled positions, so no tensor is ever materialised: the process never holds more than the samples
-  (the page cache may hold file pages; they are not the process's memory). bf16 is decoded exactly from its
-  16 bits. numpy rather than torch here so that ``tracemalloc`` sees every allocation (the memory test uses it).
 - **Deterministic sampling.** Indices come from ``numpy.random.default_rng`` seeded by a hash of
   ``(seed, tensor name)``: the same elements are read from every checkpoint and in every run, whatever the
   tensor order or the set of tensors.
@@ -31,18 +27,17 @@ Choices made:
   and the paper's code); NaN for a constant series.
 
 Pure numpy (+ torch only inside :func:`probe_forward`, which runs a model object it is given); imports nothing
-from Ray, vLLM, DeepSpeed or the rest of the project.
+from Ray, vLLM, DeepSpeed or the rest of the project. Reading checkpoints, loading models, writing the results
+and drawing them is ``orchestrator.analyze`` (and ``orchestrator.plots``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import re
-import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +47,6 @@ import numpy as np
 __all__ = [
     "AnalysisConfig",
     "AnalysisError",
-    "Checkpoint",
-    "TensorEntry",
     "SeriesAccumulator",
     "WeightResult",
     "Probe",
@@ -63,17 +56,12 @@ __all__ = [
     "heatmap_matrix",
     "sample_count",
     "sample_indices",
-    "read_safetensors_entries",
-    "read_elements",
-    "analyze_weights",
-    "check_series",
+    "weight_result",
     "distribution_summary",
     "token_groups",
     "probe_forward",
     "TOKEN_GROUPS",
 ]
-
-FORMAT_VERSION = 1
 
 
 class AnalysisError(ValueError):
@@ -164,128 +152,6 @@ def _coerce(key: str, value: Any, ftype: type) -> Any:
     if not ok:
         raise AnalysisError(f"analysis.{key}: expected {ftype.__name__}, got {value!r}")
     return ftype(value)
-
-
-# -------------------------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One point of the series: an HF checkpoint directory (safetensors) and its RL step."""
-
-    step: float
-    path: Path
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes live: ``file`` at byte ``offset`` (absolute), ``numel`` elements of ``dtype``."""
-
-    name: str
-    dtype: str  # safetensors dtype code: F32, BF16, ...
-    shape: tuple[int, ...]
-    file: Path
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-
-FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-
-
-def _read_header(file: Path) -> tuple[dict, int]:
-    try:
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise AnalysisError(f"{file}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 2**20:
-                raise AnalysisError(f"{file}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise AnalysisError(f"{file}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AnalysisError(f"{file}: not a safetensors file (bad JSON header)") from None
-    return header, 8 + n
-
-
-def read_safetensors_entries(ckpt_dir: str | Path) -> dict[str, TensorEntry]:
-    """Tensor name → :class:`TensorEntry` for an HF checkpoint directory.
-
-    Accepts ``model.safetensors``, a sharded ``model.safetensors.index.json``, or a directory with exactly one
-    ``*.safetensors`` file. Reads headers only.
-    """
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise AnalysisError(f"checkpoint {d}: not a directory")
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise AnalysisError(f"{index}: expected a JSON object with a 'weight_map'") from None
-        files = sorted({d / f for f in weight_map.values()})
-    elif (d / "model.safetensors").is_file():
-        files = [d / "model.safetensors"]
-    else:
-        files = sorted(d.glob("*.safetensors"))
-        if len(files) != 1:
-            raise AnalysisError(
-                f"checkpoint {d}: expected model.safetensors or model.safetensors.index.json (an HF save_pretrained "
-                f"directory), found {len(files)} .safetensors files"
-            )
-    entries: dict[str, TensorEntry] = {}
-    for file in files:
-        if not file.is_file():
-            raise AnalysisError(f"checkpoint {d}: shard {file.name} listed in the index is missing")
-        header, data_start = _read_header(file)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, _ = info["data_offsets"]
-            entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), file, data_start + int(begin))
-    if not entries:
-        raise AnalysisError(f"checkpoint {d}: no tensors")
-    return entries
-
-
-def read_elements(entry: TensorEntry, indices: np.ndarray) -> np.ndarray:
-    """The elements of ``entry`` (flattened, C order) at ``indices`` (int64 (k,), sorted for locality), as float64.
-
-    Only those elements are read (memory map); bf16 is widened exactly (its bits are the top half of a float32).
-    """
-    if entry.dtype not in FLOAT_DTYPES:
-        raise AnalysisError(f"{entry.file}: tensor {entry.name} has dtype {entry.dtype}, not a float type")
-    if entry.numel == 0:
-        return np.empty(0, dtype=np.float64)
-    mm = np.memmap(entry.file, dtype=FLOAT_DTYPES[entry.dtype], mode="r", offset=entry.offset, shape=(entry.numel,))
-    raw = np.asarray(mm[indices])  # a copy of k elements; the map is released below
-    del mm
-    if entry.dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return raw.astype(np.float64)
-
-
-def check_compatible(
-    base: Mapping[str, TensorEntry], other: Mapping[str, TensorEntry], where: Path, names: Iterable[str]
-) -> None:
-    """Every analysed tensor must exist in ``other`` with the same shape (dtype may differ: fp32 vs bf16)."""
-    for name in names:
-        e = other.get(name)
-        if e is None:
-            raise AnalysisError(f"checkpoint {where}: tensor {name} is missing (present in the first checkpoint)")
-        if e.shape != base[name].shape:
-            raise AnalysisError(
-                f"checkpoint {where}: tensor {name} has shape {list(e.shape)}, "
-                f"the first checkpoint {list(base[name].shape)}"
-            )
-        if e.dtype not in FLOAT_DTYPES:
-            raise AnalysisError(f"checkpoint {where}: tensor {name} has dtype {e.dtype}, not a float type")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -512,7 +378,7 @@ def heatmap_matrix(tensors: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
 
 @dataclass
 class WeightResult:
-    """What :func:`analyze_weights` found.
+    """What the weight analysis (``orchestrator.analyze.analyze_weights``) found.
 
     ``r2``: float64 (kept,) R² of every kept element; ``tensor_of``: int (kept,) index into ``tensors`` of each;
     ``tensors``: per-tensor dicts (name, layer, module, numel, sampled, kept, dropped…, r2_mean, r2_median,
@@ -531,57 +397,18 @@ class WeightResult:
     skipped_tensors: list[str] = field(default_factory=list)
 
 
-def check_series(checkpoints: Sequence[Checkpoint], cfg: AnalysisConfig) -> list[Checkpoint]:
-    """The checkpoints sorted by step; a one-line error if there are too few or a step repeats."""
-    ckpts = sorted(checkpoints, key=lambda c: c.step)
-    need = max(3, cfg.min_distinct)
-    if len(ckpts) < need:
-        why = (
-            f"an element needs analysis.min_distinct={cfg.min_distinct} distinct values to be kept, so"
-            if need > 3
-            else "a line fit with residuals needs"
-        )
-        raise AnalysisError(f"checkpoints: {why} at least {need} checkpoints; got {len(ckpts)}")
-    steps = [c.step for c in ckpts]
-    if len(set(steps)) != len(steps):
-        raise AnalysisError(f"checkpoints: steps must be distinct, got {', '.join(f'{s:g}' for s in steps)}")
-    return ckpts
-
-
-def analyze_weights(
-    checkpoints: Sequence[Checkpoint],
-    cfg: AnalysisConfig = AnalysisConfig(),
-    *,
-    log: Callable[[str], None] | None = None,
+def weight_result(
+    acc: SeriesAccumulator,
+    names: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    plan: Mapping[str, np.ndarray],
+    offsets: np.ndarray,
+    steps: list[float],
+    cfg: AnalysisConfig,
+    skipped: list[str],
 ) -> WeightResult:
-    """R² of a fixed sample of every floating-point tensor's elements over the checkpoint series.
-
-    Streams: one checkpoint at a time, one tensor at a time, reading only the sampled elements. Tensors are
-    those of the first checkpoint; every later checkpoint must have them with the same shapes.
-    """
-    ckpts = check_series(checkpoints, cfg)
-    steps = [c.step for c in ckpts]
-    base = read_safetensors_entries(ckpts[0].path)
-    names = sorted(n for n, e in base.items() if e.dtype in FLOAT_DTYPES and e.numel > 0)
-    skipped = sorted(n for n in base if n not in names)
-    plan = {n: sample_indices(n, base[n].numel, cfg.weight_fraction, cfg.weight_min_samples, cfg.seed) for n in names}
-    offsets = np.cumsum([0] + [plan[n].size for n in names])
-    acc = SeriesAccumulator(int(offsets[-1]), max_distinct=max(4, cfg.min_distinct), track=cfg.track, seed=cfg.seed)
-    values = np.empty(acc.n)
-    for i, ck in enumerate(ckpts):
-        entries = base if i == 0 else read_safetensors_entries(ck.path)
-        if i:
-            check_compatible(base, entries, ck.path, names)
-        for j, name in enumerate(names):
-            values[offsets[j] : offsets[j + 1]] = read_elements(entries[name], plan[name])
-        acc.update(values, ck.step)
-        del entries
-        if log:
-            log(f"weights: step {ck.step:g} ({i + 1}/{len(ckpts)}) {ck.path}")
-    return _weight_result(acc, names, base, plan, offsets, steps, cfg, skipped)
-
-
-def _weight_result(acc, names, base, plan, offsets, steps, cfg, skipped) -> WeightResult:
+    """The weight analysis's result from its accumulator: tensor ``names[j]`` (of shape ``shapes[name]``) was
+    sampled at the flat indices ``plan[name]``, held by the accumulator's elements ``offsets[j]:offsets[j + 1]``."""
     keep, dropped = acc.keep_mask(cfg.min_abs_change, cfg.min_distinct)
     r2_all = acc.r2()
     tensor_id = np.repeat(np.arange(len(names)), np.diff(offsets))
@@ -591,8 +418,8 @@ def _weight_result(acc, names, base, plan, offsets, steps, cfg, skipped) -> Weig
         r2_t = r2_all[sl][keep[sl]]
         layer, module = parse_param_name(name)
         tensors.append({
-            "name": name, "layer": layer, "module": module, "shape": list(base[name].shape),
-            "numel": base[name].numel, "sampled": int(plan[name].size), "kept": int(r2_t.size),
+            "name": name, "layer": layer, "module": module, "shape": list(shapes[name]),
+            "numel": math.prod(shapes[name]), "sampled": int(plan[name].size), "kept": int(r2_t.size),
             "r2_mean": float(r2_t.mean()) if r2_t.size else None,
             "r2_median": float(np.median(r2_t)) if r2_t.size else None,
             f"frac_above_{cfg.r2_threshold:g}": float((r2_t > cfg.r2_threshold).mean()) if r2_t.size else None,

@@ -2,10 +2,11 @@
 
 Given the checkpoints of one RL run at steps ``t0 < t1``, the policy at a later step ``t′`` is approximated at
 generation time by extrapolating the two models' next-token logits, ``α = (t′ − t0) / (t1 − t0)`` (α = 0 is
-model t0, α = 1 is model t1, α > 1 extrapolates). This module is the sampler: pure torch + transformers, no
-Ray, vLLM or DeepSpeed.
+model t0, α = 1 is model t1, α > 1 extrapolates). This module is the sampler: pure torch on the two model
+objects it is given, no Ray, vLLM or DeepSpeed (``orchestrator.models.load_pair`` loads them).
 
-    from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig, load_pair
+    from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig
+    from orchestrator.models import load_pair
     m0, m1, tok = load_pair("ckpt/rl_step_0/hf", "ckpt/rl_step_300/hf")
     sampler = LogitsExtrapolationSampler(m0, m1, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     out = sampler.generate(prompt_ids, SamplerConfig(alpha=3.0, n=8, temperature=0.6, top_p=0.95, max_tokens=4096))
@@ -56,7 +57,7 @@ __all__ = [
     "processed_logits",
     "sample_top_p",
     "left_pad",
-    "load_pair",
+    "vocab_size",
 ]
 
 
@@ -206,7 +207,7 @@ class LogitsExtrapolationSampler:
     """Two causal LMs with the same vocabulary, decoded in lockstep; samples from their extrapolated logits."""
 
     def __init__(self, model0, model1, eos_ids: Sequence[int], pad_id: int):
-        v0, v1 = _vocab_size(model0), _vocab_size(model1)
+        v0, v1 = vocab_size(model0), vocab_size(model1)
         if v0 != v1:
             raise ValueError(
                 f"model1: vocabulary size {v1} differs from model0's {v0}; both checkpoints must share a tokenizer"
@@ -305,7 +306,7 @@ class LogitsExtrapolationSampler:
         return ([t[:n] for t, n in zip(tokens, lengths)], [p[:n] for p, n in zip(logps, lengths)], finished)
 
 
-def _vocab_size(model) -> int:
+def vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
@@ -313,22 +314,3 @@ def _chunks(prompts: Sequence[Sequence[int]], per_chunk: int) -> list[list[int]]
     """Prompt indices grouped into chunks of at most ``per_chunk``, similar lengths together (less padding)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     return [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
-
-
-def load_pair(t0_path: str, t1_path: str, dtype: str = "float32", device: str = "auto"):
-    """Load the two checkpoints (transformers ``AutoModelForCausalLM``) and t1's tokenizer.
-
-    Returns (model0, model1, tokenizer). Raises ValueError naming the checkpoint when the vocabularies differ."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).to(device).eval() for p in (t0_path, t1_path)]
-    if _vocab_size(models[0]) != _vocab_size(models[1]):
-        raise ValueError(
-            f"t1_path {t1_path}: vocabulary size {_vocab_size(models[1])} differs from t0_path's "
-            f"{_vocab_size(models[0])}; logits extrapolation needs two checkpoints of one model"
-        )
-    tok = AutoTokenizer.from_pretrained(t1_path)
-    return models[0], models[1], tok

@@ -5,7 +5,7 @@
         --probes data/eval.jsonl --out linearity/                                   # any HF dirs (steps from names)
 
 Writes ``linearity.json`` (distribution quantiles, share above 0.7, per-layer and per-module means, the token
-groups of the paper's Fig. 9, activation R² per layer), PNGs (``overview.png`` first; see ``linearity/plots.py``)
+groups of the paper's Fig. 9, activation R² per layer), PNGs (``overview.png`` first; see ``orchestrator/plots.py``)
 and ``probes.jsonl`` (the probe prompts and responses, reusable with ``--probes``) into ``--out``
 (default ``<run-dir>/linearity``), and logs them to the run's MLflow run as artifacts under ``linearity/``.
 
@@ -17,8 +17,12 @@ Choices:
   file, one prompt a line) or, for a run directory with ``.hydra/config.yaml``, the run's held-out eval split.
   Responses not given are sampled once from the first checkpoint (seeded), then teacher-forced through every
   checkpoint, one checkpoint in memory at a time (transformers, ``--device``).
-- The numbers come from ``linearity.analysis`` (pure numpy, streaming); this module only finds checkpoints,
+- The numbers come from ``linearity.analysis`` (pure numpy, streaming); this module finds and reads checkpoints,
   runs models, writes files and talks to MLflow.
+- **Reading only the sampled weights.** Safetensors files are memory-mapped with numpy and indexed at the
+  (sorted) sampled positions, so no tensor is ever materialised: the process never holds more than the samples
+  (the page cache may hold file pages; they are not the process's memory). bf16 is decoded exactly from its
+  16 bits. numpy rather than torch here so that ``tracemalloc`` sees every allocation (the memory test uses it).
 
 The trainer calls :func:`analyze_run` on its own checkpoints at the end of a job.
 """
@@ -28,52 +32,73 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from linearity.analysis import (
-    FLOAT_DTYPES,
-    FORMAT_VERSION,
     TOKEN_GROUPS,
     ActivationPlan,
     AnalysisConfig,
     AnalysisError,
-    Checkpoint,
     Probe,
     SeriesAccumulator,
     WeightResult,
-    analyze_weights,
-    check_compatible,
-    check_series,
     distribution_summary,
     heatmap_matrix,
     json_safe,
     probe_forward,
-    read_safetensors_entries,
+    sample_indices,
     token_groups,
+    weight_result,
 )
+from orchestrator.checkpoints import (
+    CHECKPOINTS_DIR,
+    HF_DIR,
+    SafetensorsError,
+    TensorEntry,
+    read_safetensors_checkpoint,
+    step_from_path,
+    step_of_tag,
+)
+from orchestrator.models import load_causal_lm
 
+FORMAT_VERSION = 1  # of linearity.json
 SUMMARY_NAME = "linearity.json"
 PROBES_NAME = "probes.jsonl"
-_STEP_RE = re.compile(r"(?:rl_step|global_step|step|checkpoint)[_-](\d+)")
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def step_from_path(path: str | Path) -> int | None:
-    """The step in a checkpoint path (``…/rl_step_50/hf``, ``global_step_100``, ``checkpoint-200``), or None."""
-    for part in reversed(Path(path).parts):
-        m = _STEP_RE.fullmatch(part)
-        if m:
-            return int(m.group(1))
-    return None
+@dataclass(frozen=True)
+class Checkpoint:
+    """One point of the series: an HF checkpoint directory (safetensors) and its RL step."""
+
+    step: float
+    path: Path
+
+
+def check_series(checkpoints: Sequence[Checkpoint], cfg: AnalysisConfig) -> list[Checkpoint]:
+    """The checkpoints sorted by step; a one-line error if there are too few or a step repeats."""
+    ckpts = sorted(checkpoints, key=lambda c: c.step)
+    need = max(3, cfg.min_distinct)
+    if len(ckpts) < need:
+        why = (
+            f"an element needs analysis.min_distinct={cfg.min_distinct} distinct values to be kept, so"
+            if need > 3
+            else "a line fit with residuals needs"
+        )
+        raise AnalysisError(f"checkpoints: {why} at least {need} checkpoints; got {len(ckpts)}")
+    steps = [c.step for c in ckpts]
+    if len(set(steps)) != len(steps):
+        raise AnalysisError(f"checkpoints: steps must be distinct, got {', '.join(f'{s:g}' for s in steps)}")
+    return ckpts
 
 
 def checkpoints_from_paths(paths: Sequence[str], steps: Sequence[float] | None = None) -> list[Checkpoint]:
@@ -97,12 +122,12 @@ def discover_run_checkpoints(run_dir: str | Path, include_base: bool = True) -> 
     run = Path(run_dir)
     if not run.is_dir():
         raise AnalysisError(f"--run-dir {run}: not a directory")
-    root = run / "checkpoints" if (run / "checkpoints").is_dir() else run
+    root = run / CHECKPOINTS_DIR if (run / CHECKPOINTS_DIR).is_dir() else run
     found = []
     for d in root.iterdir():
-        m = re.fullmatch(r"rl_step_(\d+)", d.name)
-        if m and (d / "hf" / "config.json").is_file():
-            found.append(Checkpoint(float(m.group(1)), d / "hf"))
+        step = step_of_tag(d.name)
+        if step is not None and (d / HF_DIR / "config.json").is_file():
+            found.append(Checkpoint(float(step), d / HF_DIR))
     if not found:
         raise AnalysisError(
             f"--run-dir {run}: no checkpoints/rl_step_N/hf folders (train with trainer.checkpoint_every=N "
@@ -163,17 +188,6 @@ def prompts_from_run(run_dir: str | Path) -> list[str] | None:
     return list(evals["prompt"])
 
 
-def _load_model(path: Path, cfg: AnalysisConfig):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint is noise
-    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.to(cfg.device).eval()
-
-
 def build_probes(
     first: Checkpoint,
     rows: Sequence[Mapping[str, Any] | Sequence[int] | str],
@@ -212,7 +226,7 @@ def build_probes(
     probes = [Probe(tuple(p), tuple(r), tok.decode(p), tok.decode(r)) for p, r in zip(encoded, given) if r is not None]
     missing = [p for p, r in zip(encoded, given) if r is None]
     if missing:
-        model = _load_model(first.path, cfg)
+        model = load_causal_lm(first.path, cfg.dtype, cfg.device)
         torch.manual_seed(cfg.seed)
         probes += _generate(model, tok, missing, cfg)
         del model
@@ -273,7 +287,7 @@ def analyze_probes(
     act_accs: list[SeriesAccumulator] = []
     plan = None
     for i, ck in enumerate(checkpoints):
-        model = _load_model(ck.path, cfg)
+        model = load_causal_lm(ck.path, cfg.dtype, cfg.device)
         if plan is None:
             c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
             plan = ActivationPlan.build(
@@ -385,6 +399,101 @@ def _activation_result(accs: Sequence[SeriesAccumulator], cfg: AnalysisConfig) -
 
 # -------------------------------------------------------------------------------------------- weights
 
+FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# This tool's wording of unreadable weights where it differs from the reader's (the CLI's tests pin some of it).
+_UNREADABLE = {
+    "no_weights": "checkpoint {path}: expected model.safetensors or model.safetensors.index.json "
+    "(an HF save_pretrained directory), found {found} .safetensors files",
+    "bad_index": "{path}: expected a JSON object with a 'weight_map'",
+    "missing_shard": "checkpoint {path.parent}: shard {path.name} listed in the index is missing",
+    "header_length": "{path}: not a safetensors file (header length {length})",
+    "header_not_json": "{path}: not a safetensors file (bad JSON header)",
+}
+
+
+def read_entries(ckpt_dir: str | Path) -> dict[str, TensorEntry]:
+    """Tensor name → :class:`TensorEntry` of an HF checkpoint directory (headers only)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise AnalysisError(f"checkpoint {d}: not a directory")
+    try:
+        entries = read_safetensors_checkpoint(d).tensors
+    except SafetensorsError as e:
+        wording = _UNREADABLE.get(e.problem, "checkpoint {e}" if e.path == d else "{e}")
+        raise AnalysisError(wording.format(e=e, path=e.path, **e.details)) from None
+    if not entries:
+        raise AnalysisError(f"checkpoint {d}: no tensors")
+    return entries
+
+
+def read_elements(entry: TensorEntry, indices: np.ndarray) -> np.ndarray:
+    """The elements of ``entry`` (flattened, C order) at ``indices`` (int64 (k,), sorted for locality), as float64.
+
+    Only those elements are read (memory map); bf16 is widened exactly (its bits are the top half of a float32).
+    """
+    if entry.dtype not in FLOAT_DTYPES:
+        raise AnalysisError(f"{entry.file}: tensor {entry.name} has dtype {entry.dtype}, not a float type")
+    if entry.numel == 0:
+        return np.empty(0, dtype=np.float64)
+    mm = np.memmap(entry.file, dtype=FLOAT_DTYPES[entry.dtype], mode="r", offset=entry.offset, shape=(entry.numel,))
+    raw = np.asarray(mm[indices])  # a copy of k elements; the map is released below
+    del mm
+    if entry.dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return raw.astype(np.float64)
+
+
+def check_compatible(
+    base: Mapping[str, TensorEntry], other: Mapping[str, TensorEntry], where: Path, names: Iterable[str]
+) -> None:
+    """Every analysed tensor must exist in ``other`` with the same shape (dtype may differ: fp32 vs bf16)."""
+    for name in names:
+        e = other.get(name)
+        if e is None:
+            raise AnalysisError(f"checkpoint {where}: tensor {name} is missing (present in the first checkpoint)")
+        if e.shape != base[name].shape:
+            raise AnalysisError(
+                f"checkpoint {where}: tensor {name} has shape {list(e.shape)}, "
+                f"the first checkpoint {list(base[name].shape)}"
+            )
+        if e.dtype not in FLOAT_DTYPES:
+            raise AnalysisError(f"checkpoint {where}: tensor {name} has dtype {e.dtype}, not a float type")
+
+
+def analyze_weights(
+    checkpoints: Sequence[Checkpoint],
+    cfg: AnalysisConfig | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> WeightResult:
+    """R² of a fixed sample of every floating-point tensor's elements over the checkpoint series.
+
+    Streams: one checkpoint at a time, one tensor at a time, reading only the sampled elements. Tensors are
+    those of the first checkpoint; every later checkpoint must have them with the same shapes.
+    """
+    cfg = cfg or AnalysisConfig()
+    ckpts = check_series(checkpoints, cfg)
+    steps = [c.step for c in ckpts]
+    base = read_entries(ckpts[0].path)
+    names = sorted(n for n, e in base.items() if e.dtype in FLOAT_DTYPES and e.numel > 0)
+    skipped = sorted(n for n in base if n not in names)
+    plan = {n: sample_indices(n, base[n].numel, cfg.weight_fraction, cfg.weight_min_samples, cfg.seed) for n in names}
+    offsets = np.cumsum([0] + [plan[n].size for n in names])
+    acc = SeriesAccumulator(int(offsets[-1]), max_distinct=max(4, cfg.min_distinct), track=cfg.track, seed=cfg.seed)
+    values = np.empty(acc.n)
+    for i, ck in enumerate(ckpts):
+        entries = base if i == 0 else read_entries(ck.path)
+        if i:
+            check_compatible(base, entries, ck.path, names)
+        for j, name in enumerate(names):
+            values[offsets[j] : offsets[j + 1]] = read_elements(entries[name], plan[name])
+        acc.update(values, ck.step)
+        del entries
+        if log:
+            log(f"weights: step {ck.step:g} ({i + 1}/{len(ckpts)}) {ck.path}")
+    shapes = {n: base[n].shape for n in names}
+    return weight_result(acc, names, shapes, plan, offsets, steps, cfg, skipped)
+
 
 def _weight_summary(w: WeightResult, cfg: AnalysisConfig) -> dict[str, Any]:
     tensors = w.tensors
@@ -440,7 +549,7 @@ def analyze_run(
     Returns:
         The summary dict (as written to ``linearity.json``), with ``plots`` (file names) and ``seconds``.
     """
-    from linearity import plots
+    from orchestrator import plots
 
     started = time.perf_counter()
     cfg = AnalysisConfig.from_mapping(cfg)
@@ -626,10 +735,10 @@ def _resolve(args) -> tuple[list[Checkpoint], Path, list | None, str | None, str
         if not args.out:
             raise AnalysisError("--out: required with --checkpoints")
         ckpts, out = checkpoints_from_paths(args.checkpoints, args.steps), Path(args.out)
-    base = read_safetensors_entries(ckpts[0].path)  # bad or mismatched checkpoints fail here, before any output
+    base = read_entries(ckpts[0].path)  # bad or mismatched checkpoints fail here, before any output
     names = [n for n, e in base.items() if e.dtype in FLOAT_DTYPES]
     for c in ckpts[1:]:
-        check_compatible(base, read_safetensors_entries(c.path), c.path, names)
+        check_compatible(base, read_entries(c.path), c.path, names)
     prompts = None
     if not args.no_probes:
         if args.probes:

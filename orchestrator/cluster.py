@@ -29,7 +29,7 @@ from orchestrator.config import ClusterConfig, JobConfig, LearnerConfig, Rollout
 from orchestrator.console import console
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -219,7 +219,7 @@ def start_actor_groups(
     def rendezvous():
         """Rank 0's node address and a free port there (asked of a task placed in rank 0's bundle)."""
         return ray.get(
-            ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), _free_port()))
+            ray.remote(num_cpus=0)(lambda: (ray.util.get_node_ip_address(), free_port()))
             .options(scheduling_strategy=_slot_strategy(pgs, plan.learner_slots[0]))
             .remote()
         )

@@ -28,6 +28,7 @@ def resolve_model(cfg: JobConfig, log=print) -> str:
 
 
 def load_files(files, what: str):
+    """Local data files (jsonl/json, parquet or csv) as one `datasets.Dataset`; errors name `data.<what>`."""
     import datasets
 
     paths = [files] if isinstance(files, str) else list(files)

@@ -46,10 +46,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from actors.groups import ActorGroups
+from orchestrator.checkpoints import SafetensorsError, checkpoint_step, read_safetensors_checkpoint
 from orchestrator.cli import hydra_cli
 from orchestrator.config import ConfigError, DataConfig, EvaluateConfig, check_fields, to_typed
 from orchestrator.console import console
-from orchestrator.train import pass_at_k, run_to_completion
+from orchestrator.metrics import sample_metrics
+from orchestrator.train import run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ARGV_FLAGS = {"--logits-extrapolation": "eval.logits_extrapolation.enabled=true"}
@@ -106,27 +108,6 @@ class EvalResult:
     gen_time_s: float
     tokens_per_s: float
     extra: dict = field(default_factory=dict)
-
-
-def pass_levels(k: int) -> list[int]:
-    """The j of the Pass@j curve: powers of two below k, then k."""
-    levels, j = [], 1
-    while j < k:
-        levels.append(j)
-        j *= 2
-    return levels + [k]
-
-
-def sample_metrics(scores: list[float], k: int) -> dict:
-    """Avg@k and Pass@j (j in pass_levels(k)) from prompt-major scores of k samples per prompt.
-
-    Avg@k is the mean score (fractional scores count as such); for Pass@j a sample is correct when its score
-    is 1, and each prompt's unbiased estimate 1 − C(k − c, j) / C(k, j) is averaged over prompts."""
-    if not scores or len(scores) % k:
-        raise ValueError(f"scores: expected a non-empty multiple of k={k} values, got {len(scores)}")
-    correct = [sum(1 for s in scores[i : i + k] if s >= 1.0) for i in range(0, len(scores), k)]
-    curve = {str(j): sum(pass_at_k(k, c, j) for c in correct) / len(correct) for j in pass_levels(k)}
-    return {"avg_at_k": sum(scores) / len(scores), "pass_at_k": curve[str(k)], "pass_at": curve}
 
 
 # ----------------------------------------------------------------------------------------------- argv
@@ -282,41 +263,24 @@ def _relabel(exc: ConfigError, where: str) -> ConfigError:
     return ConfigError(where + msg[len("data") :] if msg.startswith("data.") and where != "data" else msg)
 
 
-def checkpoint_step(path: str) -> int | None:
-    """The RL step of a checkpoint: `rl_step` in a sibling/parent rlextra_state.json, else an `rl_step_<N>` folder."""
-    p = Path(path)
-    for state in (p / "rlextra_state.json", p.parent / "rlextra_state.json"):
-        if state.is_file():
-            try:
-                return int(json.loads(state.read_text())["rl_step"])
-            except (ValueError, KeyError, TypeError):
-                pass
-    for part in reversed(p.parts):
-        m = re.fullmatch(r"rl_step_(\d+)", part)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def engine_signature(path: str) -> str | None:
     """A hash of what a vLLM engine fixes at start (model config, tokenizer files); None when the weights can't
     be streamed into a running engine (hub id, no safetensors)."""
     p = Path(path)
-    if not (p / "config.json").is_file() or not _safetensors_files(p):
+    if not (p / "config.json").is_file():
         return None
+    try:
+        read_safetensors_checkpoint(p)
+    except SafetensorsError as exc:
+        if exc.problem == "no_weights":
+            return None
+        raise
     config = {k: v for k, v in json.loads((p / "config.json").read_text()).items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in _TOKENIZER_FILES:
         if (p / name).is_file():
             h.update(name.encode() + (p / name).read_bytes())
     return h.hexdigest()
-
-
-def _safetensors_files(p: Path) -> list[Path]:
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        return [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
 
 
 def checkpoint_buckets(path: str, bucket_mb: float):
@@ -326,22 +290,14 @@ def checkpoint_buckets(path: str, bucket_mb: float):
 
     from actors.rollout import layer_key
 
-    where: dict[str, tuple[Path, int]] = {}  # name -> (file, bytes)
-    for f in _safetensors_files(Path(path)):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                sl = h.get_slice(name)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                where[name] = (f, numel * _DTYPE_BYTES.get(sl.get_dtype(), 4))
+    tensors = read_safetensors_checkpoint(path).tensors
     layers: dict[str, list[str]] = {}
-    for name in sorted(where):
+    for name in sorted(tensors):
         layers.setdefault(layer_key(name), []).append(name)
     limit, plan, current, size = bucket_mb * 2**20, [], [], 0
     for names in layers.values():
         current += names
-        size += sum(where[n][1] for n in names)
+        size += sum(tensors[n].nbytes for n in names)
         if size >= limit:
             plan.append(current)
             current, size = [], 0
@@ -350,12 +306,9 @@ def checkpoint_buckets(path: str, bucket_mb: float):
     for names in plan:
         bucket = []
         for name in names:
-            with safe_open(str(where[name][0]), framework="pt") as h:
+            with safe_open(str(tensors[name].file), framework="pt") as h:
                 bucket.append((name, h.get_tensor(name)))
         yield bucket
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -584,12 +537,8 @@ class Evaluation:
                 _advance(bar, r)
 
     def _evaluate_logits_extrapolation(self, bar) -> None:
-        from linearity.logits_extrapolation import (
-            LogitsExtrapolationSampler,
-            SamplerConfig,
-            alpha_from_steps,
-            load_pair,
-        )
+        from linearity.logits_extrapolation import LogitsExtrapolationSampler, SamplerConfig, alpha_from_steps
+        from orchestrator.models import load_pair
 
         lx, e = self.cfg.eval.logits_extrapolation, self.cfg.eval
         steps = list(lx.steps) if lx.steps is not None else None

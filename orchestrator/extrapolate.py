@@ -65,16 +65,20 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from linearity.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, TensorSelector
+from orchestrator.checkpoints import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SafetensorsCheckpoint,
+    SafetensorsError,
+    TensorEntry,
+    read_safetensors_checkpoint,
+)
 
 __all__ = ["ExtrapolationError", "beta_from_steps", "extrapolate_checkpoint", "main"]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LOG_NAME = "extrapolation_log.json"
 LOG_FORMAT_VERSION = 1
 
@@ -98,7 +102,6 @@ AUX_FILE_PATTERNS = (
 
 # safetensors dtype codes this tool projects (others — integers, bool, fp8, packed types — are copied).
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 _COPY_CHUNK_BYTES = 16 * 1024 * 1024
 
 
@@ -120,116 +123,16 @@ def beta_from_steps(t0: float, t1: float, target: float) -> float:
 # ------------------------------------------------------------------------------------------ reading inputs
 
 
-@dataclass
-class _TensorInfo:
-    dtype: str
-    shape: list[int]
-    begin: int  # byte offsets into the file's data section
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass
-class _Shard:
-    path: Path
-    data_start: int  # absolute file offset of the data section
-    metadata: dict[str, str] | None
-    tensors: dict[str, _TensorInfo]  # in file order (by offset)
-
-
-@dataclass
-class _Checkpoint:
-    path: Path
-    flag: str  # "--t0-path" / "--t1-path", for error messages
-    sharded: bool
-    shards: dict[str, _Shard] = field(default_factory=dict)  # file name -> shard, in file-name order
-    where: dict[str, str] = field(default_factory=dict)  # tensor name -> file name
-    index_metadata: dict[str, Any] = field(default_factory=dict)
-
-    def info(self, name: str) -> _TensorInfo:
-        return self.shards[self.where[name]].tensors[name]
-
-
-def _read_header(path: Path, flag: str) -> _Shard:
-    """Parse a safetensors header with the standard library only (no torch): names, dtypes, shapes, offsets."""
-    where = f"{flag}: {path}"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise _fail(f"{where}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise _fail(f"{where}: not a safetensors file (bad header length {n})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as e:
-        raise _fail(f"{where}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(f"{where}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise _fail(f"{where}: not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None)
-    tensors: dict[str, _TensorInfo] = {}
-    try:
-        for name, t in header.items():
-            b, e = t["data_offsets"]
-            tensors[name] = _TensorInfo(str(t["dtype"]), [int(d) for d in t["shape"]], int(b), int(e))
-    except (KeyError, TypeError, ValueError):
-        raise _fail(f"{where}: not a safetensors file (bad entry for tensor {name!r})") from None
-    data_start = 8 + n
-    for name, t in tensors.items():
-        if not 0 <= t.begin <= t.end or data_start + t.end > size:
-            raise _fail(f"{where}: truncated or corrupt (tensor {name!r} lies outside the file)")
-    tensors = dict(sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[0])))
-    return _Shard(path, data_start, metadata if isinstance(metadata, dict) else None, tensors)
-
-
-def _read_checkpoint(path: str | os.PathLike, flag: str) -> _Checkpoint:
+def _read_checkpoint(path: str | os.PathLike, flag: str) -> SafetensorsCheckpoint:
     p = Path(path)
     if not p.exists():
         raise _fail(f"{flag} {p}: no such directory")
     if not p.is_dir():
         raise _fail(f"{flag} {p}: not a directory")
-    single, index = p / SAFE_WEIGHTS_NAME, p / SAFE_WEIGHTS_INDEX_NAME
-    if single.is_file():  # the order transformers uses
-        ck = _Checkpoint(p, flag, sharded=False)
-        shard = _read_header(single, flag)
-        ck.shards[SAFE_WEIGHTS_NAME] = shard
-        ck.where = {name: SAFE_WEIGHTS_NAME for name in shard.tensors}
-        return ck
-    if not index.is_file():
-        raise _fail(
-            f"{flag} {p}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} "
-            "(only safetensors checkpoints are supported)"
-        )
     try:
-        idx = json.loads(index.read_text())
-        weight_map = idx["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise _fail(f"{flag}: {index}: not a valid index (expected a JSON object with a 'weight_map')") from None
-    ck = _Checkpoint(p, flag, sharded=True, index_metadata=dict(idx.get("metadata") or {}))
-    for fname in sorted(set(weight_map.values())):
-        if not isinstance(fname, str) or Path(fname).name != fname:
-            raise _fail(f"{flag}: {index}: bad shard file name {fname!r}")
-        fpath = p / fname
-        if not fpath.is_file():
-            raise _fail(f"{flag}: {fpath}: missing (listed in {SAFE_WEIGHTS_INDEX_NAME})")
-        ck.shards[fname] = _read_header(fpath, flag)
-    for fname, shard in ck.shards.items():
-        for name in shard.tensors:
-            if name in ck.where:
-                raise _fail(f"{flag} {p}: tensor {name!r} is stored in both {ck.where[name]} and {fname}")
-            ck.where[name] = fname
-    for name, fname in weight_map.items():
-        if ck.where.get(name) != fname:
-            raise _fail(f"{flag}: {index}: lists tensor {name!r} in {fname}, which does not contain it")
-    return ck
+        return read_safetensors_checkpoint(p)
+    except SafetensorsError as e:  # "--t0-path DIR: …" about the directory, "--t0-path: FILE: …" about a file in it
+        raise _fail(f"{flag} {e}" if e.path == p else f"{flag}: {e}") from None
 
 
 def _names_preview(names: list[str], k: int = 3) -> str:
@@ -237,8 +140,8 @@ def _names_preview(names: list[str], k: int = 3) -> str:
     return shown + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
-def _check_compatible(c0: _Checkpoint, c1: _Checkpoint) -> None:
-    n0, n1 = set(c0.where), set(c1.where)
+def _check_compatible(c0: SafetensorsCheckpoint, c1: SafetensorsCheckpoint) -> None:
+    n0, n1 = set(c0.tensors), set(c1.tensors)
     if n0 != n1:
         only0, only1 = sorted(n0 - n1), sorted(n1 - n0)
         parts = []
@@ -248,9 +151,11 @@ def _check_compatible(c0: _Checkpoint, c1: _Checkpoint) -> None:
             parts.append(f"only in t1: {_names_preview(only1)}")
         raise _fail(f"--t0-path/--t1-path: tensor names differ between the checkpoints; {'; '.join(parts)}")
     for name in sorted(n1):
-        i0, i1 = c0.info(name), c1.info(name)
+        i0, i1 = c0.tensors[name], c1.tensors[name]
         if i0.shape != i1.shape:
-            raise _fail(f"--t0-path/--t1-path: tensor {name!r} has shape {i0.shape} in t0 but {i1.shape} in t1")
+            raise _fail(
+                f"--t0-path/--t1-path: tensor {name!r} has shape {list(i0.shape)} in t0 but {list(i1.shape)} in t1"
+            )
         if (i0.dtype in _FLOAT_DTYPES) != (i1.dtype in _FLOAT_DTYPES):
             raise _fail(f"--t0-path/--t1-path: tensor {name!r} has dtype {i0.dtype} in t0 but {i1.dtype} in t1")
 
@@ -295,14 +200,14 @@ class _StreamingSafetensorsWriter:
     data section, then the tensors' little-endian bytes back to back in header order.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, _TensorInfo]], metadata: dict[str, str] | None):
+    def __init__(self, path: Path, entries: list[tuple[str, TensorEntry]], metadata: dict[str, str] | None):
         header: dict[str, Any] = {}
         if metadata:
             header["__metadata__"] = metadata
         off = 0
         self._expected: list[tuple[str, int]] = []
         for name, info in entries:
-            header[name] = {"dtype": info.dtype, "shape": info.shape, "data_offsets": [off, off + info.nbytes]}
+            header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [off, off + info.nbytes]}
             self._expected.append((name, info.nbytes))
             off += info.nbytes
         blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -454,7 +359,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def _write_checkpoint(
-    c0: _Checkpoint, c1: _Checkpoint, dst: Path, beta: float, selector: TensorSelector, echo
+    c0: SafetensorsCheckpoint, c1: SafetensorsCheckpoint, dst: Path, beta: float, selector: TensorSelector, echo
 ) -> dict[str, Any]:
     import safetensors  # looked up at call time, so tests can wrap safetensors.safe_open
     import torch
@@ -466,21 +371,20 @@ def _write_checkpoint(
     projected, copied, nonfinite = [], [], []
     sq = {"projected": 0.0, "copied": 0.0}
     numel = {"projected": 0, "copied": 0}
-    handles: dict[tuple[int, str], Any] = {}
+    handles: dict[Path, Any] = {}
 
-    def handle(ck: _Checkpoint, fname: str):
-        key = (id(ck), fname)
-        if key not in handles:
-            handles[key] = safetensors.safe_open(str(ck.shards[fname].path), framework="pt", device="cpu")
-        return handles[key]
+    def handle(file: Path):
+        if file not in handles:
+            handles[file] = safetensors.safe_open(str(file), framework="pt", device="cpu")
+        return handles[file]
 
-    def project_one(name: str, info: _TensorInfo, writer: _StreamingSafetensorsWriter, fname: str) -> None:
+    def project_one(name: str, info: TensorEntry, writer: _StreamingSafetensorsWriter, fname: str) -> None:
         # Every input tensor is a local of this function: it is released when the function returns, so at
         # most one tensor per input checkpoint is alive at any time.
-        info0 = c0.info(name)
-        a = handle(c0, c0.where[name]).get_tensor(name)
-        w = handle(c1, fname).get_tensor(name)
-        entry: dict[str, Any] = {"shape": info.shape, "dtype": info.dtype, "shard": fname}
+        info0 = c0.tensors[name]
+        a = handle(info0.file).get_tensor(name)
+        w = handle(info.file).get_tensor(name)
+        entry: dict[str, Any] = {"shape": list(info.shape), "dtype": info.dtype, "shard": fname}
         if info0.dtype != info.dtype:
             entry["t0_dtype"] = info0.dtype
         d2 = float(displacement_stats(w, a).total)  # ‖W_t1 − W_t0‖², chunked, fp32 differences, fp64 sums
@@ -513,17 +417,17 @@ def _write_checkpoint(
 
     weight_files = []
     try:
-        for fname, shard in c1.shards.items():
+        for fname, shard in c1.files.items():
             entries = list(shard.tensors.items())
             writer = _StreamingSafetensorsWriter(dst / fname, entries, shard.metadata or {"format": "pt"})
             try:
                 for name, info in entries:
-                    if info.dtype in _FLOAT_DTYPES and c0.info(name).dtype in _FLOAT_DTYPES:
+                    if info.dtype in _FLOAT_DTYPES and c0.tensors[name].dtype in _FLOAT_DTYPES:
                         project_one(name, info, writer, fname)
                     else:  # integer / bool / fp8 / packed: raw bytes from t1
-                        writer.copy_bytes(name, shard.path, shard.data_start + info.begin, info.nbytes)
+                        writer.copy_bytes(name, shard.path, info.offset, info.nbytes)
                         tensors_log[name] = {
-                            "shape": info.shape, "dtype": info.dtype, "shard": fname, "action": "copied",
+                            "shape": list(info.shape), "dtype": info.dtype, "shard": fname, "action": "copied",
                             "reason": f"dtype {info.dtype} is not projected",
                         }  # fmt: skip
                         copied.append(name)
@@ -536,10 +440,10 @@ def _write_checkpoint(
         handles.clear()
 
     if c1.sharded:
-        total = sum(s.tensors[n].nbytes for s in c1.shards.values() for n in s.tensors)
+        total = sum(t.nbytes for t in c1.tensors.values())
         index = {
             "metadata": {**c1.index_metadata, "total_size": total},
-            "weight_map": {name: c1.where[name] for name in sorted(c1.where)},
+            "weight_map": {name: c1.tensors[name].file.name for name in sorted(c1.tensors)},
         }
         (dst / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     aux = _aux_files(c1.path)

@@ -23,7 +23,6 @@ Choices:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -34,19 +33,20 @@ from omegaconf import DictConfig
 
 from actors.groups import ActorGroups
 from orchestrator.batches import build_train_batch, mean, shard_batch, step_metrics
+from orchestrator.checkpoints import (
+    checkpoint_root,
+    checkpoint_tag,
+    complete_checkpoints,
+    newest_checkpoint,
+    write_state,
+)
 from orchestrator.cli import hydra_cli
 from orchestrator.config import JobConfig, validate
 from orchestrator.console import console
 from orchestrator.messages import SamplingConfig
+from orchestrator.metrics import sample_metrics
 from orchestrator.rl_extra import RLExtraSchedule, ValidationBatch
 from orchestrator.tracking import Tracker
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased Pass@k from n samples with c correct (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
 class Job:
@@ -169,12 +169,11 @@ class Job:
         sampled = self.groups.generate(self.eval_prompt_ids, self.sampling(k, seed=self.cfg.seed + 12345))
         refs = [self.eval_answers[i] for i in sampled.prompt_index]
         s_scores = self.scorer.score_batch(verifier, sampled.response_text, refs)
-        per_prompt = [s_scores[i * k : (i + 1) * k] for i in range(len(self.eval_answers))]
-        correct = [sum(1 for s in row if s >= 1.0) for row in per_prompt]
+        sampled_metrics = sample_metrics(s_scores, k)
         return {
             "eval/greedy_accuracy": sum(g_scores) / len(g_scores),
-            "eval/avg_at_k": sum(s_scores) / len(s_scores),
-            "eval/pass_at_k": sum(pass_at_k(k, c, k) for c in correct) / len(correct),
+            "eval/avg_at_k": sampled_metrics["avg_at_k"],
+            "eval/pass_at_k": sampled_metrics["pass_at_k"],
             "eval/response_length": sum(len(r) for r in sampled.response_ids) / len(sampled.response_ids),
         }
 
@@ -242,8 +241,8 @@ class Job:
         """Model + optimizer + LR schedule per rank (DeepSpeed), RL-Extra anchors and statistics per rank, and
         `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run), written last:
         a checkpoint without it is incomplete and never resumed from."""
-        ckpt_root = os.path.join(self.output_dir, "checkpoints")
-        tag = f"rl_step_{step}"
+        ckpt_root = checkpoint_root(self.output_dir)
+        tag = checkpoint_tag(step)
         state = {
             "rl_step": step,
             "data_position": self.cursor.position,
@@ -255,10 +254,7 @@ class Job:
             "python_rng": _jsonable(random.getstate()),
         }
         hf_dir = self.groups.call_learners("save_checkpoint", ckpt_root, tag, {"rl_step": step})[0]
-        tmp = os.path.join(ckpt_root, tag, "rlextra_state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, os.path.join(ckpt_root, tag, "rlextra_state.json"))
+        write_state(os.path.join(ckpt_root, tag), state)
         keep = self.cfg.trainer.keep_checkpoints
         if keep:
             for old in complete_checkpoints(ckpt_root)[:-keep]:
@@ -267,16 +263,11 @@ class Job:
 
     def newest_checkpoint(self) -> tuple[str, dict] | None:
         """(tag, rlextra_state.json) of the newest complete checkpoint under output_dir/checkpoints, or None."""
-        root = os.path.join(self.output_dir, "checkpoints")
-        tags = complete_checkpoints(root) if os.path.isdir(root) else []
-        if not tags:
-            return None
-        with open(os.path.join(root, tags[-1], "rlextra_state.json")) as f:
-            return tags[-1], json.load(f)
+        return newest_checkpoint(checkpoint_root(self.output_dir))
 
     def restore(self, tag: str, state: dict) -> int:
         """Load a checkpoint into the live job; returns the next RL step."""
-        root = os.path.join(self.output_dir, "checkpoints")
+        root = checkpoint_root(self.output_dir)
         self.groups.call_learners("load_checkpoint", root, tag)
         self.cursor.position = int(state["data_position"])
         self.groups.weight_version = int(state["weight_version"])
@@ -486,16 +477,6 @@ class Job:
                 closer()
             except Exception as exc:  # keep closing the rest
                 self.log(f"warning: shutdown step failed: {exc}")
-
-
-def complete_checkpoints(root: str) -> list[str]:
-    """Checkpoint tags under `root` that finished writing (have rlextra_state.json), oldest first."""
-    tags = [
-        d
-        for d in os.listdir(root)
-        if d.startswith("rl_step_") and os.path.exists(os.path.join(root, d, "rlextra_state.json"))
-    ]
-    return sorted(tags, key=lambda d: int(d.split("_")[-1]))
 
 
 def _jsonable(x):

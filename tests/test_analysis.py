@@ -14,16 +14,13 @@ import pytest
 from linearity.analysis import (
     AnalysisConfig,
     AnalysisError,
-    Checkpoint,
     SeriesAccumulator,
-    analyze_weights,
     parse_param_name,
-    read_elements,
-    read_safetensors_entries,
     sample_count,
     sample_indices,
     token_groups,
 )
+from orchestrator.analyze import Checkpoint, analyze_weights, read_elements, read_entries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -181,7 +178,7 @@ def test_the_same_sampled_elements_are_read_from_every_checkpoint(tmp_path):
         start = ex["index"] + k * 1e4 if k is not None else ex["index"] * 2
         slope = 0.5 if k is not None else 1
         np.testing.assert_array_equal(ex["values"], [start + slope * t for t in steps])
-    entries = read_safetensors_entries(tmp_path / "rl_step_8")
+    entries = read_entries(tmp_path / "rl_step_8")
     idx = sample_indices("d.weight", 64, 0.0, 20, 0)
     np.testing.assert_array_equal(read_elements(entries["d.weight"], idx), idx * 2.0 + 8)
 
@@ -332,7 +329,7 @@ def test_probe_prompts_come_from_a_hydra_run_dirs_eval_split(tmp_path):
     from omegaconf import OmegaConf
 
     from orchestrator.analyze import load_probe_file, prompts_from_run
-    from tests.test_job import compose_cfg
+    from tests.helpers import compose_cfg
 
     cfg = compose_cfg([f"model.cache_dir={tmp_path / 'cache'}", "data.toy.num_train=50", "data.toy.num_eval=7"])
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
@@ -442,7 +439,7 @@ def test_analyze_a_real_training_runs_checkpoints(ray_session, cache_dir, tmp_pa
     from orchestrator.config import validate
     from orchestrator.toy_task import write_toy_dataset
     from orchestrator.train import run_job
-    from tests.test_job import compose_cfg, small_job_overrides
+    from tests.helpers import compose_cfg, small_job_overrides
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose_cfg(

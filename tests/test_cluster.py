@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import compose
+from tests.helpers import compose_cfg, free_ports, tiny_job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 VENV_BIN = Path(sys.executable).parent
 
 # What a job's working_dir upload leaves out (the README's runtime env lists the same).
@@ -45,37 +44,6 @@ WORKING_DIR_EXCLUDES = [
     "**/__pycache__",
     ".pytest_cache",
 ]
-
-
-def compose_cfg(overrides: list[str]):
-    return compose(overrides)
-
-
-def tiny_job_overrides(cache_dir, out_dir, steps=2) -> list[str]:
-    """The tests' small job (the same model and data as tests/conftest.py's `toy_model_path`)."""
-    return [
-        f"model.cache_dir={cache_dir}",
-        "model.warm_start.steps=120",
-        "model.warm_start.batch_size=64",
-        "data.toy.num_train=2000",
-        "data.toy.num_eval=40",
-        "data.toy.digits=1",
-        "schedule=rl",
-        f"trainer.total_steps={steps}",
-        "trainer.prompts_per_step=8",
-        "trainer.samples_per_prompt=4",
-        "trainer.eval_every=0",
-        "trainer.eval_prompts=8",
-        "trainer.eval_samples=2",
-        "trainer.progress=false",
-        "trainer.save_final=false",
-        f"trainer.output_dir={out_dir}",
-        "learner.micro_batch_size=16",
-        "rollout.kv_cache_mb=16",
-        "reward.num_workers=1",
-        f"tracking.tracking_uri=sqlite:///{Path(out_dir) / 'mlflow.db'}",
-        "tracking.experiment=test-cluster",
-    ]
 
 
 # ------------------------------------------------------------------------------------------------ unit
@@ -161,6 +129,23 @@ def test_per_group_plan_with_custom_resources():
     assert learner.strategy == "STRICT_SPREAD"
     assert list(learner.bundles) == [{"CPU": 1.0, "GPU": 1.0, "learner_node": 0.5}] * 3
     assert plan.rollout_slots == ((0, 0),) and plan.learner_slots == ((1, 0), (1, 1), (1, 2))
+
+
+def test_rollout_only_plan_reserves_no_learner_group():
+    """Evaluation engines (`start_actor_groups` without a learner) go through the job's plan with no learner ranks
+    (the evaluation's config has no learner section)."""
+    from orchestrator.cluster import plan_placement
+    from orchestrator.config import EvaluateConfig, to_typed
+
+    def plan(overrides):
+        cfg = to_typed(compose_cfg(overrides, "evaluate"), EvaluateConfig)
+        return plan_placement(cfg.cluster, cfg.rollout, None, num_rollouts=2, world_size=0)
+
+    shared = plan([])
+    assert [(g.name, g.strategy, list(g.bundles)) for g in shared.groups] == [("job", "PACK", [{"CPU": 1.0}] * 2)]
+    per_group = plan(["cluster.rollout_strategy=SPREAD"])
+    assert [(g.name, g.strategy) for g in per_group.groups] == [("rollout", "SPREAD")]
+    assert shared.rollout_slots == per_group.rollout_slots == ((0, 0), (0, 1)) and not per_group.learner_slots
 
 
 # ------------------------------------------------------------------------------------- multi-node Ray
@@ -296,19 +281,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _wait_for_job_api(address: str, timeout_s: float = 120) -> None:
     """`ray start` returns before the head's job agent registers: submit a no-op job until one succeeds."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -337,7 +309,7 @@ def ray_head():
     """`ray start --head` on loopback with its own temp dir and ports; yields the dashboard (job API) URL."""
     temp_dir = tempfile.mkdtemp(prefix="rxj", dir="/tmp")  # short: Ray's unix sockets live under it
     # Every port explicit: another Ray on this machine holds the defaults (the agent's 52365 above all).
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = free_ports(7)
     env = {
         k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")
     }  # the job gets the upload only

@@ -1,7 +1,6 @@
-"""`python -m orchestrator.evaluate`: the Avg@k / Pass@k estimator against hand-computed values, config errors
-(one line naming the field, exit 2, nothing written), and one end-to-end CLI run — three checkpoints through
-one vLLM engine (started once, then reloaded in place) plus logits extrapolation — read back from the JSON
-and from the MLflow store."""
+"""`python -m orchestrator.evaluate`: config errors (one line naming the field, exit 2, nothing written), and one
+end-to-end CLI run — three checkpoints through one vLLM engine (started once, then reloaded in place) plus logits
+extrapolation — read back from the JSON and from the MLflow store."""
 
 from __future__ import annotations
 
@@ -13,57 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, compose
-from orchestrator.evaluate import (
-    checkpoint_step,
-    pass_levels,
-    resolve_datasets,
-    rewrite_argv,
-    sample_metrics,
-    validate_eval,
-)
-from orchestrator.train import pass_at_k
+from orchestrator.config import ConfigError
+from orchestrator.evaluate import resolve_datasets, rewrite_argv, validate_eval
+from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-def compose_eval(overrides: list[str]):
-    return compose(overrides, config_name="evaluate")
-
-
-# ------------------------------------------------------------------------------------------- estimator
-
-
-@pytest.mark.parametrize(
-    "n, c, k, expected",
-    [
-        (5, 2, 2, 1 - 3 / 10),  # 1 − C(3,2)/C(5,2) = 0.7
-        (10, 3, 1, 0.3),  # Pass@1 = c / n
-        (4, 1, 2, 1 - 3 / 6),  # 1 − C(3,2)/C(4,2)
-        (8, 2, 4, 1 - 15 / 70),  # 1 − C(6,4)/C(8,4)
-        (5, 0, 3, 0.0),
-        (4, 3, 2, 1.0),  # n − c < k: every draw of 2 holds a correct sample
-    ],
-)
-def test_pass_at_k_hand_computed(n, c, k, expected):
-    assert pass_at_k(n, c, k) == pytest.approx(expected)
-
-
-def test_sample_metrics_hand_computed():
-    # two prompts, k = 4: A has 2 correct; B none correct and one half-credit sample (counts for Avg, not Pass)
-    scores = [1.0, 0.0, 1.0, 0.0] + [0.0, 0.0, 0.0, 0.5]
-    m = sample_metrics(scores, 4)
-    assert m["avg_at_k"] == pytest.approx(2.5 / 8)
-    assert m["pass_at"]["1"] == pytest.approx((2 / 4 + 0) / 2)
-    assert m["pass_at"]["2"] == pytest.approx((1 - 1 / 6 + 0) / 2)  # A: 1 − C(2,2)/C(4,2)
-    assert m["pass_at_k"] == m["pass_at"]["4"] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="multiple of k=4"):
-        sample_metrics([1.0] * 6, 4)
-
-
-def test_pass_levels():
-    assert pass_levels(1) == [1] and pass_levels(8) == [1, 2, 4, 8] and pass_levels(6) == [1, 2, 4, 6]
 
 
 # ----------------------------------------------------------------------------------------- config, CLI
@@ -77,17 +30,10 @@ def test_literal_flag_maps_to_hydra_override():
     ]
 
 
-def test_checkpoint_step(tmp_path):
-    (tmp_path / "run" / "checkpoints" / "rl_step_40" / "hf").mkdir(parents=True)
-    assert checkpoint_step(str(tmp_path / "run" / "checkpoints" / "rl_step_40" / "hf")) == 40
-    (tmp_path / "run" / "checkpoints" / "rl_step_40" / "rlextra_state.json").write_text(json.dumps({"rl_step": 41}))
-    assert checkpoint_step(str(tmp_path / "run" / "checkpoints" / "rl_step_40" / "hf")) == 41  # the state file wins
-    assert checkpoint_step(str(tmp_path)) is None
-
-
 def test_datasets_from_group_names_and_dicts():
-    cfg = compose_eval(
-        ["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1,num_eval:40}},{toy:{num_eval:7}},toy_code]"]
+    cfg = compose_cfg(
+        ["eval.datasets=[toy_mul,{group:toy_add,name:add1,toy:{digits:1,num_eval:40}},{toy:{num_eval:7}},toy_code]"],
+        "evaluate",
     )
     specs = resolve_datasets(cfg)
     assert [s.name for s in specs] == ["toy_mul", "add1", "toy_add2", "toy_code"]
@@ -117,7 +63,7 @@ def test_datasets_from_group_names_and_dicts():
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_eval(compose_eval(overrides))
+        validate_eval(compose_cfg(overrides, "evaluate"))
 
 
 def test_alpha_and_steps_are_exclusive(tmp_path):
@@ -128,10 +74,10 @@ def test_alpha_and_steps_are_exclusive(tmp_path):
         f"eval.logits_extrapolation.t1_path={tmp_path}",
     ]
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.alpha: expected exactly one of alpha or steps"):
-        validate_eval(compose_eval(lx))
+        validate_eval(compose_cfg(lx, "evaluate"))
     with pytest.raises(ConfigError, match=r"^eval.logits_extrapolation.steps: expected three numbers"):
-        validate_eval(compose_eval(lx + ["eval.logits_extrapolation.steps=[5,5,10]"]))
-    validate_eval(compose_eval(lx + ["eval.logits_extrapolation.alpha=2.0"]))
+        validate_eval(compose_cfg(lx + ["eval.logits_extrapolation.steps=[5,5,10]"], "evaluate"))
+    validate_eval(compose_cfg(lx + ["eval.logits_extrapolation.alpha=2.0"], "evaluate"))
 
 
 def _run_cli(args: list[str], tmp_path, timeout=120) -> subprocess.CompletedProcess:

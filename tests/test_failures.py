@@ -17,7 +17,7 @@ import signal
 import pytest
 import torch
 
-from tests.test_cluster import compose_cfg, tiny_job_overrides
+from tests.helpers import compose_cfg, tiny_job_overrides
 
 
 def _kill_process_of(ray, actor) -> int:

@@ -11,37 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import compose
+from tests.helpers import compose_cfg, small_job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-def compose_cfg(overrides: list[str]):
-    return compose(overrides)
-
-
-def small_job_overrides(cache_dir, tmp_path, steps=3) -> list[str]:
-    return [
-        f"model.cache_dir={cache_dir}",
-        "model.warm_start.steps=120",
-        "model.warm_start.batch_size=64",
-        "data.toy.num_train=2000",
-        "data.toy.num_eval=40",
-        "data.toy.digits=1",
-        f"trainer.total_steps={steps}",
-        "trainer.prompts_per_step=8",
-        "trainer.samples_per_prompt=4",
-        "trainer.eval_every=2",
-        "trainer.eval_prompts=16",
-        "trainer.eval_samples=2",
-        "trainer.progress=false",
-        f"trainer.output_dir={tmp_path / 'out'}",
-        "learner.micro_batch_size=16",
-        "rollout.kv_cache_mb=16",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tracking.experiment=test-job",
-    ]
 
 
 @pytest.mark.slow

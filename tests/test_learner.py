@@ -10,36 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.learner import LearnerActor, LearnerSpec, forward_response_logits, response_logits_to_logp
+from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
 from orchestrator.algorithms import policy_loss
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig
 from orchestrator.messages import TrainBatch
+from tests.helpers import behaviour_logp, random_batch, start_learner_group, stop_learner_group
 
 pytestmark = pytest.mark.slow
-
-
-def _random_batch(model_path: str, batch: int = 16, seed: int = 0) -> TrainBatch:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    gen = torch.Generator().manual_seed(seed)
-    P, R = 6, 5
-    prompts = torch.full((batch, P), tok.pad_token_id, dtype=torch.long)
-    responses = torch.full((batch, R), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((batch, P + R), dtype=torch.long)
-    rmask = torch.zeros((batch, R))
-    for i in range(batch):
-        p_len = int(torch.randint(3, P + 1, (1,), generator=gen))
-        r_len = int(torch.randint(1, R + 1, (1,), generator=gen))
-        prompts[i, P - p_len :] = torch.randint(3, len(tok), (p_len,), generator=gen)
-        responses[i, :r_len] = torch.randint(3, len(tok), (r_len,), generator=gen)
-        attn[i, P - p_len : P + r_len] = 1
-        rmask[i, :r_len] = 1
-    adv = torch.randn(batch, 1, generator=gen).expand(batch, R) * rmask
-    old_logp = torch.zeros(batch, R)  # filled from the model below
-    return TrainBatch(prompts, responses, attn, rmask, old_logp, adv.contiguous(), temperature=0.9)
 
 
 def _reference_step(model_path: str, batch: TrainBatch, spec: LearnerSpec):
@@ -80,33 +59,6 @@ def _initial_weights(model_path: str) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _behaviour_logp(model_path: str, batch: TrainBatch) -> torch.Tensor:
-    """Behaviour log-probs slightly off the current policy, so ratios differ from 1 and some clip."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logp, _ = response_logits_to_logp(forward_response_logits(model, batch), batch.responses, batch.temperature)
-    gen = torch.Generator().manual_seed(1)
-    return ((logp + 0.3 * torch.randn(logp.shape, generator=gen)) * batch.response_mask).contiguous()
-
-
-def _start_group(ray, spec: LearnerSpec):
-    from orchestrator.cluster import _free_port, learner_actor_env
-
-    port = _free_port()
-    Remote = ray.remote(LearnerActor).options(num_cpus=1, runtime_env={"env_vars": learner_actor_env(1)})
-    actors = [Remote.remote(spec, rank, "127.0.0.1", port) for rank in range(spec.learner.world_size)]
-    ray.get([a.setup.remote() for a in actors])
-    return actors
-
-
-def _stop_group(ray, actors):
-    ray.get([a.shutdown.remote() for a in actors], timeout=60)
-    for a in actors:
-        ray.kill(a)
-
-
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean"])
 def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg):
     ray = ray_session
@@ -119,16 +71,16 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
         samples_per_rank=8,
         seed=0,
     )
-    batch = _random_batch(toy_model_path)
-    batch.old_logp = _behaviour_logp(toy_model_path, batch)
+    batch = random_batch(toy_model_path)
+    batch.old_logp = behaviour_logp(toy_model_path, batch)
     ref_loss, ref_norm, ref_weights, ref_grads = _reference_step(toy_model_path, batch, spec)
 
-    actors = _start_group(ray, spec)
+    actors = start_learner_group(ray, spec)
     try:
         metrics = ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(batch, 2))])
         exported = ray.get([a.export_weights.remote(1.0) for a in actors])
     finally:
-        _stop_group(ray, actors)
+        stop_learner_group(ray, actors)
 
     assert exported[1] is None and exported[0], "rank 0 returns the gathered weights, other ranks None"
     loss = sum(m.loss for m in metrics) / 2  # equal shards: the mean of shard seq-means is the batch seq-mean
@@ -158,10 +110,10 @@ def test_train_step_rejects_wrong_shard_size(ray_session, toy_model_path):
         samples_per_rank=8,
         seed=0,
     )
-    actors = _start_group(ray, spec)
+    actors = start_learner_group(ray, spec)
     try:
-        batch = _random_batch(toy_model_path, batch=4)
+        batch = random_batch(toy_model_path, batch=4)
         with pytest.raises(Exception, match="expected 8 samples, got 4"):
             ray.get(actors[0].train_step.remote(batch))
     finally:
-        _stop_group(ray, actors)
+        stop_learner_group(ray, actors)

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.test_cluster import compose_cfg, tiny_job_overrides
+from tests.helpers import compose_cfg, tiny_job_overrides
 
 pytestmark = pytest.mark.slow
 

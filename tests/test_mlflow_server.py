@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster import _free_ports, compose_cfg, tiny_job_overrides
+from tests.helpers import compose_cfg, free_ports, tiny_job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -65,7 +65,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 8) -> None:
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1:<free port>; yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     log = root / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_job import small_job_overrides
+from tests.helpers import small_job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

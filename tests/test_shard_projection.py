@@ -17,7 +17,7 @@ from actors.learner import LearnerSpec, forward_response_logits, response_logits
 from actors.rollout import from_transport
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig
-from tests.test_learner import _behaviour_logp, _random_batch, _start_group, _stop_group
+from tests.helpers import behaviour_logp, random_batch, start_learner_group, stop_learner_group
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,9 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
         samples_per_rank=8,
         seed=0,
     )
-    batch = _random_batch(toy_model_path)
-    batch.old_logp = _behaviour_logp(toy_model_path, batch)
-    actors = _start_group(ray, spec)
+    batch = random_batch(toy_model_path)
+    batch.old_logp = behaviour_logp(toy_model_path, batch)
+    actors = start_learner_group(ray, spec)
     try:
         infos = ray.get([a.extra_setup.remote() for a in actors])  # each rank names the params it holds a slice of
         skipped = {n for i in infos for n in i["skipped"]}
@@ -105,7 +105,7 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
         for name in after_step:
             torch.testing.assert_close(restored[name], after_step[name], rtol=0, atol=0, msg=f"{name} not restored")
     finally:
-        _stop_group(ray, actors)
+        stop_learner_group(ray, actors)
 
 
 def _cos(a: dict, b: dict, names) -> float:
@@ -133,10 +133,10 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
     )
     batches = []
     for seed in range(3):
-        b = _random_batch(toy_model_path, seed=seed)
-        b.old_logp = _behaviour_logp(toy_model_path, b)
+        b = random_batch(toy_model_path, seed=seed)
+        b.old_logp = behaviour_logp(toy_model_path, b)
         batches.append(b)
-    actors = _start_group(ray, spec)
+    actors = start_learner_group(ray, spec)
     try:
         ray.get([a.extra_setup.remote(("*",), None, None, "least_squares", 512) for a in actors])
         ray.get([a.extra_snapshot.remote() for a in actors])
@@ -200,4 +200,4 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
         steps = steps[steps > 0]
         assert steps.max() <= lr * 1.01 and steps.median() > 0.9 * lr
     finally:
-        _stop_group(ray, actors)
+        stop_learner_group(ray, actors)
