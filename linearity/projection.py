@@ -122,11 +122,9 @@ def project_(
         beta: one β for all tensors, or k per-tensor betas (a sequence or a 1-D tensor of length k).
             β = 1 leaves W unchanged (those tensors are skipped: exact identity, no memory traffic);
             β = 0 writes A exactly; β > 1 extrapolates, 0 < β < 1 interpolates.
-        mask: None (project every element), or per tensor a mask with W_i's shape (a list aligned with
+        mask: None (project every element), or per tensor a ``bool`` mask with W_i's shape (a list aligned with
             ``weights``, entries may be None = whole tensor; a bare tensor when ``weights`` is one tensor):
-            - bool: selected elements get exactly what the unmasked projection gives, the rest is untouched;
-            - floating m: ``W ← W + m (β − 1)(W − A)`` elementwise (m = 0 keeps W, m = 1 projects,
-              i.e. a per-element β_eff = 1 + m (β − 1)).
+            selected elements get exactly what the unmasked projection gives, the rest is untouched.
         chunk_numel: elements per chunk of the masked paths' scratch buffer.
 
     Cost: unmasked tensors go through ``torch._foreach_lerp_`` — one pass (read W, read A, write W), no
@@ -134,10 +132,9 @@ def project_(
     ``min(chunk_numel, numel)`` elements (float32 or wider, 4 MiB at the default chunk; nothing else is
     allocated): for fp32/fp64 weights the chunk's per-element lerp weight ``m (1 − β)`` is written into the
     scratch (cache-resident) and ``lerp_`` runs with it — the same main-memory traffic as the unmasked path plus
-    reading the mask (1 byte per element for bool, a quarter of an fp32 buffer); on CPU ≈ 2–3× the unmasked
-    time (the bool→float conversion and the tensor-weight lerp are slower kernels). bf16/fp16 weights: a bool
-    mask costs a ``lerp`` into a half-precision scratch plus a ``where``; a float mask ``W − A`` in fp32, ``· m``,
-    ``W += (β − 1)·scratch``. The mask itself is the caller's memory.
+    reading the mask (1 byte per element, a quarter of an fp32 buffer); on CPU ≈ 2–3× the unmasked time (the
+    mask→float conversion and the tensor-weight lerp are slower kernels). bf16/fp16 weights: a ``lerp`` into a
+    half-precision scratch plus a ``where``. The mask itself is the caller's memory.
 
     Precision: fp32 is exact to fp32 rounding of the result. bf16/fp16 are computed in fp32 and rounded once to
     the buffer's dtype (within one ulp of the result); see the module docstring on why the fp32 master weights,
@@ -179,39 +176,30 @@ def _project_masked_(w: Tensor, a: Tensor, beta: float, m: Tensor, chunk_numel: 
         raise ValueError(f"mask shape {tuple(m.shape)} != weight shape {tuple(w.shape)}")
     if m.device != w.device:
         raise ValueError(f"mask device {m.device} != weight device {w.device}")
-    if not (m.dtype == torch.bool or m.is_floating_point()):
-        raise TypeError(f"mask must be bool or floating, got {m.dtype}")
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {m.dtype}")
     wf, af, mf = _flat(w, "weights"), _flat(a, "anchor"), _flat(m, "mask")
     n = wf.numel()
     if n == 0:
         return
     size, cdt = min(chunk_numel, n), compute_dtype(w.dtype)
     if cdt == w.dtype:
-        # fp32 / fp64: a per-element lerp weight m·(1 − β). For a bool mask the weight is exactly (1 − β) or 0,
-        # so selected elements are bit-identical to the unmasked path and the others are left as they are.
-        if m.dtype == torch.bool:
-            mf = mf.view(torch.uint8)  # uint8 → float conversion is vectorised, bool → float is not
+        # fp32 / fp64: a per-element lerp weight m·(1 − β), exactly (1 − β) or 0, so selected elements are
+        # bit-identical to the unmasked path and the others are left as they are.
+        mf = mf.view(torch.uint8)  # uint8 → float conversion is vectorised, bool → float is not
         lw_buf = torch.empty(size, dtype=w.dtype, device=w.device)
         for s, e in _chunks(n, chunk_numel):
             lw = lw_buf[: e - s]
             lw.copy_(mf[s:e])
             lw.mul_(1.0 - beta)
             wf[s:e].lerp_(af[s:e], lw)
-    elif m.dtype == torch.bool:
+    else:
         # half types: lerp into a scratch of the weight's dtype (the unmasked path's rounding), then select.
         out_buf = torch.empty(size, dtype=w.dtype, device=w.device)
         for s, e in _chunks(n, chunk_numel):
             out = out_buf[: e - s]
             torch.lerp(wf[s:e], af[s:e], 1.0 - beta, out=out)
             torch.where(mf[s:e], out, wf[s:e], out=wf[s:e])
-    else:
-        d_buf = torch.empty(size, dtype=cdt, device=w.device)
-        for s, e in _chunks(n, chunk_numel):
-            d = d_buf[: e - s]
-            d.copy_(wf[s:e])
-            d.sub_(af[s:e])  # W − A in fp32: no rounding to the half type before the scaling
-            d.mul_(mf[s:e])
-            wf[s:e].add_(d, alpha=beta - 1.0)  # computed in fp32, rounded once into W
 
 
 def snapshot_(anchor: Buffers, weights: Buffers) -> None:
