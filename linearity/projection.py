@@ -21,9 +21,10 @@ Why it is written this way:
 - Masked projection (only selected elements move) cannot be written as a single scalar ``lerp_``; it is done
   chunk by chunk through one small scratch buffer (``chunk_numel`` elements), so the extra memory is bounded
   by the chunk, not by the model.
-- The statistics (squared norms of the displacement, dot products between displacements) are returned as
+- The statistics (squared norms of the displacement, over the same masks as the projection) are returned as
   per-tensor partial sums in float64 on the buffers' device, so a distributed caller all-reduces them
-  (sum over ranks) and only then forms norms, cosines or ratios.
+  (sum over ranks) and only then forms norms or ratios. The statistics that decide *what* to project (drift
+  share, top-fraction selection, least-squares trends) are in ``linearity.trend``.
 
 Precision: every function computes in at least float32 and rounds once into the destination. For fp32 buffers
 the projection is exact to fp32 rounding (a few ulp of ``|W| + |A| + |β (W − A)|``). For bf16 buffers ``lerp_``
@@ -36,7 +37,7 @@ project the fp32 master weights, not their bf16 copy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -72,13 +73,15 @@ def _check_pair(weights: list[Tensor], other: list[Tensor], what: str, *, same_d
             raise ValueError(f"{what}[{i}]: dtype {o.dtype} != weight dtype {w.dtype}")
 
 
-def _flat(t: Tensor, what: str) -> Tensor:
+def flat_view(t: Tensor, what: str) -> Tensor:
+    """``t`` as a 1-D view (``dtype[numel]``) without copying; ``what`` names it in the error for a strided tensor."""
     if not t.is_contiguous():
         raise ValueError(f"{what}: expected a contiguous (flat) buffer")
     return t.view(-1)
 
 
-def _chunks(numel: int, chunk_numel: int):
+def chunk_bounds(numel: int, chunk_numel: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive chunks of at most ``chunk_numel`` elements covering ``range(numel)``."""
     for start in range(0, numel, chunk_numel):
         yield start, min(start + chunk_numel, numel)
 
@@ -103,6 +106,20 @@ def _betas(beta: float | Sequence[float] | Tensor, k: int) -> list[float]:
     return betas
 
 
+def per_tensor_masks(mask: Tensor | Sequence[Tensor | None] | None, k: int) -> list[Tensor | None]:
+    """k mask entries (None = the whole tensor) from any of the ``mask`` argument forms of ``project_``."""
+    if mask is None:
+        return [None] * k
+    if isinstance(mask, Tensor):
+        if k != 1:
+            raise ValueError("a bare mask tensor needs a single weight tensor; pass a list of masks")
+        return [mask]
+    masks = list(mask)
+    if len(masks) != k:
+        raise ValueError(f"{len(masks)} masks for {k} weight tensors")
+    return masks
+
+
 # ------------------------------------------------------------------------------------------- projection
 
 
@@ -122,11 +139,9 @@ def project_(
         beta: one β for all tensors, or k per-tensor betas (a sequence or a 1-D tensor of length k).
             β = 1 leaves W unchanged (those tensors are skipped: exact identity, no memory traffic);
             β = 0 writes A exactly; β > 1 extrapolates, 0 < β < 1 interpolates.
-        mask: None (project every element), or per tensor a mask with W_i's shape (a list aligned with
+        mask: None (project every element), or per tensor a ``bool`` mask with W_i's shape (a list aligned with
             ``weights``, entries may be None = whole tensor; a bare tensor when ``weights`` is one tensor):
-            - bool: selected elements get exactly what the unmasked projection gives, the rest is untouched;
-            - floating m: ``W ← W + m (β − 1)(W − A)`` elementwise (m = 0 keeps W, m = 1 projects,
-              i.e. a per-element β_eff = 1 + m (β − 1)).
+            selected elements get exactly what the unmasked projection gives, the rest is untouched.
         chunk_numel: elements per chunk of the masked paths' scratch buffer.
 
     Cost: unmasked tensors go through ``torch._foreach_lerp_`` — one pass (read W, read A, write W), no
@@ -134,10 +149,9 @@ def project_(
     ``min(chunk_numel, numel)`` elements (float32 or wider, 4 MiB at the default chunk; nothing else is
     allocated): for fp32/fp64 weights the chunk's per-element lerp weight ``m (1 − β)`` is written into the
     scratch (cache-resident) and ``lerp_`` runs with it — the same main-memory traffic as the unmasked path plus
-    reading the mask (1 byte per element for bool, a quarter of an fp32 buffer); on CPU ≈ 2–3× the unmasked
-    time (the bool→float conversion and the tensor-weight lerp are slower kernels). bf16/fp16 weights: a bool
-    mask costs a ``lerp`` into a half-precision scratch plus a ``where``; a float mask ``W − A`` in fp32, ``· m``,
-    ``W += (β − 1)·scratch``. The mask itself is the caller's memory.
+    reading the mask (1 byte per element, a quarter of an fp32 buffer); on CPU ≈ 2–3× the unmasked time (the
+    mask→float conversion and the tensor-weight lerp are slower kernels). bf16/fp16 weights: a ``lerp`` into a
+    half-precision scratch plus a ``where``. The mask itself is the caller's memory.
 
     Precision: fp32 is exact to fp32 rounding of the result. bf16/fp16 are computed in fp32 and rounded once to
     the buffer's dtype (within one ulp of the result); see the module docstring on why the fp32 master weights,
@@ -146,16 +160,7 @@ def project_(
     ws, anchors = as_list(weights), as_list(anchor)
     _check_pair(ws, anchors, "anchor")
     betas = _betas(beta, len(ws))
-    if mask is None:
-        masks: list[Tensor | None] = [None] * len(ws)
-    elif isinstance(mask, Tensor):
-        if len(ws) != 1:
-            raise ValueError("a bare mask tensor needs a single weight tensor; pass a list of masks")
-        masks = [mask]
-    else:
-        masks = list(mask)
-        if len(masks) != len(ws):
-            raise ValueError(f"{len(masks)} masks for {len(ws)} weight tensors")
+    masks = per_tensor_masks(mask, len(ws))
 
     full_w, full_a, full_weight = [], [], []
     for w, a, b, m in zip(ws, anchors, betas, masks):
@@ -179,39 +184,30 @@ def _project_masked_(w: Tensor, a: Tensor, beta: float, m: Tensor, chunk_numel: 
         raise ValueError(f"mask shape {tuple(m.shape)} != weight shape {tuple(w.shape)}")
     if m.device != w.device:
         raise ValueError(f"mask device {m.device} != weight device {w.device}")
-    if not (m.dtype == torch.bool or m.is_floating_point()):
-        raise TypeError(f"mask must be bool or floating, got {m.dtype}")
-    wf, af, mf = _flat(w, "weights"), _flat(a, "anchor"), _flat(m, "mask")
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {m.dtype}")
+    wf, af, mf = flat_view(w, "weights"), flat_view(a, "anchor"), flat_view(m, "mask")
     n = wf.numel()
     if n == 0:
         return
     size, cdt = min(chunk_numel, n), compute_dtype(w.dtype)
     if cdt == w.dtype:
-        # fp32 / fp64: a per-element lerp weight m·(1 − β). For a bool mask the weight is exactly (1 − β) or 0,
-        # so selected elements are bit-identical to the unmasked path and the others are left as they are.
-        if m.dtype == torch.bool:
-            mf = mf.view(torch.uint8)  # uint8 → float conversion is vectorised, bool → float is not
+        # fp32 / fp64: a per-element lerp weight m·(1 − β), exactly (1 − β) or 0, so selected elements are
+        # bit-identical to the unmasked path and the others are left as they are.
+        mf = mf.view(torch.uint8)  # uint8 → float conversion is vectorised, bool → float is not
         lw_buf = torch.empty(size, dtype=w.dtype, device=w.device)
-        for s, e in _chunks(n, chunk_numel):
+        for s, e in chunk_bounds(n, chunk_numel):
             lw = lw_buf[: e - s]
             lw.copy_(mf[s:e])
             lw.mul_(1.0 - beta)
             wf[s:e].lerp_(af[s:e], lw)
-    elif m.dtype == torch.bool:
+    else:
         # half types: lerp into a scratch of the weight's dtype (the unmasked path's rounding), then select.
         out_buf = torch.empty(size, dtype=w.dtype, device=w.device)
-        for s, e in _chunks(n, chunk_numel):
+        for s, e in chunk_bounds(n, chunk_numel):
             out = out_buf[: e - s]
             torch.lerp(wf[s:e], af[s:e], 1.0 - beta, out=out)
             torch.where(mf[s:e], out, wf[s:e], out=wf[s:e])
-    else:
-        d_buf = torch.empty(size, dtype=cdt, device=w.device)
-        for s, e in _chunks(n, chunk_numel):
-            d = d_buf[: e - s]
-            d.copy_(wf[s:e])
-            d.sub_(af[s:e])  # W − A in fp32: no rounding to the half type before the scaling
-            d.mul_(mf[s:e])
-            wf[s:e].add_(d, alpha=beta - 1.0)  # computed in fp32, rounded once into W
 
 
 def snapshot_(anchor: Buffers, weights: Buffers) -> None:
@@ -235,56 +231,71 @@ def snapshot_(anchor: Buffers, weights: Buffers) -> None:
 
 
 class DisplacementStats(NamedTuple):
-    """Squared norms of ``W − A``: ``per_tensor`` float64 of shape (k,), ``total`` its 0-d sum (same device)."""
+    """Squared norms of ``W − A``: ``per_tensor`` float64[k], ``total`` float64[] its sum (same device)."""
 
     per_tensor: Tensor
     total: Tensor
 
 
-def _out_device(ws: list[Tensor]) -> torch.device:
-    return ws[0].device if ws else torch.device("cpu")
-
-
-def displacement_dot(
-    w1: Buffers,
-    a1: Buffers | None,
-    w2: Buffers,
-    a2: Buffers | None = None,
+def displacement_stats(
+    weights: Buffers,
+    anchor: Buffers,
+    mask: Tensor | Sequence[Tensor | None] | None = None,
     *,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
-) -> Tensor:
-    """Per-tensor ``Σ (W1 − A1) · (W2 − A2)`` without forming the differences (a missing A counts as zero).
+) -> DisplacementStats:
+    """Squared norm of the displacement ``‖W_i − A_i‖²`` per tensor and in total, optionally over masked elements.
 
     Args:
-        w1, a1, w2, a2: k tensors each, all tensors of index i with the same shape and device (dtypes may
-            differ); ``a1``/``a2`` may be None.
+        weights, anchor: k tensors each (matching shapes and devices; dtypes may differ).
+        mask: None, or per tensor None (every element) or a bool mask with W_i's shape — the same forms as
+            ``project_``'s ``mask``, so the norm of what a projection moves is measured with the projection's masks.
 
     Returns:
-        float64 tensor of shape (k,) on the first tensor's device: partial sums a distributed caller
-        all-reduces (sum) before forming norms or cosines.
+        ``DisplacementStats(per_tensor=float64[k], total=float64[])`` on the weights' device — partial sums: under
+        sharding, all-reduce ``per_tensor`` (sum) and recompute ``total`` as its sum.
 
-    Differences and products are formed chunk-wise in (at least) fp32 scratch buffers of ``chunk_numel``
-    elements; chunk sums are accumulated in float64.
+    Precision: ``W − A`` is formed in ``compute_dtype`` (at least float32, after an exact upcast). Whole tensors:
+    chunk-wise (scratch of ``chunk_numel`` elements), each chunk's ``dot`` in that dtype, chunk sums in float64.
+    Masked tensors: the selected elements are gathered (temporaries of the selection's size), squared in float64
+    and summed at once.
     """
-    x1, x2 = as_list(w1), as_list(w2)
-    y1 = as_list(a1) if a1 is not None else None
-    y2 = as_list(a2) if a2 is not None else None
-    _check_pair(x1, x2, "w2", same_dtype=False)
-    if y1 is not None:
-        _check_pair(x1, y1, "a1", same_dtype=False)
-    if y2 is not None:
-        _check_pair(x1, y2, "a2", same_dtype=False)
-    out = torch.zeros(len(x1), dtype=torch.float64, device=_out_device(x1))
-    same = _identical(x1, x2) and (
-        (y1 is None and y2 is None) or (y1 is not None and y2 is not None and _identical(y1, y2))
-    )
-    for i in range(len(x1)):
-        out[i] = _dot_one(x1[i], None if y1 is None else y1[i], x2[i], None if y2 is None else y2[i], same, chunk_numel)
+    ws, anchors = as_list(weights), as_list(anchor)
+    _check_pair(ws, anchors, "anchor", same_dtype=False)
+    masks = per_tensor_masks(mask, len(ws))
+    per = torch.zeros(len(ws), dtype=torch.float64, device=ws[0].device if ws else torch.device("cpu"))
+    for i, (w, a, m) in enumerate(zip(ws, anchors, masks)):
+        per[i] = _sq_distance(w, a, chunk_numel) if m is None else _masked_sq_distance(w, a, m)
+    return DisplacementStats(per, per.sum())
+
+
+def sq_norm(d: Buffers, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
+    """Per-tensor squared norms ``Σ d_i²``: float64[k] on d's device (partial sums to all-reduce).
+
+    Args:
+        d: k tensors (any shapes and float dtypes), summed as ``displacement_stats`` sums whole tensors.
+    """
+    ds = as_list(d)
+    out = torch.zeros(len(ds), dtype=torch.float64, device=ds[0].device if ds else torch.device("cpu"))
+    for i, t in enumerate(ds):
+        out[i] = _sq_distance(t, None, chunk_numel)
     return out
 
 
-def _identical(xs: list[Tensor], ys: list[Tensor]) -> bool:
-    return all(x is y for x, y in zip(xs, ys))
+def _sq_distance(w: Tensor, a: Tensor | None, chunk_numel: int) -> Tensor:
+    """float64[]: ``Σ (w − a)²`` (``Σ w²`` without ``a``), chunk by chunk through one scratch buffer."""
+    wf = flat_view(w, "weights")
+    af = flat_view(a, "anchor") if a is not None else None
+    n = wf.numel()
+    acc = torch.zeros((), dtype=torch.float64, device=w.device)
+    if n == 0:
+        return acc
+    cdt = compute_dtype(w.dtype if a is None else torch.promote_types(w.dtype, a.dtype))
+    scratch = torch.empty(min(chunk_numel, n), dtype=cdt, device=w.device)
+    for s, e in chunk_bounds(n, chunk_numel):
+        d = _diff_chunk(scratch, wf, af, s, e)
+        acc += torch.dot(d, d).double()
+    return acc
 
 
 def _diff_chunk(scratch: Tensor, w: Tensor, a: Tensor | None, s: int, e: int) -> Tensor:
@@ -301,59 +312,10 @@ def _diff_chunk(scratch: Tensor, w: Tensor, a: Tensor | None, s: int, e: int) ->
     return d
 
 
-def _dot_one(w1: Tensor, a1: Tensor | None, w2: Tensor, a2: Tensor | None, same: bool, chunk_numel: int) -> Tensor:
-    f1 = _flat(w1, "w1")
-    g1 = _flat(a1, "a1") if a1 is not None else None
-    n = f1.numel()
-    acc = torch.zeros((), dtype=torch.float64, device=w1.device)
-    if n == 0:
-        return acc
-    dtypes = [w1.dtype, w2.dtype] + [t.dtype for t in (a1, a2) if t is not None]
-    cdt = torch.float32
-    for dt in dtypes:
-        cdt = torch.promote_types(cdt, dt)
-    size = min(chunk_numel, n)
-    s1 = torch.empty(size, dtype=cdt, device=w1.device)
-    if same:
-        for s, e in _chunks(n, chunk_numel):
-            d1 = _diff_chunk(s1, f1, g1, s, e)
-            acc += torch.dot(d1, d1).double()
-        return acc
-    f2 = _flat(w2, "w2")
-    g2 = _flat(a2, "a2") if a2 is not None else None
-    s2 = torch.empty(size, dtype=cdt, device=w1.device)
-    for s, e in _chunks(n, chunk_numel):
-        d1 = _diff_chunk(s1, f1, g1, s, e)
-        d2 = _diff_chunk(s2, f2, g2, s, e)
-        acc += torch.dot(d1, d2).double()
-    return acc
-
-
-def displacement_stats(
-    weights: Buffers, anchor: Buffers, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL
-) -> DisplacementStats:
-    """Squared norm of the displacement ``‖W_i − A_i‖²`` per tensor and in total.
-
-    Args:
-        weights, anchor: k tensors each (matching shapes and devices).
-
-    Returns:
-        ``DisplacementStats(per_tensor=float64 (k,), total=float64 0-d)`` on the weights' device — partial sums:
-        under sharding, all-reduce ``per_tensor`` (sum) and recompute ``total`` as its sum.
-    """
-    per = displacement_dot(weights, anchor, weights, anchor, chunk_numel=chunk_numel)
-    return DisplacementStats(per, per.sum())
-
-
-def dot(d1: Buffers, d2: Buffers, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
-    """Per-tensor dot products ``Σ d1_i · d2_i`` (float64 (k,), on d1's device; partial sums to all-reduce).
-
-    Args:
-        d1, d2: k tensors each with matching shapes (e.g. two stored displacements or velocities).
-    """
-    return displacement_dot(d1, None, d2, None, chunk_numel=chunk_numel)
-
-
-def sq_norm(d: Buffers, *, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Tensor:
-    """Per-tensor squared norms ``Σ d_i²`` (float64 (k,); partial sums to all-reduce)."""
-    return displacement_dot(d, None, d, None, chunk_numel=chunk_numel)
+def _masked_sq_distance(w: Tensor, a: Tensor, m: Tensor) -> Tensor:
+    """float64[]: ``Σ (w − a)²`` over the elements where the bool mask ``m`` (w's shape) is set."""
+    if m.dtype != torch.bool or m.shape != w.shape:
+        raise ValueError(f"mask: expected bool{list(w.shape)}, got {m.dtype} {list(m.shape)}")
+    cdt = compute_dtype(torch.promote_types(w.dtype, a.dtype))
+    d = w[m].to(cdt) - a[m].to(cdt)
+    return (d.double() ** 2).sum()

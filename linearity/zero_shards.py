@@ -33,6 +33,10 @@ include / exclude globs only), `tensor_drift` (parameters whose drift share ≥ 
 (the top fraction of elements by steady displacement: |W − A| where it moved the same way as in the previous
 cycle; by |W − A| alone in the first cycle). The top-fraction threshold is global: ranks all-gather a uniform
 sample of their scores (partitions are equal-sized, so equal per-rank samples are a uniform global sample).
+
+The math is `linearity.trend` and `linearity.projection`, the functions their unit tests check; this module is
+the DeepSpeed adapter: it finds the shard's tensors and per-parameter slices, runs those functions on them,
+all-reduces / all-gathers what they return, and hands the reduced sums back to them to finish.
 """
 
 from __future__ import annotations
@@ -42,13 +46,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from linearity.projection import _chunks, displacement_stats, project_, snapshot_
+from linearity.projection import displacement_stats, project_, snapshot_
 from linearity.selection import DEFAULT_EXCLUDE, TensorSelector
-from linearity.trend import TrendAccumulator, r2_score
+from linearity.trend import (
+    TrendAccumulator,
+    drift_partial_sums,
+    drift_share,
+    r2_score,
+    steady_displacement,
+    top_fraction_mask,
+)
 
 SELECTION_MODES = ("names", "tensor_drift", "top_elements")
 VELOCITY_MODES = ("two_point", "least_squares")
-CHUNK = 1 << 20
+TOP_SAMPLE_SIZE = 1 << 16  # scores each rank samples for the global top-fraction threshold
 
 
 @dataclass
@@ -112,20 +123,16 @@ class ShardProjector:
         self.has_anchor = False
         self.steps_observed = 0
         self.velocity = velocity
-        self.trend = (
-            TrendAccumulator(self.masters, reference=self.anchors, track_r2=False)
-            if velocity == "least_squares"
-            else None
-        )
-        if self.trend is not None and self.anchors[0].device != self.masters[0].device:
+        if velocity == "least_squares" and self.anchors[0].device != self.masters[0].device:
             raise ValueError("velocity=least_squares needs the anchors on the shard's device (anchor_device: null)")
+        self.trend = TrendAccumulator(self.anchors) if velocity == "least_squares" else None
         gen = torch.Generator().manual_seed(seed * 7919 + self._rank())
         total = sum(m.numel() for m in self.masters)
         self.sample_index = [
             torch.randint(m.numel(), (max(1, round(monitor_samples * m.numel() / total)),), generator=gen).to(m.device)
             for m in self.masters
         ]
-        self.samples: list[torch.Tensor] = []  # one row per observed step: the sampled elements, float64
+        self.samples: list[torch.Tensor] = []  # float64[S] per observed step: the sampled elements
 
     # --------------------------------------------------------------------------------- where things live
 
@@ -227,15 +234,10 @@ class ShardProjector:
             raise ValueError(f"selection: expected one of {SELECTION_MODES}, got {selection!r}")
         if not self.has_anchor:
             raise RuntimeError("RL-Extra: end_cycle() before snapshot()")
-        per_name = self._per_name_sums()  # (P, 3): d_prev·d_now, |d_prev|², |d_now|² over name-selected elements
-        per_name = torch.tensor(self._all_reduce(per_name.reshape(-1).tolist()), dtype=torch.float64).reshape(-1, 3)
-        tot = per_name.sum(0)  # rows of parameters outside the name globs are zero on every rank
-        nan = float("nan")
-        drift = float(tot[0] / math.sqrt(tot[1] * tot[2])) if self.has_prev and tot[1] > 0 and tot[2] > 0 else nan
-        per_tensor = {}
-        for i, name in enumerate(self.param_names):
-            d, p, c = per_name[i].tolist()
-            per_tensor[name] = d / math.sqrt(p * c) if self.has_prev and p > 0 and c > 0 else nan
+        # Rows of parameters outside the name globs are zero on every rank; d_prev is zero before the first
+        # cycle ends, which makes every drift share NaN.
+        drift = drift_share(self._all_reduce(self._drift_partial_sums()))
+        per_tensor = dict(zip(self.param_names, drift.per_tensor))
         if selection == "names":
             self.masks = list(self.name_masks)
         elif selection == "tensor_drift":
@@ -243,14 +245,10 @@ class ShardProjector:
             self.masks = self._masks_for_names(keep)
         else:
             self.masks = self._top_element_masks(fraction)
-        counts = self._all_reduce(
-            [
-                float(self._projected_numel()),
-                float(sum(int(self._name_mask(i).sum()) for i in range(len(self.masters)))),
-            ]
-        )
+        eligible = sum(int(self._name_mask(i).sum()) for i in range(len(self.masters)))
+        counts = self._all_reduce([self._projected_numel(), eligible]).tolist()
         holding = self._names_with_selected()
-        selected_tensors = self._all_reduce([1.0 if n in holding else 0.0 for n in self.param_names])
+        selected_tensors = self._all_reduce([1.0 if n in holding else 0.0 for n in self.param_names]).tolist()
         r2 = self._sample_r2()
         # d_prev ← d_now, for the next cycle's drift share and consistency
         torch._foreach_copy_(self.prev, self.masters)
@@ -258,9 +256,9 @@ class ShardProjector:
         self.has_prev = True
         return CycleStats(
             steps=self.steps_observed,
-            drift_share=drift,
+            drift_share=drift.total,
             drift_share_per_tensor=per_tensor,
-            displacement_norm=math.sqrt(float(tot[2])),
+            displacement_norm=math.sqrt(drift.now_sq_norm),
             selected_numel=int(counts[0]),
             eligible_numel=int(counts[1]),
             selected_tensors=sum(1 for v in selected_tensors if v > 0),
@@ -273,16 +271,14 @@ class ShardProjector:
         elements of this rank's partitions, then refresh low precision. A collective: same β on every rank."""
         if not self.has_anchor:
             raise RuntimeError("RL-Extra: project() before snapshot()")
-        sq = self._selected_sq_norm()
-        if self.trend is not None and self.trend.n >= 2:
-            self._project_least_squares_(beta)
+        anchors = [self._on_shard(a, i) for i, a in enumerate(self.anchors)]
+        sq = sum(displacement_stats(self.masters, anchors, self.masks).per_tensor.tolist())  # ‖W − A‖² of what moves
+        if self.trend is not None and self.trend.has_fit:
+            self.trend.advance_(self.masters, (beta - 1.0) * self.steps_observed, self.masks)
         else:
-            anchors = [a.to(m.device) if a.device != m.device else a for a, m in zip(self.anchors, self.masters)]
             project_(self.masters, anchors, beta, self.masks)
         finite = all(bool(torch.isfinite(m).all()) for m in self.masters)
-        sums = self._all_reduce(
-            [sq, float(self._projected_numel()), float(self._total_numel()), 0.0 if finite else 1.0]
-        )
+        sums = self._all_reduce([sq, self._projected_numel(), self._total_numel(), 0.0 if finite else 1.0]).tolist()
         self.refresh_low_precision()
         return ProjectionStats(
             beta=beta,
@@ -291,17 +287,6 @@ class ShardProjector:
             displacement_norm=math.sqrt(sums[0]),
             finite=sums[3] == 0.0,
         )
-
-    def _project_least_squares_(self, beta: float) -> None:
-        """W += (β − 1) · m · v on the selected elements, v the fitted slope per step (comoment / S_tt)."""
-        scale = (beta - 1.0) * self.steps_observed / self.trend.step_sq_dev
-        for w, c, m in zip(self.masters, self.trend.comoment, self.masks):
-            wf, cf = w.view(-1), c.view(-1)
-            if m is None:
-                wf.add_(cf, alpha=scale)
-                continue
-            for s, e in _chunks(wf.numel(), CHUNK):
-                wf[s:e].add_(cf[s:e] * m[s:e], alpha=scale)
 
     @torch.no_grad()
     def begin_phase(self) -> None:
@@ -396,18 +381,17 @@ class ShardProjector:
             if s < e and (m is None or bool(m[s:e].any()))
         }
 
-    def _per_name_sums(self) -> torch.Tensor:
-        index = {n: i for i, n in enumerate(self.param_names)}
+    def _drift_partial_sums(self) -> torch.Tensor:
+        """float64[P, 3]: `drift_partial_sums` per parameter (rows in `param_names` order) over this rank's
+        name-selected elements; zero rows for the others."""
+        row = {n: i for i, n in enumerate(self.param_names)}
         out = torch.zeros(len(self.param_names), 3, dtype=torch.float64)
         allowed = set(self.selected_names)
-        for w, a, p, group in zip(self.masters, self.anchors, self.prev, self.slices):
-            a = a.to(w.device)
+        for i, (w, group) in enumerate(zip(self.masters, self.slices)):
+            a, p = self._on_shard(self.anchors[i], i), self._on_shard(self.prev[i], i)
             for name, s, e in group:
-                if name not in allowed or s >= e:
-                    continue
-                d = w[s:e].double() - a[s:e].double()
-                q = p[s:e].to(w.device).double()
-                out[index[name]] += torch.stack([(q * d).sum(), (q * q).sum(), (d * d).sum()]).cpu()
+                if name in allowed and s < e:
+                    out[row[name]] += drift_partial_sums(w[s:e], a[s:e], p[s:e]).cpu()
         return out
 
     def _masks_for_names(self, keep: set) -> list[torch.Tensor | None]:
@@ -420,67 +404,32 @@ class ShardProjector:
             masks.append(mask)
         return masks
 
-    def _consistency_score(self, i: int, where) -> torch.Tensor:
-        """|d_now| where the element moved the same way as in the previous cycle (|d_now| in the first), 0 outside
-        the name globs; `where` picks elements of flat i (a slice or an index tensor)."""
-        w, a = self.masters[i], self.anchors[i].to(self.masters[i].device)
-        d = w[where].float() - a[where].float()
-        score = d.abs()
-        if self.has_prev:
-            score = score * ((d * self.prev[i].to(w.device)[where].float()) > 0)
-        return score * self._name_mask(i)[where]
+    def _steady_score(self, i: int, where: slice | torch.Tensor) -> torch.Tensor:
+        """float32[s]: `steady_displacement` of flat i's elements at `where` (a slice or an int64[s] index tensor on
+        the shard's device), 0 outside the name globs."""
+        prev = self._elements(self.prev[i], i, where) if self.has_prev else None
+        score = steady_displacement(self.masters[i][where], self._elements(self.anchors[i], i, where), prev)
+        name_mask = self.name_masks[i]
+        return score if name_mask is None else score * name_mask[where]
 
-    def _top_element_masks(self, fraction: float, sample_size: int = 1 << 16) -> list[torch.Tensor]:
-        if fraction >= 1.0:
-            return [
-                self._name_mask(i) & (self._consistency_score(i, slice(None)) > 0) for i in range(len(self.masters))
-            ]
-        # A uniform sample of this rank's scores (equal size on every rank), gathered: the global threshold.
-        total = sum(m.numel() for m in self.masters)
-        gen = torch.Generator().manual_seed(1234 + self._rank())
-        idx = torch.randint(total, (min(sample_size, total),), generator=gen).sort().values
-        offsets = [0]
-        for m in self.masters:
-            offsets.append(offsets[-1] + m.numel())
-        parts = []
-        for i, m in enumerate(self.masters):
-            lo, hi = int(torch.searchsorted(idx, offsets[i])), int(torch.searchsorted(idx, offsets[i + 1]))
-            if hi > lo:
-                parts.append(self._consistency_score(i, (idx[lo:hi] - offsets[i]).to(m.device)).cpu())
-        sample = torch.cat(parts)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            gathered = [torch.empty_like(sample) for _ in range(torch.distributed.get_world_size())]
-            torch.distributed.all_gather(gathered, sample.to(self.masters[0].device))
-            sample = torch.cat([g.cpu() for g in gathered])
-        k = max(1, round(fraction * sample.numel()))
-        thr = float(torch.topk(sample, k).values[-1])
-        masks = []
-        for i, m in enumerate(self.masters):
-            out = torch.empty(m.numel(), dtype=torch.bool, device=m.device)
-            for s, e in _chunks(m.numel(), CHUNK):
-                sc = self._consistency_score(i, slice(s, e))
-                out[s:e] = (sc >= thr) & (sc > 0)
-            masks.append(out)
-        return masks
+    def _top_element_masks(self, fraction: float) -> list[torch.Tensor]:
+        """bool[numel] per flat: the top `fraction` of all ranks' name-selected elements by steady displacement."""
+        return top_fraction_mask(
+            self._steady_score,
+            self.masters,
+            fraction,
+            sample_size=TOP_SAMPLE_SIZE,
+            generator=torch.Generator().manual_seed(1234 + self._rank()),  # a different sample on every rank
+            gather=self._all_gather,
+        )
 
     def _sample_r2(self) -> list[float]:
         if len(self.samples) < 3:
             return []
-        y = torch.stack(self.samples, dim=1)  # (S, T)
+        y = torch.stack(self.samples, dim=1)  # float64[S, T]
         keep = torch.cat([self._name_mask(i)[ix].cpu() for i, ix in enumerate(self.sample_index)])
         r2 = r2_score(y[keep])
         return [float(v) for v in r2[~torch.isnan(r2)]]
-
-    def _selected_sq_norm(self) -> float:
-        total = 0.0
-        for w, a, m in zip(self.masters, self.anchors, self.masks):
-            a = a.to(w.device)
-            if m is None:
-                total += float(displacement_stats(w, a)[1])
-            else:
-                d = w[m].float() - a[m].float()
-                total += float((d.double() ** 2).sum())
-        return total
 
     def _projected_numel(self) -> int:
         return sum(m.numel() if mask is None else int(mask.sum()) for m, mask in zip(self.masters, self.masks))
@@ -488,8 +437,32 @@ class ShardProjector:
     def _total_numel(self) -> int:
         return sum(m.numel() for m in self.masters)
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.masters[0].device)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    def _on_shard(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """`t` (an anchor or d_prev of flat i, possibly kept on CPU) on the device of master flat i."""
+        return t.to(self.masters[i].device)
+
+    def _elements(self, t: torch.Tensor, i: int, where: slice | torch.Tensor) -> torch.Tensor:
+        """`t[where]` on the device of master flat i: only the picked elements move, not all of a CPU-kept `t`."""
+        if isinstance(where, torch.Tensor):
+            where = where.to(t.device)
+        return self._on_shard(t[where], i)
+
+    @staticmethod
+    def _distributed() -> bool:
+        return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+    def _all_reduce(self, values: torch.Tensor | list[float]) -> torch.Tensor:
+        """float64[...] on CPU: `values` (numbers, or a float64 tensor of any shape) summed over ranks."""
+        t = torch.as_tensor(values, dtype=torch.float64).to(self.masters[0].device, copy=True)
+        if self._distributed():
             torch.distributed.all_reduce(t)
-        return t.tolist()
+        return t.cpu()
+
+    def _all_gather(self, sample: torch.Tensor) -> torch.Tensor:
+        """float[R·s] on CPU: every rank's `sample` (float[s], the same s on every rank), rank after rank."""
+        if not self._distributed():
+            return sample
+        local = sample.to(self.masters[0].device)
+        gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, local)
+        return torch.cat([g.cpu() for g in gathered])

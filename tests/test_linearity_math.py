@@ -1,4 +1,5 @@
-"""Unit tests of the pure projection / trend math in ``linearity`` (CPU, small tensors, a few seconds)."""
+"""Unit tests of the pure projection / trend math in ``linearity`` (CPU, small tensors, a few seconds): the functions
+``linearity.zero_shards.ShardProjector`` runs on every rank's shard, checked against numpy references."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from linearity.projection import displacement_dot, displacement_stats, dot, project_, snapshot_, sq_norm
+from linearity.projection import displacement_stats, project_, snapshot_, sq_norm
 from linearity.trend import (
     TrendAccumulator,
-    abs_threshold,
+    drift_partial_sums,
     drift_share,
     r2_score,
+    steady_displacement,
+    threshold_from_sample,
     top_fraction_mask,
-    two_point_velocity,
 )
 
 SHAPES = [(37,), (5, 11), (3, 4, 6), (1000,)]
@@ -152,23 +154,6 @@ def test_project_bool_mask_matches_unmasked_on_selection(dtype):
         assert torch.equal(w[~m], b[~m])  # untouched
 
 
-def test_project_float_mask():
-    ws, anchors = _rand(SHAPES, seed=13), _rand(SHAPES, seed=14)
-    g = torch.Generator().manual_seed(2)
-    masks = [torch.rand(s, generator=g) for s in SHAPES]
-    refs = [w.double() + m.double() * (2.2 - 1) * (w.double() - a.double()) for w, a, m in zip(ws, anchors, masks)]
-    project_(ws, anchors, 2.2, masks, chunk_numel=50)
-    for w, r in zip(ws, refs):
-        torch.testing.assert_close(w.double(), r, rtol=0, atol=1e-6)
-    # bf16 weights with a float mask: computed in fp32, rounded once
-    wb, ab = _rand(SHAPES, torch.bfloat16, seed=13), _rand(SHAPES, torch.bfloat16, seed=14)
-    refs = [w.double() + m.double() * 1.2 * (w.double() - a.double()) for w, a, m in zip(wb, ab, masks)]
-    tols = [_bf16_tol(r, w, a, 2.2) for r, w, a in zip(refs, wb, ab)]
-    project_(wb, ab, 2.2, masks, chunk_numel=50)
-    for w, r, tol in zip(wb, refs, tols):
-        assert bool(((w.double() - r).abs() <= tol).all())
-
-
 def test_project_rejects_mismatches():
     w, a = _rand([(10,)], seed=0)[0], _rand([(11,)], seed=0)[0]
     with pytest.raises(ValueError):
@@ -177,6 +162,8 @@ def test_project_rejects_mismatches():
         project_(w, w.bfloat16(), 2.0)
     with pytest.raises(ValueError):
         project_(w, w.clone(), float("nan"))
+    with pytest.raises(TypeError):
+        project_(w, w.clone(), 2.0, torch.ones(10))  # masks are bool
 
 
 def test_snapshot_copies_into_preallocated_buffers():
@@ -189,22 +176,27 @@ def test_snapshot_copies_into_preallocated_buffers():
 
 
 def _per_tensor(fn, *lists):
-    """float64 (k,) of ``fn`` applied to the float64 versions of the i-th tensors."""
+    """float64[k]: ``fn`` applied to the float64 versions of the i-th tensors, summed."""
     return torch.stack([fn(*(x.double() for x in xs)).sum() for xs in zip(*lists)])
 
 
-def test_displacement_stats_and_dots():
-    ws, anchors, others = _rand(SHAPES, seed=16), _rand(SHAPES, seed=17), _rand(SHAPES, seed=18)
+def test_displacement_stats_whole_and_masked_and_sq_norm():
+    ws, anchors = _rand(SHAPES, seed=16), _rand(SHAPES, seed=17)
     st = displacement_stats(ws, anchors, chunk_numel=64)
     ref = _per_tensor(lambda w, a: (w - a) ** 2, ws, anchors)
     assert st.per_tensor.dtype == torch.float64 and st.per_tensor.shape == (len(SHAPES),)
     torch.testing.assert_close(st.per_tensor, ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(st.total, ref.sum(), rtol=1e-6, atol=0)
-    d = displacement_dot(ws, anchors, others, ws, chunk_numel=64)
-    ref = _per_tensor(lambda w, a, o: (w - a) * (o - w), ws, anchors, others)
-    torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(dot(ws, others), _per_tensor(lambda w, o: w * o, ws, others), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(sq_norm(ws), _per_tensor(lambda w: w * w, ws), rtol=1e-6, atol=0)
+    # masked: only what a projection with the same masks moves (None = the whole tensor)
+    g = torch.Generator().manual_seed(3)
+    masks = [torch.rand(s, generator=g) < 0.3 for s in SHAPES]
+    masks[1] = None
+    weights = [torch.ones(s, dtype=torch.float64) if m is None else m.double() for s, m in zip(SHAPES, masks)]
+    ref = _per_tensor(lambda w, a, m: (w - a) ** 2 * m, ws, anchors, weights)
+    torch.testing.assert_close(displacement_stats(ws, anchors, masks).per_tensor, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError):
+        displacement_stats(ws, anchors, [torch.ones(s) for s in SHAPES])  # masks are bool
     # bf16 inputs: the difference is formed after an exact upcast
     wb, ab = [w.bfloat16() for w in ws], [a.bfloat16() for a in anchors]
     ref = _per_tensor(lambda w, a: (w - a) ** 2, wb, ab)
@@ -215,113 +207,147 @@ def test_displacement_stats_and_dots():
 
 
 def _series(n_elem, steps, *, scale=1.0, slope=0.1, noise=0.05, seed=0):
+    """float64[n_elem, T]: noisy lines ``b + v t`` at ``steps``."""
     g = np.random.default_rng(seed)
     b = g.normal(size=n_elem) * scale
     v = g.normal(size=n_elem) * slope
     steps = np.asarray(steps, dtype=np.float64)
-    y = b[:, None] + v[:, None] * steps[None, :] + g.normal(size=(n_elem, len(steps))) * noise
-    return y  # (n_elem, T) float64
+    return b[:, None] + v[:, None] * steps[None, :] + g.normal(size=(n_elem, len(steps))) * noise
+
+
+def _fitted_slope(acc: TrendAccumulator, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The accumulator's slope per step, read as one ``advance_`` step from zero."""
+    out = [torch.zeros_like(x) for x in like]
+    acc.advance_(out, 1.0)
+    return out
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_trend_accumulator_matches_polyfit(dtype, tol):
-    steps = [3, 4, 7, 8, 12, 13, 15, 21, 22, 30]
+def test_trend_accumulator_slope_matches_polyfit(dtype, tol):
+    steps = [3, 4, 7, 8, 12, 13, 15, 21, 22, 30]  # uneven, as a resumed or irregular cycle may be
     y = _series(300, steps, seed=1)
-    y = torch.tensor(y).to(dtype).double().numpy()  # compare against the data the accumulator sees
-    acc = TrendAccumulator([torch.zeros(300, dtype=dtype)])
-    for j, t in enumerate(steps):
-        acc.update([torch.tensor(y[:, j], dtype=dtype)], t)
-    slope, icpt = np.polyfit(np.asarray(steps, float), y.T, 1)
-    v, b = acc.velocity()[0].double().numpy(), acc.intercept()[0].double().numpy()
-    np.testing.assert_allclose(v, slope, rtol=0, atol=tol)
-    np.testing.assert_allclose(b, icpt, rtol=0, atol=tol * 10)
-    r2_np = 1 - ((y - (icpt[:, None] + slope[:, None] * np.asarray(steps))) ** 2).sum(1) / (
-        (y - y.mean(1, keepdims=True)) ** 2
-    ).sum(1)
-    np.testing.assert_allclose(acc.element_r2(0).double().numpy(), r2_np, rtol=0, atol=tol * 100)
-    explained, total = acc.r2_partial_sums()
-    pooled = (r2_np * ((y - y.mean(1, keepdims=True)) ** 2).sum(1)).sum() / ((y - y.mean(1, keepdims=True)) ** 2).sum()
-    np.testing.assert_allclose(acc.tensor_r2().numpy(), [pooled], rtol=1e-5)
-    assert explained.shape == total.shape == (1,)
+    snaps = [torch.tensor(y[:, j]).to(dtype) for j in range(len(steps))]
+    y = torch.stack(snaps, 1).double().numpy()  # compare against the data the accumulator sees
+    acc = TrendAccumulator([snaps[0]])  # centred on the first snapshot, as the projector centres on its anchor
+    for snap, t in zip(snaps, steps):
+        acc.update([snap], t)
+    slope = np.polyfit(np.asarray(steps, float), y.T, 1)[0]
+    np.testing.assert_allclose(_fitted_slope(acc, snaps[:1])[0].double().numpy(), slope, rtol=0, atol=tol)
+    # masked: the selected elements move steps · slope, the others stay bit for bit
+    mask = torch.rand(300, generator=torch.Generator().manual_seed(0)) < 0.5
+    w = snaps[-1].clone()
+    acc.advance_([w], 2.5, [mask])
+    expected = y[:, -1] + 2.5 * slope
+    np.testing.assert_allclose(w[mask].double().numpy(), expected[mask.numpy()], rtol=0, atol=tol * 10)
+    assert torch.equal(w[~mask], snaps[-1][~mask])
+    with pytest.raises(ValueError):
+        acc.advance_([w], 1.0, [mask, mask])
 
 
 def test_trend_accumulator_rl_scale_fp32_is_centred():
     """Weights ~1e-2 moving 1e-6 per step: the fp32 slope stays accurate (raw Σy, Σty would not)."""
     steps = list(range(50))
     y = _series(5000, steps, scale=0.02, slope=1e-6, noise=3e-7, seed=2)
-    y = torch.tensor(y).float().double().numpy()
-    acc = TrendAccumulator([torch.zeros(5000)], chunk_numel=1000)
-    for j, t in enumerate(steps):
-        acc.update([torch.tensor(y[:, j]).float()], t)
+    snaps = [torch.tensor(y[:, j]).float() for j in steps]
+    y = torch.stack(snaps, 1).double().numpy()
+    acc = TrendAccumulator([snaps[0]], chunk_numel=1000)
+    for snap, t in zip(snaps, steps):
+        acc.update([snap], t)
     slope = np.polyfit(np.asarray(steps, float), y.T, 1)[0]
-    err = np.abs(acc.velocity()[0].double().numpy() - slope).max() / np.abs(slope).max()
+    err = np.abs(_fitted_slope(acc, snaps[:1])[0].double().numpy() - slope).max() / np.abs(slope).max()
     assert err < 1e-5, err
 
 
 def test_trend_accumulator_memory_is_constant_and_reset():
-    like = _rand(SHAPES, seed=0)
-    acc = TrendAccumulator(like)
-    assert acc.buffer_count == 4  # mean, comoment, m2, owned reference
-    bufs = acc.mean + acc.comoment + acc.m2 + acc.reference
+    reference = _rand(SHAPES, seed=0)
+    acc = TrendAccumulator(reference, chunk_numel=64)
+    bufs = acc.mean + acc.comoment
     ptrs = [b.data_ptr() for b in bufs]
-    nbytes = acc.buffer_bytes
-    for t in range(40):
-        acc.update(_rand(SHAPES, seed=t), t)
-    assert acc.buffer_bytes == nbytes and [b.data_ptr() for b in bufs] == ptrs
-    assert nbytes == 4 * sum(w.numel() * 4 for w in like)
-    assert TrendAccumulator(like, reference=like, track_r2=False).buffer_count == 2
+    snaps = [_rand(SHAPES, seed=t) for t in range(40)]
+    with _AllocationWatch() as watch:
+        for t, snap in enumerate(snaps):
+            acc.update(snap, t)
+    assert max(watch.new_numels) <= 64  # one scratch chunk, nothing model-sized
+    assert acc.n == 40 and [b.data_ptr() for b in bufs] == ptrs
+    assert all(b.dtype == torch.float32 for b in bufs) and len(bufs) == 2 * len(SHAPES)  # two buffers per tensor
     acc.reset()
-    assert acc.n == 0 and all(float(m.abs().max()) == 0 for m in acc.mean)
+    assert acc.n == 0 and not acc.has_fit and all(float(b.abs().max()) == 0 for b in bufs)
+    weights = [r.clone() for r in reference]
     with pytest.raises(ValueError):
-        acc.velocity()
-    acc.update(like, 5)
+        acc.advance_(weights, 1.0)
+    acc.update(reference, 5)
+    acc.update(reference, 5)
     with pytest.raises(ValueError):
-        acc.velocity()  # one point: no line
+        acc.advance_(weights, 1.0)  # two snapshots at one step: no line
+    with pytest.raises(ValueError):
+        acc.update(reference[:2], 6)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_extrapolate_pure_line_exact(dtype, atol):
+def test_advance_pure_line_lands_on_the_line(dtype, atol):
+    """RL-Extra's least-squares jump: anchored at W_0, fed W_0..W_m, W_m moved (β − 1)·m steps is W_{β m}."""
     w0, v = _rand(SHAPES, torch.float64, seed=20), _rand(SHAPES, torch.float64, seed=21, scale=0.01)
-    anchor = [x.to(dtype) for x in w0]  # the cycle's anchor at step 10 = reference
-    acc = TrendAccumulator(anchor, reference=anchor, chunk_numel=64)
-    for t in [0, 1, 2, 4, 7]:
-        acc.update([(a + b * t).to(dtype) for a, b in zip(w0, v)], 10 + t)
-    weights = [torch.empty_like(x) for x in anchor]
-    ptrs = [w.data_ptr() for w in weights]
+    m, beta = 4, 2.5
+    anchor = [x.to(dtype) for x in w0]
+    acc = TrendAccumulator(anchor, chunk_numel=64)
+    for t in range(m + 1):
+        acc.update([(a + b * t).to(dtype) for a, b in zip(w0, v)], t)
+    weights = [(a + b * m).to(dtype) for a, b in zip(w0, v)]
+    before = [w.clone() for w in weights]
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.rand(s, generator=g) < 0.5 for s in SHAPES]
+    masks[0] = None
     with _AllocationWatch() as watch:
-        acc.extrapolate_(weights, 10 + 25)
-    assert 0 < max(watch.new_numels) <= 64  # only the chunk scratch
-    assert [w.data_ptr() for w in weights] == ptrs
-    for w, a, b in zip(weights, w0, v):
-        torch.testing.assert_close(w.double(), a + 25 * b, rtol=0, atol=atol)
-    for vel, b in zip(acc.velocity(), v):
-        torch.testing.assert_close(vel.double(), b, rtol=0, atol=atol)
+        acc.advance_(weights, (beta - 1) * m, masks)
+    assert max(watch.new_numels) <= 64  # only a chunk of masked comoment
+    for w, b, a, vel, mask in zip(weights, before, w0, v, masks):
+        mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
+        torch.testing.assert_close(w[mask].double(), (a + beta * m * vel)[mask], rtol=0, atol=atol)
+        assert torch.equal(w[~mask], b[~mask])
 
 
-def test_extrapolate_into_bf16_weights():
-    w0, v = _rand(SHAPES, torch.float64, seed=22), _rand(SHAPES, torch.float64, seed=23, scale=0.05)
-    snaps = [[(a + b * t).bfloat16() for a, b in zip(w0, v)] for t in range(6)]
-    acc = TrendAccumulator(snaps[0])
-    assert acc.dtype == torch.float32
-    for t, s in enumerate(snaps):
-        acc.update(s, t)
-    ys = np.stack([torch.cat([x.double().flatten() for x in s]).numpy() for s in snaps], 1)
-    slope, icpt = np.polyfit(np.arange(6.0), ys.T, 1)
-    target = torch.tensor(icpt + slope * 12)
-    out = [torch.empty_like(x) for x in snaps[0]]
-    acc.extrapolate_(out, 12)
-    got = torch.cat([x.double().flatten() for x in out])
-    assert bool(((got - target).abs() <= _bf16_ulp(target) + 1e-6).all())
+# ---------------------------------------------------------------------------------------------- drift share
 
 
-def test_two_point_velocity():
-    ws, anchors = _rand(SHAPES, torch.bfloat16, seed=24), _rand(SHAPES, torch.bfloat16, seed=25)
-    vel = two_point_velocity(ws, anchors, 8)
-    for x, w, a in zip(vel, ws, anchors):
-        assert x.dtype == torch.float32
-        torch.testing.assert_close(x.double(), (w.double() - a.double()) / 8, rtol=0, atol=1e-7)
-    out = [torch.empty(s) for s in SHAPES]
-    assert two_point_velocity(ws, anchors, 8, out=out)[0] is out[0]
+def test_drift_partial_sums_and_share_match_numpy():
+    now, anchor, prev = _rand(SHAPES, seed=30), _rand(SHAPES, seed=31), _rand(SHAPES, seed=32, scale=0.1)
+    prev[2].zero_()  # a tensor without a previous displacement: its share is undefined
+    sums = torch.stack([drift_partial_sums(n.view(-1), a.view(-1), p.view(-1)) for n, a, p in zip(now, anchor, prev)])
+    assert sums.dtype == torch.float64 and sums.shape == (len(SHAPES), 3)
+    d_now = [n.double().numpy().ravel() - a.double().numpy().ravel() for n, a in zip(now, anchor)]
+    d_prev = [p.double().numpy().ravel() for p in prev]
+    ref = np.array([[(q * d).sum(), (q * q).sum(), (d * d).sum()] for q, d in zip(d_prev, d_now)])
+    np.testing.assert_allclose(sums.numpy(), ref, rtol=1e-12, atol=0)
+    share = drift_share(sums)
+    for i, (q, d) in enumerate(zip(d_prev, d_now)):
+        if i == 2:
+            assert math.isnan(share.per_tensor[i])
+        else:
+            assert share.per_tensor[i] == pytest.approx(q @ d / np.sqrt((q @ q) * (d @ d)), rel=1e-12)
+    q, d = np.concatenate(d_prev), np.concatenate(d_now)
+    assert share.total == pytest.approx(q @ d / np.sqrt((q @ q) * (d @ d)), rel=1e-12)
+    assert share.now_sq_norm == pytest.approx(d @ d, rel=1e-12)
+    assert math.isnan(drift_share(torch.tensor([[0.0, 0.0, 1.0]])).total)  # no previous cycle
+
+
+def test_drift_share_pure_drift_vs_random_walk():
+    n, k = 200_000, 10
+    g = torch.Generator().manual_seed(6)
+    w0 = torch.randn(n, generator=g)
+
+    def share(w_k, w_2k):  # cos of the consecutive displacements w_k − w0 and w_2k − w_k
+        return drift_share(drift_partial_sums(w_2k, w_k, w_k - w0)[None])
+
+    # pure drift: consecutive k-step displacements are parallel
+    v = torch.randn(n, generator=g) * 1e-3
+    ds = share(w0 + v * k, w0 + v * 2 * k)
+    assert ds.per_tensor[0] == pytest.approx(1.0, abs=1e-4) and ds.total == pytest.approx(1.0, abs=1e-4)
+    # random walk: independent increments
+    steps = torch.randn(2 * k, n, generator=g) * 1e-3
+    assert abs(share(w0 + steps[:k].sum(0), w0 + steps.sum(0)).total) < 0.02
+    # drift and walk of equal energy over k steps: cos ≈ 0.5
+    v = torch.randn(n, generator=g) * 1e-3 / math.sqrt(k)
+    assert share(w0 + v * k + steps[:k].sum(0), w0 + v * 2 * k + steps.sum(0)).total == pytest.approx(0.5, abs=0.02)
 
 
 # ------------------------------------------------------------------------------------------ R² and selection
@@ -350,54 +376,51 @@ def test_r2_score_matches_numpy():
         r2_score(torch.tensor(y), torch.zeros(len(t)))
 
 
-def test_top_fraction_mask_exact_and_sampled():
+def test_steady_displacement_matches_numpy():
+    now, anchor, prev = (torch.randn(1000, generator=torch.Generator().manual_seed(s)) for s in (40, 41, 42))
+    d = now.numpy() - anchor.numpy()
+    np.testing.assert_array_equal(steady_displacement(now, anchor).numpy(), np.abs(d))  # first cycle
+    got = steady_displacement(now, anchor, prev).numpy()
+    np.testing.assert_array_equal(got, np.where(d * prev.numpy() > 0, np.abs(d), 0.0).astype(np.float32))
+    assert steady_displacement(now.double(), anchor.double()).dtype == torch.float32
+
+
+def test_threshold_from_sample_is_the_kth_largest():
+    sample = torch.rand(1000, generator=torch.Generator().manual_seed(7))
+    desc = np.sort(sample.numpy())[::-1]
+    for fraction in (0.1, 0.2345, 0.5, 0.999):
+        assert threshold_from_sample(sample, fraction) == desc[round(fraction * 1000) - 1]
+    assert threshold_from_sample(sample, 1e-9) == desc[0]  # at least one element is always selected
+
+
+def test_top_fraction_mask_one_global_threshold_from_the_gathered_sample():
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(10_000, generator=g)
-    m = top_fraction_mask(x, 0.1)
-    assert m.dtype == torch.bool and int(m.sum()) == 1000
-    top = torch.topk(x.abs(), 1000).indices
-    assert bool(m[top].all())
-    # a list: one global threshold over all tensors
-    xs = [x[:3000].reshape(30, 100), x[3000:]]
-    ms = top_fraction_mask(xs, 0.1, chunk_numel=777)
-    assert torch.equal(torch.cat([ms[0].flatten(), ms[1]]), m)
-    # sampled threshold on a "huge" tensor: close to the requested fraction
-    big = torch.randn(400_000, generator=g)
-    thr = abs_threshold(big, 0.05, sample_size=50_000, generator=torch.Generator().manual_seed(5))
-    frac = float((big.abs() >= thr).float().mean())
-    assert abs(frac - 0.05) < 0.005
-    ms = top_fraction_mask(big, 0.05, sample_size=50_000, generator=torch.Generator().manual_seed(5))
-    assert abs(float(ms.float().mean()) - 0.05) < 0.005
-    # edges: nothing, everything, zeros never picked
-    assert not bool(top_fraction_mask(x, 0.0).any()) and bool(top_fraction_mask(x, 1.0).all())
+    xs = [torch.randn(3000, generator=g), torch.zeros(0), torch.randn(400_000, generator=g)]
+    gathered = []
+
+    def gather(sample):  # what a sharded caller's all-gather sees; a single rank returns its own sample
+        gathered.append(sample)
+        return sample
+
+    masks = top_fraction_mask(
+        lambda i, where: xs[i][where].abs(),
+        xs,
+        0.05,
+        sample_size=50_000,
+        generator=torch.Generator().manual_seed(5),
+        gather=gather,
+        chunk_numel=777,
+    )
+    assert len(gathered) == 1 and gathered[0].shape == (50_000,)
+    threshold = threshold_from_sample(gathered[0], 0.05)
+    for x, m in zip(xs, masks):
+        assert m.dtype == torch.bool and m.shape == x.shape
+        assert torch.equal(m, (x.abs() >= threshold) & (x.abs() > 0))
+    selected = sum(int(m.sum()) for m in masks) / sum(x.numel() for x in xs)
+    assert abs(selected - 0.05) < 0.005  # the sampled threshold's standard error is 0.1 %
+    # fraction 1: every element with a positive score, no sample drawn; zeros are never selected
     z = torch.zeros(100)
     z[:5] = torch.arange(1.0, 6.0)
-    assert int(top_fraction_mask(z, 0.5).sum()) == 5
-
-
-def test_drift_share_pure_drift_vs_random_walk():
-    n, k = 200_000, 10
-    g = torch.Generator().manual_seed(6)
-    w0 = torch.randn(n, generator=g)
-    v = torch.randn(n, generator=g) * 1e-3
-    # pure drift: consecutive k-step displacements are parallel
-    w_k, w_2k = w0 + v * k, w0 + v * 2 * k
-    dots = displacement_dot([w_2k], [w_k], [w_k], [w0])
-    ds = drift_share(dots, displacement_stats([w_k], [w0]).per_tensor, displacement_stats([w_2k], [w_k]).per_tensor)
-    assert float(ds.per_tensor[0]) == pytest.approx(1.0, abs=1e-4) and float(ds.total) == pytest.approx(1.0, abs=1e-4)
-    # random walk: independent increments
-    steps = torch.randn(2 * k, n, generator=g) * 1e-3
-    w_k, w_2k = w0 + steps[:k].sum(0), w0 + steps.sum(0)
-    dots = displacement_dot([w_2k], [w_k], [w_k], [w0])
-    ds = drift_share(dots, displacement_stats([w_k], [w0]).per_tensor, displacement_stats([w_2k], [w_k]).per_tensor)
-    assert abs(float(ds.per_tensor[0])) < 0.02
-    # drift and walk of equal energy over k steps: cos ≈ 0.5
-    v = torch.randn(n, generator=g) * 1e-3 / math.sqrt(k)
-    w_k, w_2k = w0 + v * k + steps[:k].sum(0), w0 + v * 2 * k + steps.sum(0)
-    ds = drift_share(
-        displacement_dot([w_2k], [w_k], [w_k], [w0]),
-        displacement_stats([w_k], [w0]).per_tensor,
-        displacement_stats([w_2k], [w_k]).per_tensor,
-    )
-    assert float(ds.total) == pytest.approx(0.5, abs=0.02)
-    assert math.isnan(float(drift_share(torch.zeros(1), torch.zeros(1), torch.ones(1)).per_tensor[0]))
+    everything = top_fraction_mask(lambda i, where: z[where], [z], 1.0, gather=lambda s: pytest.fail("sampled"))
+    assert torch.equal(everything[0], z > 0)
+    assert torch.equal(top_fraction_mask(lambda i, where: z[where], [z], 0.5)[0], z > 0)

@@ -6,6 +6,9 @@ For each configuration: snapshot the anchor A, take a real step to W, project wi
 - the next forward pass already uses the projected weights (log-probs equal a plain model loaded with them),
 - the next optimizer step starts from the projected weights (it moves them by about one lr, not back to W),
 - a rollback restores W exactly.
+
+The monitor test checks on ZeRO-2 and ZeRO-3 shards that the projector's drift share, top-fraction selection and
+least-squares projection are the `linearity.trend` functions applied to the gathered full tensors.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
+from linearity.trend import TrendAccumulator, drift_partial_sums, drift_share, steady_displacement
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig
 from tests.helpers import behaviour_logp, random_batch, start_learner_group, stop_learner_group
@@ -108,20 +112,57 @@ def test_projection_on_shards(ray_session, toy_model_path, stage, dtype):
         stop_learner_group(ray, actors)
 
 
-def _cos(a: dict, b: dict, names) -> float:
-    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in names)
-    na = sum(float((a[n].double() ** 2).sum()) for n in names)
-    nb = sum(float((b[n].double() ** 2).sum()) for n in names)
-    return dot / (na * nb) ** 0.5
+def _run_cycle(ray, actors, batches) -> list[dict]:
+    """Snapshot, one training step per batch; the gathered full weights at the anchor and after every step."""
+    ray.get([a.extra_snapshot.remote() for a in actors])
+    trajectory = [_full(ray, actors)]
+    for b in batches:
+        ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(b, 2))])
+        trajectory.append(_full(ray, actors))
+    return trajectory
+
+
+def _check_top_elements_least_squares(trajectory, previous, projected, beta, eligible) -> int:
+    """The projection of a `top_elements` + `least_squares` cycle, recomputed on the gathered full tensors with
+    `linearity.trend`: scores `steady_displacement` (0 outside the name globs), one global threshold, and
+    `TrendAccumulator.advance_` by (β − 1)·m steps on the selected elements. Returns the selected count."""
+    steps = len(trajectory) - 1
+    anchor, last = trajectory[0], trajectory[-1]
+    scores = {
+        n: steady_displacement(last[n].ravel(), anchor[n].ravel(), None if previous is None else previous[n].ravel())
+        * (n in eligible)
+        for n in anchor
+    }
+    # The threshold comes from the ranks' gathered score sample; the lowest score that moved is at or above it.
+    moved = {n: projected[n].ravel() != last[n].ravel() for n in anchor}
+    threshold = min(float(scores[n][moved[n]].min()) for n in anchor if moved[n].any())
+    selected = 0
+    for name in anchor:
+        mask = (scores[name] >= threshold) & (scores[name] > 0)
+        trend = TrendAccumulator([anchor[name].ravel()])
+        for t, weights in enumerate(trajectory):
+            trend.update([weights[name].ravel()], t)
+        expected = last[name].ravel().clone()
+        trend.advance_([expected], (beta - 1.0) * steps, [mask])
+        torch.testing.assert_close(projected[name].ravel(), expected, rtol=0, atol=0, msg=name)
+        selected += int(mask.sum())
+    return selected
+
+
+def _drift_share_of(anchor, now, previous, names):
+    """`drift_share` of the gathered full tensors (rows in the order of `names`)."""
+    return drift_share(
+        torch.stack([drift_partial_sums(now[n].ravel(), anchor[n].ravel(), previous[n].ravel()) for n in names])
+    )
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_session, toy_model_path, stage):
-    """On 2 real ranks: the top-fraction selection is one global threshold, the least-squares projection equals
-    a per-element polyfit of the gathered trajectory, the drift share equals the gathered cosine, and an
-    optimizer reset makes the next Adam step a full-lr sign step."""
-    import numpy as np
-
+    """On 2 real ranks the projector's readings are the `linearity.trend` functions applied to the gathered full
+    tensors: the top-fraction selection is one global threshold on `steady_displacement` (with and without a
+    previous cycle), the least-squares projection is `TrendAccumulator.advance_` of the gathered trajectory, and
+    the drift share is `drift_share` of the gathered displacements. Then an optimizer reset makes the next Adam
+    step a full-lr sign step."""
     ray = ray_session
     lr = 1e-3
     spec = LearnerSpec(
@@ -137,15 +178,13 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
         b.old_logp = behaviour_logp(toy_model_path, b)
         batches.append(b)
     actors = start_learner_group(ray, spec)
+    beta = 2.0
     try:
         ray.get([a.extra_setup.remote(("*",), None, None, "least_squares", 512) for a in actors])
-        ray.get([a.extra_snapshot.remote() for a in actors])
-        traj = [_full(ray, actors)]
-        for b in batches:
-            ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(b, 2))])
-            traj.append(_full(ray, actors))
-        eligible = [n for n in traj[0] if "norm" not in n]
 
+        # cycle 1: no previous displacement
+        traj1 = _run_cycle(ray, actors, batches)
+        eligible = [n for n in traj1[0] if "norm" not in n]
         stats = ray.get([a.extra_end_cycle.remote("top_elements", 0.7, 0.2) for a in actors])
         assert stats[0].drift_share != stats[0].drift_share, "no previous cycle: drift share is NaN"
         assert stats[0].steps == 3 and stats[0].selected_numel == stats[1].selected_numel
@@ -153,43 +192,31 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
         r2 = stats[0].r2_values + stats[1].r2_values
         assert r2 and all(0.0 <= v <= 1.0 for v in r2)
 
-        beta = 2.0
         ray.get([a.extra_begin_phase.remote() for a in actors])
         ray.get([a.extra_project.remote(beta) for a in actors])
-        projected = _full(ray, actors)
-        t = np.arange(4.0)
-        moved_scores, still_scores = [], []
-        for name in traj[0]:
-            ys = np.stack([traj[k][name].double().numpy().ravel() for k in range(4)])  # (4, numel)
-            slope = ((t - t.mean())[:, None] * (ys - ys.mean(0))).sum(0) / ((t - t.mean()) ** 2).sum()
-            last, new = ys[-1], projected[name].double().numpy().ravel()
-            moved = new != last
-            if "norm" in name:
-                assert not moved.any(), f"{name} (norm) moved"
-                continue
-            expected = last + (beta - 1.0) * 3 * slope
-            np.testing.assert_allclose(new[moved], expected[moved], rtol=1e-5, atol=1e-7, err_msg=name)
-            score = np.abs(last - ys[0])
-            moved_scores.append(score[moved])
-            still_scores.append(score[~moved])
-        assert np.concatenate(moved_scores).min() >= np.concatenate(still_scores).max() * (1 - 1e-6), (
-            "one global threshold: every projected element moved more than every unprojected one"
-        )
+        selected = _check_top_elements_least_squares(traj1, None, _full(ray, actors), beta, eligible)
+        assert selected == stats[0].selected_numel
 
-        # cycle 2 (from the unprojected weights): drift share = cosine of the two gathered displacements
+        # cycle 2 (from the unprojected weights): the drift share and the consistency with cycle 1
         ray.get([a.extra_rollback.remote() for a in actors])
-        ray.get([a.extra_snapshot.remote() for a in actors])
-        start = _full(ray, actors)
-        for b in batches:
-            ray.get([a.train_step.remote(s) for a, s in zip(actors, shard_batch(b, 2))])
-        end = _full(ray, actors)
-        d1 = {n: traj[-1][n] - traj[0][n] for n in eligible}
-        d2 = {n: end[n] - start[n] for n in eligible}
+        traj2 = _run_cycle(ray, actors, batches)
+        d1 = {n: traj1[-1][n] - traj1[0][n] for n in traj1[0]}  # the projector's d_prev, in fp32 as it keeps it
+        stats = ray.get([a.extra_end_cycle.remote("top_elements", 0.7, 0.2) for a in actors])
+        expected = _drift_share_of(traj2[0], traj2[-1], d1, eligible)
+        assert stats[0].drift_share == pytest.approx(expected.total, rel=1e-9)
+        for name, share in zip(eligible, expected.per_tensor):
+            assert stats[0].drift_share_per_tensor[name] == pytest.approx(share, rel=1e-9), name
+        assert stats[0].displacement_norm == pytest.approx(expected.now_sq_norm**0.5, rel=1e-9)
+        ray.get([a.extra_begin_phase.remote() for a in actors])
+        ray.get([a.extra_project.remote(beta) for a in actors])
+        selected = _check_top_elements_least_squares(traj2, d1, _full(ray, actors), beta, eligible)
+        assert selected == stats[0].selected_numel
+
+        # tensor_drift with threshold −1 keeps every eligible tensor (all drift shares are defined)
+        ray.get([a.extra_rollback.remote() for a in actors])
+        _run_cycle(ray, actors, batches[:1])
         stats = ray.get([a.extra_end_cycle.remote("tensor_drift", -1.0, 0.1) for a in actors])
-        assert stats[0].drift_share == pytest.approx(_cos(d1, d2, eligible), rel=1e-6)
-        name = eligible[0]
-        assert stats[0].drift_share_per_tensor[name] == pytest.approx(_cos(d1, d2, [name]), rel=1e-6)
-        assert stats[0].selected_numel == stats[0].eligible_numel  # threshold −1: every eligible tensor
+        assert stats[0].selected_numel == stats[0].eligible_numel
 
         # reset: the next Adam step is a fresh one (|Δ| ≈ lr wherever the gradient is non-zero)
         assert min(ray.get([a.extra_reset_optimizer.remote() for a in actors])) > 0
