@@ -4,7 +4,7 @@
 |-------------------------------------------|---------------------------------------------------------------|
 | verifiers/                                | verifiers/                                                    |
 | linearity/                                | linearity/                                                    |
-| orchestrator core (config, messages, algorithms, console) | the core, linearity/, verifiers/              |
+| orchestrator core (config, messages, algorithms, checkpoints, metrics, console) | the core, linearity/, verifiers/ |
 | actors/                                   | actors/, the orchestrator core, linearity/, verifiers/        |
 | orchestrator/ (the driver), bench/, tests/ | everything                                                   |
 
@@ -18,7 +18,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "actors", "linearity", "verifiers")
-CORE = {"orchestrator.config", "orchestrator.messages", "orchestrator.algorithms", "orchestrator.console"}
+# The orchestrator's leaf modules, shared with the actors: the typed config and messages, the RL algorithms, the
+# checkpoint layout (learners write checkpoints the driver reads), metrics and console output.
+CORE = {
+    "orchestrator.config",
+    "orchestrator.messages",
+    "orchestrator.algorithms",
+    "orchestrator.checkpoints",
+    "orchestrator.metrics",
+    "orchestrator.console",
+}
 
 
 def _module_name(path: Path) -> str:
