@@ -172,6 +172,8 @@ class LearnerActor:
             self._hf_ds_config = HfDeepSpeedConfig(config)
         model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         model.config.use_cache = False
+        if spec.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         warmup = max(0, spec.learner.warmup_steps)
 
         def lr_lambda(step: int) -> float:

@@ -142,6 +142,8 @@ class RolloutActor:
             tensor_parallel_size=rc.tensor_parallel_size,
             enable_prefix_caching=True,
         )
+        if rc.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
         if rc.kv_cache_mb > 0:
             kwargs["kv_cache_memory_bytes"] = rc.kv_cache_mb * 2**20
         else:

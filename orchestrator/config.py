@@ -387,6 +387,7 @@ class RolloutConfig:
     kv_cache_mb: int = integer(64, ge=0)  # KV cache size; 0 = let vLLM size it by gpu_memory_utilization
     gpu_memory_utilization: float = number(0.5, gt=0, le=1)  # GPU share vLLM may take when kv_cache_mb = 0
     max_num_seqs: int = integer(256, ge=1)  # sequences per engine step
+    max_num_batched_tokens: int | None = integer(None, ge=1)  # tokens per engine step; null = vLLM's default
     enforce_eager: bool = True  # no CUDA graphs / torch.compile (true on CPU: compiling gains nothing on tiny models)
     tensor_parallel_size: int = integer(1, ge=1)  # GPUs one engine spans (tensor parallelism)
     temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
@@ -409,6 +410,7 @@ class LearnerConfig:
     warmup_steps: int = integer(0, ge=0)  # linear LR warm-up in optimizer steps
     grad_clip: float = number(1.0, ge=0)  # global gradient norm clip
     micro_batch_size: int = integer(64, ge=1)  # samples per forward/backward; gradients accumulate to the rank's share
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time; real models)
     num_cpus: float = number(1, ge=0)  # Ray CPUs per rank
     num_gpus: float = number(0, ge=0)  # GPUs per rank (1 on a GPU cluster)
     num_threads: int = integer(2, ge=0)  # torch threads per rank on CPU (0 = torch default)

@@ -117,3 +117,31 @@ def test_train_step_rejects_wrong_shard_size(ray_session, toy_model_path):
             ray.get(actors[0].train_step.remote(batch))
     finally:
         stop_learner_group(ray, actors)
+
+
+def test_gradient_checkpointing_takes_the_same_step(ray_session, toy_model_path):
+    """learner.gradient_checkpointing recomputes activations in the backward pass: same loss, same update."""
+    ray = ray_session
+    batch = random_batch(toy_model_path, batch=8)
+    batch.old_logp = behaviour_logp(toy_model_path, batch)
+
+    def weights(actor) -> dict:
+        exported = ray.get(actor.export_weights.remote(64.0))
+        return {n: from_transport(*t).clone() for bucket in exported for n, t in bucket}
+
+    results = []
+    for checkpointing in (False, True):
+        learner = LearnerConfig(micro_batch_size=4, lr=1e-3, gradient_checkpointing=checkpointing)
+        spec = LearnerSpec(toy_model_path, learner, AlgoConfig(), samples_per_rank=8, seed=0)
+        actors = start_learner_group(ray, spec)
+        try:
+            before = weights(actors[0])
+            metrics = ray.get(actors[0].train_step.remote(batch))
+            results.append((metrics, before, weights(actors[0])))
+        finally:
+            stop_learner_group(ray, actors)
+    (plain, before, w_plain), (recomputed, _, w_recomputed) = results
+    step = max((w_plain[n] - before[n]).abs().max().item() for n in before)
+    differ = max((w_plain[n] - w_recomputed[n]).abs().max().item() for n in before)
+    assert recomputed.loss == pytest.approx(plain.loss, rel=1e-6)
+    assert step > 5e-4 and differ < 1e-6, f"update {step:.2e}, difference with checkpointing {differ:.2e}"
