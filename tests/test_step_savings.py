@@ -1,10 +1,13 @@
 """The step-savings protocol's arithmetic (bench/savings.py): targets, censoring, step-0 hits, medians of bounds,
-curves, instability and lr brackets."""
+curves, instability and lr brackets; and the benchmark's refusals (bench/step_savings.py): bad input and stored runs of
+other settings fail with one line and exit code 2, before anything starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -193,3 +196,128 @@ def test_the_grid_grows_until_the_best_is_bracketed_and_says_why_it_stopped():
     assert (capped.best.lr, capped.bracketed) == (4e-4, False)
     assert capped.reason.startswith("not bracketed after 1 added lr(s)")
     assert capped.as_json()["lrs"] == [1e-4, 2e-4, 4e-4]
+
+
+# ------------------------------------------------------------------------------------- the benchmark's refusals
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "step_savings.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--seeds", "0", "1", "2", "--tune-seeds", "0"], "--seeds: expected seeds disjoint from --tune-seeds"),
+        (["--task", "data.toy.digitz=3"], "--task: data.toy.digitz: not a field of data.toy"),
+        (["--task", "learner.lr=1e-3"], "--task: learner.lr is set by the protocol"),
+    ],
+)
+def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, says):
+    db = tmp_path / "runs.db"
+    done = run_bench(*args, "--db", str(db))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and says in done.stderr
+    assert not db.exists() and done.stdout == ""
+
+
+def settings_for(seeds: tuple[int, ...]):
+    from step_savings import STRATEGIES, Settings
+
+    return Settings(
+        task=("toy_add",),
+        tune_seeds=(0,),
+        seeds=seeds,
+        strategies={"extra-m5n15-top5": STRATEGIES["extra-m5n15-top5"]},
+        grpo_lrs=(1e-4, 2e-4, 4e-4),
+        strategy_lrs=(1e-4,),
+        steps=40,
+        eval_every=5,
+        eval_prompts=500,
+        max_extensions=2,
+        unstable_drop=0.1,
+        target_fraction=0.9,
+        code="abc1234",
+    )
+
+
+def test_report_only_refuses_runs_of_other_settings_naming_what_differs(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from step_savings import BenchError, Plan, Runs, Store
+
+    store = Store(tmp_path / "runs.db")
+    with pytest.raises(BenchError, match="no stored runs"):
+        store.check_session(settings_for((1, 2, 3)))
+    stored = settings_for((1, 2, 3))
+    client = MlflowClient(tracking_uri=store.uri)
+    run = client.create_run(store.experiment_id, run_name="grpo-lr0.0001-seed0")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0)
+
+    store.check_session(stored)  # the same settings: accepted
+    assert store.find(stored, "grpo", 1e-4, 0) == run.info.run_id
+    with pytest.raises(BenchError) as refused:
+        store.check_session(settings_for((4, 5, 6)))
+    assert "seeds [1, 2, 3] (here [4, 5, 6])" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(BenchError, match="code 'abc1234' \\(here 'def5678'\\)"):
+        store.check_session(dataclasses.replace(stored, code="def5678"))
+    # a run the replay needs and the session lacks
+    plan = Plan(stored, {"extra-m5n15-top5": 5}, [], tmp_path)
+    with pytest.raises(BenchError, match="lacks grpo lr=0.0002 seed 0"):
+        Runs(plan, store, live=False).get("grpo", 2e-4, 0)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+TINY_TASK = [
+    "data.toy.digits=1",
+    "data.toy.num_train=2000",
+    "data.toy.num_eval=40",
+    "model.warm_start.steps=120",
+    "model.warm_start.batch_size=64",
+    "trainer.prompts_per_step=8",
+    "trainer.samples_per_prompt=4",
+    "trainer.eval_samples=2",
+    "learner.micro_batch_size=16",
+    "rollout.kv_cache_mb=16",
+    "reward.num_workers=1",
+]
+
+
+def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tmp_path, cache_dir):
+    """GRPO and one strategy, one lr each, one tuning and one report seed, 10 real steps (a projection at step 5):
+    four real jobs; then --report-only gives the same result from MLflow, and refuses other seeds."""
+    from step_savings import BenchError, main
+
+    args = [
+        *("--task", *TINY_TASK),
+        *("--strategies", "extra-m5n15-top5", "--tune-seeds", "0", "--seeds", "1"),
+        *("--grpo-lrs", "1e-3", "--strategy-lrs", "1e-3", "--max-extensions", "0", "--steps", "10"),
+        *("--eval-prompts", "16", "--db", str(tmp_path / "runs.db"), "--cache-dir", str(cache_dir)),
+        *("--plot", str(tmp_path / "plot.png"), "--unstable-drop", "0.99"),  # 16 prompts × 2 samples: noisy evals
+    ]
+    result = main(args)
+    assert result["metric"] == "real_step_ratio_vs_best_grpo" and result["strategy"] == "extra-m5n15-top5"
+    assert result["value_kind"] in ("exact", "lower", "upper", "unknown") and result["goal"] == 2
+    assert result["timing"]["runs"] == 4  # GRPO at the strategy's lr is GRPO-best's run
+    assert result["grids"]["grpo"]["stopped"].startswith("not bracketed after 0 added lr(s)")
+    assert any("report seed" in d for d in result["deviations"])
+    extra = result["curves"]["extra-m5n15-top5@0.001-seed1"]
+    assert [p[0] for p in extra] == [0, 5, 5, 10]  # the phase at step 5: an eval before and after it
+    assert extra[2][1] >= extra[1][1]  # the phase's seconds count from the second point on
+    row = result["strategies"]["extra-m5n15-top5"]
+    assert sum(row["projections"].values()) == 1 and 0 < row["cycle_overhead_frac"]
+    assert Path(result["plot"]).exists()
+
+    replayed = main([*args, "--report-only"])
+    assert {k: v for k, v in replayed.items() if k != "bench_wall_s"} == {
+        k: v for k, v in result.items() if k != "bench_wall_s"
+    }
+    with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
+        main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
