@@ -50,6 +50,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -113,9 +114,11 @@ MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
 CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
 
-# Seconds per piece of a run of the default toy task (tiny model, 32 prompts × 8 samples per step, Avg@4 and greedy on
-# 500 eval prompts), for the up-front estimate. Measured here on 2 shared cores; the JSON's `timing` has a session's
-# own numbers to update them from.
+# Seconds per piece of a run of the default toy task (tiny model, 32 prompts × 8 samples per step, greedy + Avg@4 on
+# 500 eval prompts) on a quiet 2-core machine, for the up-front estimate. Not measured end to end (the machine was
+# shared by ~6 jobs): from a 0.41 s median RL step, an in-process vLLM engine's ~3.4 s start plus the learner's and
+# the actors' imports, 256 × 32 tokens in 0.65 s (an eval is ~2500 short sequences), and a 600-step warm start in
+# ~1 min. The JSON's `timing` holds a session's own numbers: update these from the lead's quiet run.
 COST_S = {"setup": 25.0, "step": 0.45, "eval": 2.5, "phase": 1.0, "warm_start": 60.0}
 
 
@@ -361,6 +364,7 @@ class Store:
         def history(name: str) -> dict[int, float]:
             return {int(m.step): m.value for m in self.client.get_metric_history(run_id, name)}
 
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run read back otherwise
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(self.client.download_artifacts(run_id, "summary.json", tmp)).read_text())
         records = summary.get("extrapolations", [])
@@ -460,8 +464,11 @@ class Runs:
 
 def prepare_warm_starts(plan: Plan) -> None:
     """Build every seed's warm start (each seed has its own; cached) before Ray starts, timed apart from the runs."""
+    from transformers.utils import logging as hf_logging
+
     from orchestrator.data import resolve_model
 
+    hf_logging.disable_progress_bar()
     s = plan.settings
     for seed in (*s.tune_seeds, *s.seeds):
         t0 = time.perf_counter()
@@ -498,11 +505,11 @@ def targets_for(settings: Settings, grpo_best: dict[int, Run]) -> dict[int, floa
     return {seed: target_acc(r.warm_start, final, settings.target_fraction) for seed, r in grpo_best.items()}
 
 
-def steps(run: Run, target: float) -> Cost:
+def steps_to(run: Run, target: float) -> Cost:
     return first_hit(run.curve, target)
 
 
-def compute(run: Run, target: float) -> Cost:
+def seconds_to(run: Run, target: float) -> Cost:
     return first_hit(run.curve, target, cost=lambda p: p.compute_s)
 
 
@@ -516,7 +523,9 @@ def choose_strategy(runs: Runs, grids: dict[str, Grid]) -> tuple[str | None, dic
         if best_lr(grids[arm]) is None:
             continue
         mine = {seed: runs.get(arm, best_lr(grids[arm]), seed) for seed in s.tune_seeds}
-        ratio = median_bounds([ratio_bounds(steps(grpo_best[k], t), steps(mine[k], t)) for k, t in targets.items()])
+        ratio = median_bounds(
+            [ratio_bounds(steps_to(grpo_best[k], t), steps_to(mine[k], t)) for k, t in targets.items()]
+        )
         gain = statistics.median(gain_area(mine[k].curve, grpo_best[k].warm_start) for k in targets)
         ranking[arm] = (ratio, gain)
     chosen = max(ranking, key=lambda a: (ranking[a][0].lo, ranking[a][0].hi, ranking[a][1])) if ranking else None
@@ -545,12 +554,12 @@ def strategy_row(
         g, q, r = grpo_best[seed], same[seed], mine[seed]
         per_seed[seed] = {
             "target": t,
-            "steps": steps(r, t),
-            "steps_grpo_best": steps(g, t),
-            "steps_grpo_same_lr": steps(q, t),
-            "ratio": ratio_bounds(steps(g, t), steps(r, t)),
-            "same_lr_ratio": ratio_bounds(steps(q, t), steps(r, t)),
-            "wall_ratio": ratio_bounds(compute(g, t), compute(r, t)),
+            "steps": steps_to(r, t),
+            "steps_grpo_best": steps_to(g, t),
+            "steps_grpo_same_lr": steps_to(q, t),
+            "ratio": ratio_bounds(steps_to(g, t), steps_to(r, t)),
+            "same_lr_ratio": ratio_bounds(steps_to(q, t), steps_to(r, t)),
+            "wall_ratio": ratio_bounds(seconds_to(g, t), seconds_to(r, t)),
             "auc_ratio": area_ratio(gain_area(r.curve, g.warm_start), gain_area(g.curve, g.warm_start)),
             "final_acc_delta": r.final - g.final,
             "final_acc_delta_same_lr": r.final - q.final,
@@ -777,7 +786,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"rows of {list(STRATEGIES)}")
-    ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[1e-4, 2e-4, 4e-4], help="GRPO's initial lr grid")
+    ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
     ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="each strategy's")
     ap.add_argument("--steps", type=int, help="the budget in real steps (default: 8 x the latest first projection)")
     ap.add_argument("--eval-prompts", type=int, default=MIN_EVAL_PROMPTS)
@@ -821,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict:
         n, secs = estimate(plan)
         say(
             f"session {s.key}, code {s.code}: {s.steps} real steps per run, an eval every {s.eval_every} on "
-            f"{s.eval_prompts} prompts; at least {n} runs, about {secs / 60:.0f} min on a quiet 2-core machine, plus "
+            f"{s.eval_prompts} prompts; about {n} runs, {secs / 60:.0f} min on a quiet 2-core machine, plus "
             f"about {COST_S['warm_start']:.0f} s per warm start not cached yet and each lr a bracket adds"
         )
         prepare_warm_starts(plan)
