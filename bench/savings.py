@@ -6,6 +6,7 @@ has two points at each cycle boundary, before and after the extrapolation phase 
 projected).
 
 Choices, each a function below:
+- `build_curve`: a run's points from the job's own evals, its steps' seconds and its extrapolation phases.
 - `first_hit`: the cost (real steps, or compute seconds) at the first eval at or above the target. A run that never
   gets there is *censored*: its cost is known only to exceed the cost at its last eval (the budget).
 - `target_acc`: `fraction` (0.9) of the way from a seed's warm-start accuracy to GRPO-best's median final accuracy.
@@ -18,7 +19,8 @@ Choices, each a function below:
 - `is_unstable`: a non-finite loss, or a final accuracy more than `drop` below the run's best eval (the warm start
   included, so a run that ends well below where it started is unstable too).
 - `bracket`: an lr grid's best stable lr is bracketed when the lr on each side of it in the grid is worse or
-  unstable; otherwise the next lr to try lies one `factor` beyond the open edge of the grid.
+  unstable; otherwise the next lr to try lies one `factor` beyond the open edge of the grid. `grow_grid` adds such
+  lrs one at a time until the best is bracketed or a limit is reached, and says why it stopped.
 """
 
 from __future__ import annotations

@@ -657,7 +657,8 @@ def mean_band(runs: list[Run], x) -> tuple[list[float], list[float], list[float]
 
 
 def plot(path: Path, rows: dict, arms: dict[str, dict[str, tuple[str, dict[int, Run]]]], target: float) -> None:
-    """Per strategy (a row of panels): mean and range over the report seeds against real steps and compute seconds."""
+    """Per strategy (a row of panels): mean and range over the report seeds against real steps and compute seconds;
+    `arms[strategy]` maps a colour to (label, runs by seed): GRPO-best, the strategy, GRPO at its lr when different."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -670,7 +671,7 @@ def plot(path: Path, rows: dict, arms: dict[str, dict[str, tuple[str, dict[int, 
     )
     for row_axes, (arm, row) in zip(axes, rows.items(), strict=True):
         for ax, (xlabel, x) in zip(row_axes, axis, strict=True):
-            for color, (label, by_seed) in zip(("C0", "C2", "C3"), arms[arm].values(), strict=True):
+            for color, (label, by_seed) in arms[arm].items():
                 xs, mean, lo, hi = mean_band(list(by_seed.values()), x)
                 ax.plot(xs, mean, color=color, label=label, lw=1.5)
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
@@ -713,11 +714,9 @@ def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
         mine = {seed: runs.get(arm, lr, seed) for seed in s.seeds}
         same = {seed: runs.get(GRPO, lr, seed) for seed in s.seeds}
         rows[arm] = strategy_row(lr, targets, grpo_best, same, mine)
-        arms[arm] = {
-            "best": (f"GRPO-best (lr {lr_best:.3g})", grpo_best),
-            "same": (f"GRPO at lr {lr:.3g}", same),
-            "mine": (f"{arm} (lr {lr:.3g})", mine),
-        }
+        arms[arm] = {"C0": (f"GRPO-best (lr {lr_best:.3g})", grpo_best), "C3": (f"{arm} (lr {lr:.3g})", mine)}
+        if lr != lr_best:
+            arms[arm]["C2"] = (f"GRPO at lr {lr:.3g}", same)
     for seed in s.seeds:
         starts = sorted({r.warm_start for (_, _, k), r in runs.cache.items() if k == seed})
         if len(starts) > 1:
