@@ -820,6 +820,8 @@ def main(argv: list[str] | None = None) -> dict:
             "deviations from the protocol (fine to test the machinery, not for a headline): "
             + "; ".join(plan.deviations)
         )
+    if args.report_only and not args.db.exists():
+        raise BenchError(f"--db: expected the stored runs of a session for --report-only, got no file {args.db}")
     args.db.parent.mkdir(parents=True, exist_ok=True)
     store = Store(args.db)
     if args.report_only:

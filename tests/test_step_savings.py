@@ -216,6 +216,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
         (["--seeds", "0", "1", "2", "--tune-seeds", "0"], "--seeds: expected seeds disjoint from --tune-seeds"),
         (["--task", "data.toy.digitz=3"], "--task: data.toy.digitz: not a field of data.toy"),
         (["--task", "learner.lr=1e-3"], "--task: learner.lr is set by the protocol"),
+        (["--report-only"], "--db: expected the stored runs of a session for --report-only, got no file"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, says):
