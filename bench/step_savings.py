@@ -1,0 +1,858 @@
+"""Step savings that hold up: real RL steps to a target accuracy, RL-Extra strategies against GRPO at its best lr.
+
+    python bench/step_savings.py                                   # the default protocol (<= 60 min, quiet 2 cores)
+    python bench/step_savings.py --task toy_mul --tune-seeds 10 --seeds 11 12 13
+    python bench/step_savings.py --task data.toy.digits=3 --strategies extra-m5n15-top5
+    python bench/step_savings.py --steps 20 --tune-seeds 0 --seeds 1 2 3 --grpo-lrs 2e-4 --strategy-lrs 2e-4
+    python bench/step_savings.py --report-only                     # the same report again, from the stored runs
+
+The protocol (its arithmetic is bench/savings.py, unit-tested in tests/test_step_savings.py):
+1. Tuning, on --tune-seeds only. GRPO's lr grid (--grpo-lrs) grows by a factor 2 beyond its open edge until its best
+   stable lr is bracketed: the lrs on both sides of it are worse or unstable (at most --max-extensions added lrs;
+   the grid and why it stopped are reported). Score of an lr: the median over the tuning seeds of the mean accuracy
+   gain over the warm start across the budget (the gain area ÷ budget): continuous and target-free, it rewards
+   getting high early and staying there; steps-to-target ties too often on an m-step eval grid to bracket anything,
+   and the target is itself defined by GRPO-best. Unstable: a non-finite loss, or a final accuracy more than
+   --unstable-drop below the run's best eval. The bracketed best is GRPO-best; every strategy's lr is tuned the same
+   way (--strategy-lrs). Then the headline strategy is chosen: the largest median step ratio vs GRPO-best on the
+   tuning seeds (with the tuning seeds' own target), ties broken by gain area.
+2. Report, on --seeds (>= 3, disjoint from the tuning seeds): GRPO-best, every strategy at its tuned lr, and GRPO at
+   each strategy's lr. Nothing is chosen here. A seed's target is 90 % of the way from its warm-start accuracy (its
+   step-0 eval; each seed has its own warm start) to GRPO-best's median final accuracy over the report seeds.
+3. Headline `value`: the median over report seeds of GRPO-best's real steps to the target ÷ the chosen strategy's.
+   An arm that never reaches the target is censored at the budget: its ratio is a bound (savings.ratio_bounds) and
+   enters the median as one (`value` is the median of the lower ends, `value_upper` of the upper ends, `value_kind`
+   says which). Beside it: `same_lr_ratio` (vs GRPO at the strategy's own lr: the paper's claim), `auc_ratio`
+   (gain areas over real steps), `final_acc_delta` (at the budget), `wall_ratio` (compute seconds to the target),
+   `cycle_overhead_frac` (extrapolation-phase seconds ÷ RL-step seconds).
+
+Cadence and budget: every arm is evaluated every c real steps on the same held-out eval set (--eval-prompts; the
+toy task's eval split is disjoint from its RL split), c = the gcd of the strategies' cycle lengths m, and RL-Extra
+arms also around every extrapolation phase (`schedule.eval_around_projection`: an eval before the phase, and one
+after it when it projected; the job's own periodic eval at a cycle boundary would re-evaluate the post-projection
+weights, so RL-Extra arms set `trainer.eval_every` only when c < m). The default budget is 8 × the latest step at
+which a strategy's first projection can be evaluated (m, or 2m for `auto`, which never projects in cycle 1).
+Compute seconds (wall_ratio, the plot's time axis) count RL steps (`time/step_s`) and extrapolation phases (each
+record's `time_s`), not evals nor actor start-up.
+
+Runs share one Ray and this process; each starts its own actors (orchestrator.train.run_job) and is stored in MLflow
+(--db, experiment `bench-step-savings`), tagged with the code version (the last commit touching the code, plus a
+hash of uncommitted changes to it) and the session's settings. --report-only replays the protocol on the stored runs
+of exactly these settings, and refuses with one line when they are not there.
+
+Output: the tuning grids, a per-strategy table, docs/img/step_savings.png (per strategy: mean and range over the
+report seeds vs real steps and vs compute seconds, with GRPO-best and GRPO at the same lr), then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import common
+from common import RESULTS, ROOT, emit
+from savings import (
+    Bound,
+    Cost,
+    Grid,
+    LrScore,
+    Phase,
+    Point,
+    area_ratio,
+    build_curve,
+    finite_or_none,
+    first_hit,
+    gain_area,
+    grow_grid,
+    is_unstable,
+    median_bounds,
+    ratio_bounds,
+    target_acc,
+)
+
+# The arms. GRPO is plain RL. Each strategy row is (name, overrides): one row per strategy setting, tuning picks each
+# row's lr and then one row. The lead adds the `schedule.strategy` rows (SFPO-style lookahead, rank-1 trend) here.
+GRPO = "grpo"
+GRPO_OVERRIDES = ["schedule=rl"]
+STRATEGIES = {
+    # the paper's projection, β = (m + n) / m = 4 every cycle, on the top 5 % of elements by steady displacement
+    "extra-m5n15-top5": [
+        "schedule=rl_extra",
+        "schedule.m=5",
+        "schedule.n=15",
+        "schedule.beta_mode=schedule",
+        "schedule.selection=top_elements",
+        "schedule.selection_fraction=0.05",
+    ],
+    # the default policy: monitor gate + validation line search over β ∈ {2, 4}, same selection
+    "auto-m5n15-top5": [
+        "schedule=rl_extra",
+        "schedule.m=5",
+        "schedule.n=15",
+        "schedule.beta_mode=auto",
+        "schedule.selection=top_elements",
+        "schedule.selection_fraction=0.05",
+    ],
+}
+EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after each row's own: every phase is evaluated
+# What the protocol sets for every run: a --task override may not touch these.
+PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir") + tuple(
+    f"trainer.{k}" for k in ("total_steps", "eval_every", "eval_prompts", "output_dir", "resume", "save_final")
+)
+BUDGET_FACTOR = 8  # budget >= this × the latest first-projection step: the largest ratio the protocol can measure
+MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
+EXPERIMENT = "bench-step-savings"
+CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
+
+# Seconds per piece of a run of the default toy task (tiny model, 32 prompts × 8 samples per step, greedy + Avg@4 on
+# 500 eval prompts) on a quiet 2-core machine, for the up-front estimate. Not measured end to end (the machine was
+# shared by ~6 jobs): from a 0.41 s median RL step, an in-process vLLM engine's ~3.4 s start plus the learner's and
+# the actors' imports, 256 × 32 tokens in 0.65 s (an eval is ~2500 short sequences), and a 600-step warm start in
+# ~1 min. The JSON's `timing` holds a session's own numbers: update these from the lead's quiet run.
+COST_S = {"setup": 25.0, "step": 0.45, "eval": 2.5, "phase": 1.0, "warm_start": 60.0}
+
+
+class BenchError(Exception):
+    """Bad input, or stored runs that do not match: one line on stderr, exit code 2."""
+
+
+def say(line: str) -> None:
+    print(f"[bench] {line}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines a session's runs and report; stored with every run."""
+
+    task: tuple[str, ...]  # the task variant: a data preset name (toy_mul) or overrides (data.toy.digits=3, model...)
+    tune_seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # report seeds
+    strategies: dict[str, list[str]]  # name → overrides: the rows of STRATEGIES in use
+    grpo_lrs: tuple[float, ...]  # the initial grids (brackets add to them)
+    strategy_lrs: tuple[float, ...]
+    steps: int  # the budget in real RL steps, every arm
+    eval_every: int  # c: every arm is evaluated every c real steps (and RL-Extra arms around every phase)
+    eval_prompts: int
+    max_extensions: int
+    unstable_drop: float
+    target_fraction: float
+    code: str  # code_version()
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The settings, what they imply per strategy, and where they fall short of the protocol."""
+
+    settings: Settings
+    cycles: dict[str, int]  # strategy → its cycle length m
+    deviations: list[str]  # reported with the result, not refused: small settings test the machinery
+    cache_dir: Path  # warm starts and toy data (content-keyed: not a setting)
+
+
+def task_overrides(task: tuple[str, ...]) -> list[str]:
+    """`toy_mul` → `data=toy_mul`; `data.toy.digits=3` stays as it is."""
+    return [word if "=" in word else f"data={word}" for word in task]
+
+
+def arm_overrides(settings: Settings, arm: str) -> list[str]:
+    return GRPO_OVERRIDES if arm == GRPO else [*settings.strategies[arm], *EXTRA_OVERRIDES]
+
+
+def compose_arm(task: tuple[str, ...], overrides: list[str]):
+    """The typed config of a run of this task with these overrides."""
+    from orchestrator.config import compose, validate
+
+    return validate(compose([*task_overrides(task), *overrides]))
+
+
+def first_projection_step(schedule) -> int:
+    """The earliest real step at which a strategy's projection can be evaluated: the end of cycle 1, or of cycle 2
+    for `auto` (its gate needs the previous cycle's displacement)."""
+    return schedule.m * (2 if schedule.beta_mode == "auto" else 1)
+
+
+def code_version() -> str:
+    """The last commit that touched the code, plus a hash of its uncommitted changes (docs and results don't count:
+    committing a result does not orphan the runs that made it)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%h", "--", *CODE_PATHS).strip()
+        dirty = git("diff", "HEAD", "--", *CODE_PATHS)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (f"+dirty-{hashlib.sha256(dirty.encode()).hexdigest()[:8]}" if dirty else "")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check the arguments and compose every arm's config: bad input is a BenchError before anything starts."""
+    from orchestrator.cli import describe_config_error
+    from orchestrator.config import JobConfig
+
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        raise BenchError(f"--strategies: expected names from {sorted(STRATEGIES)}, got {unknown}")
+    overlap = sorted(set(args.seeds) & set(args.tune_seeds))
+    if overlap:
+        raise BenchError(f"--seeds: expected seeds disjoint from --tune-seeds, got {overlap} in both")
+    for flag in ("grpo_lrs", "strategy_lrs"):
+        if not all(lr > 0 for lr in getattr(args, flag)):
+            raise BenchError(f"--{flag.replace('_', '-')}: expected positive learning rates, got {getattr(args, flag)}")
+    task = tuple(args.task)
+    for word in task_overrides(task):
+        key = word.split("=", 1)[0].lstrip("+~")
+        if any(key == k or key.startswith(k + ".") for k in PROTOCOL_KEYS):
+            raise BenchError(f"--task: {key} is set by the protocol; expected data or model overrides, got {word!r}")
+    cfgs = {}
+    for arm in (GRPO, *args.strategies):
+        try:
+            cfgs[arm] = compose_arm(task, GRPO_OVERRIDES if arm == GRPO else [*STRATEGIES[arm], *EXTRA_OVERRIDES])
+        except Exception as exc:
+            line = describe_config_error(exc, JobConfig)
+            if line is None:
+                raise
+            raise BenchError(f"{'--task' if arm == GRPO else f'strategy {arm}'}: {line}") from None
+    cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies}
+    latest_first = max(first_projection_step(cfgs[arm].schedule) for arm in args.strategies)
+    steps = args.steps or BUDGET_FACTOR * latest_first
+    data = cfgs[GRPO].data
+    settings = Settings(
+        task=task,
+        tune_seeds=tuple(args.tune_seeds),
+        seeds=tuple(args.seeds),
+        strategies={arm: STRATEGIES[arm] for arm in args.strategies},
+        grpo_lrs=tuple(sorted(args.grpo_lrs)),
+        strategy_lrs=tuple(sorted(args.strategy_lrs)),
+        steps=steps,
+        eval_every=math.gcd(*cycles.values()),
+        eval_prompts=min(args.eval_prompts, data.toy.num_eval) if data.source == "toy" else args.eval_prompts,
+        max_extensions=args.max_extensions,
+        unstable_drop=args.unstable_drop,
+        target_fraction=args.target_fraction,
+        code=code_version(),
+    )
+    deviations = []
+    if steps < BUDGET_FACTOR * latest_first:
+        deviations.append(f"budget {steps} < {BUDGET_FACTOR} x the latest first-projection step ({latest_first})")
+    if len(settings.seeds) < MIN_REPORT_SEEDS:
+        deviations.append(f"{len(settings.seeds)} report seed(s) < {MIN_REPORT_SEEDS}")
+    if settings.eval_prompts < MIN_EVAL_PROMPTS:
+        deviations.append(f"{settings.eval_prompts} eval prompts < {MIN_EVAL_PROMPTS}")
+    return Plan(settings, cycles, deviations, args.cache_dir)
+
+
+def estimate(plan: Plan) -> tuple[int, float]:
+    """(runs, seconds) of a session before any lr a bracket adds (COST_S; warm starts not included). GRPO at each
+    strategy's lr on the report seeds is counted, though it is GRPO-best's run when the lrs agree."""
+    s, c, n = plan.settings, COST_S, plan.settings.steps
+    grpo_s = c["setup"] + n * c["step"] + (n / s.eval_every + 1) * c["eval"]
+    extra_s = sum(grpo_s + (n / m) * (c["phase"] + c["eval"]) for m in plan.cycles.values())  # + an eval per phase
+    runs = len(s.tune_seeds) * (len(s.grpo_lrs) + len(s.strategy_lrs) * len(plan.cycles))
+    runs += len(s.seeds) * (1 + 2 * len(plan.cycles))
+    seconds = len(s.tune_seeds) * (len(s.grpo_lrs) * grpo_s + len(s.strategy_lrs) * extra_s)
+    seconds += len(s.seeds) * ((1 + len(plan.cycles)) * grpo_s + extra_s)
+    return runs, seconds
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Run:
+    """One finished job, as the protocol reads it back from MLflow."""
+
+    arm: str
+    lr: float
+    seed: int
+    curve: list[Point]
+    finite_loss: bool
+    setup_s: float  # actor start-up
+    loop_s: float  # the job's loop: RL steps, extrapolation phases and evals
+    step_s: float  # seconds in RL steps
+    phase_s: float  # seconds in extrapolation phases
+    projections: list[dict] = field(default_factory=list)
+
+    @property
+    def warm_start(self) -> float:
+        return self.curve[0].acc
+
+    @property
+    def final(self) -> float:
+        return self.curve[-1].acc
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:.6g}"
+
+
+class Store:
+    """The runs in MLflow (sqlite at `db`, experiment `bench-step-savings`): tagged with the session when they finish,
+    found by (session, arm, lr, seed), read back from their metrics and summary.json."""
+
+    def __init__(self, db: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.db, self.uri = db, f"sqlite:///{db}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        artifacts = (db.parent / f"{db.stem}-artifacts").resolve().as_uri()  # beside the db, whatever the cwd
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT, artifacts)
+
+    def tag(self, run_id: str, settings: Settings, arm: str, lr: float, seed: int) -> None:
+        tags = {
+            "bench_session": settings.key,
+            "bench_settings": json.dumps(settings.as_json(), sort_keys=True),
+            "bench_code": settings.code,
+            "bench_arm": arm,
+            "bench_lr": lr_tag(lr),
+            "bench_seed": str(seed),
+        }
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def newest(self, where: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"{where} and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+
+    def find(self, settings: Settings, arm: str, lr: float, seed: int) -> str | None:
+        found = self.newest(
+            f"tags.bench_session = '{settings.key}' and tags.bench_arm = '{arm}' and "
+            f"tags.bench_lr = '{lr_tag(lr)}' and tags.bench_seed = '{seed}'"
+        )
+        return found[0].info.run_id if found else None
+
+    def check_session(self, settings: Settings) -> None:
+        """--report-only: the store must hold runs of exactly these settings; else one line saying what differs."""
+        if self.newest(f"tags.bench_session = '{settings.key}'"):
+            return
+        newest = self.newest("tags.bench_session != ''")
+        if not newest:
+            raise BenchError(f"--report-only: no stored runs in {self.db}; run without --report-only first")
+        stored = json.loads(newest[0].data.tags["bench_settings"])
+        diff = [
+            f"{k} {stored.get(k)!r:.80} (here {v!r:.80})" for k, v in settings.as_json().items() if stored.get(k) != v
+        ]
+        raise BenchError(f"--report-only: the newest stored runs in {self.db} differ in {'; '.join(diff)}")
+
+    def load(self, run_id: str, arm: str, lr: float, seed: int) -> Run:
+        def history(name: str) -> dict[int, float]:
+            return {int(m.step): m.value for m in self.client.get_metric_history(run_id, name)}
+
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run read back otherwise
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = json.loads(Path(self.client.download_artifacts(run_id, "summary.json", tmp)).read_text())
+        records = summary.get("extrapolations", [])
+        phases = [
+            Phase(
+                step=r["rl_step"],
+                time_s=r["time_s"] if math.isfinite(r["time_s"]) else 0.0,  # NaN: a phase a dead engine broke off
+                acc_before=r["eval_before"]["eval/avg_at_k"],
+                acc_after=r["eval_after"]["eval/avg_at_k"],
+            )
+            for r in records
+        ]
+        step_s = history("time/step_s")
+        return Run(
+            arm=arm,
+            lr=lr,
+            seed=seed,
+            curve=build_curve(history("eval/avg_at_k"), step_s, phases),
+            finite_loss=all(math.isfinite(v) for v in history("train/loss").values()),
+            setup_s=summary["setup_time_s"],
+            loop_s=summary["wall_time_s"],
+            step_s=sum(step_s.values()),
+            phase_s=sum(p.time_s for p in phases),
+            projections=[
+                {
+                    "rl_step": r["rl_step"],
+                    "outcome": r["outcome"],
+                    "beta": r["beta"],
+                    "drift_share": finite_or_none(r["drift_share"]),
+                    "acc_before": p.acc_before,
+                    "acc_after": p.acc_after,
+                }
+                for r, p in zip(records, phases, strict=True)
+            ],
+        )
+
+
+class Runs:
+    """The session's runs by (arm, lr, seed): trained on first use, or (--report-only) found in the store."""
+
+    def __init__(self, plan: Plan, store: Store, live: bool, out_dir: str = ""):
+        self.plan, self.settings, self.store, self.live, self.out_dir = plan, plan.settings, store, live, out_dir
+        self.cache: dict[tuple[str, str, int], Run] = {}
+        self.started = time.perf_counter()
+        self.expected_runs = estimate(plan)[0]
+
+    def get(self, arm: str, lr: float, seed: int) -> Run:
+        key = (arm, lr_tag(lr), seed)
+        if key not in self.cache:
+            run_id = self.train(arm, lr, seed) if self.live else self.store.find(self.settings, arm, lr, seed)
+            if run_id is None:
+                raise BenchError(
+                    f"--report-only: the stored session lacks {arm} lr={lr_tag(lr)} seed {seed} (interrupted?); "
+                    "run without --report-only"
+                )
+            self.cache[key] = self.store.load(run_id, arm, lr, seed)
+        return self.cache[key]
+
+    def overrides(self, arm: str, lr: float, seed: int, name: str) -> list[str]:
+        s = self.settings
+        # RL-Extra arms are evaluated around every phase; periodic evals only fill in between their cycle boundaries
+        eval_every = s.eval_every if arm == GRPO or s.eval_every < self.plan.cycles[arm] else 0
+        return [
+            *task_overrides(s.task),
+            *arm_overrides(s, arm),
+            f"learner.lr={lr_tag(lr)}",
+            f"seed={seed}",
+            f"trainer.total_steps={s.steps}",
+            f"trainer.eval_every={eval_every}",
+            f"trainer.eval_prompts={s.eval_prompts}",
+            "trainer.progress=false",
+            "trainer.save_final=false",
+            "trainer.resume=never",
+            f"trainer.output_dir={self.out_dir}/{name}",
+            f"tracking.tracking_uri={self.store.uri}",
+            f"tracking.experiment={EXPERIMENT}",
+            f"tracking.run_name={name}",
+            f"model.cache_dir={self.plan.cache_dir}",
+        ]
+
+    def train(self, arm: str, lr: float, seed: int) -> str:
+        from orchestrator.config import compose
+        from orchestrator.train import run_job
+
+        t0 = time.perf_counter()
+        name = f"{arm}-lr{lr_tag(lr)}-seed{seed}"
+        summary = run_job(compose(self.overrides(arm, lr, seed, name)), f"{self.out_dir}/{name}")
+        self.store.tag(summary["mlflow_run_id"], self.settings, arm, lr, seed)
+        done, spent = len(self.cache) + 1, time.perf_counter() - self.started
+        left = max(self.expected_runs - done, 0) * spent / done
+        say(
+            f"run {done}: {name} took {time.perf_counter() - t0:.0f} s (set-up {summary['setup_time_s']:.0f} s); "
+            f"{spent / 60:.1f} min so far, about {left / 60:.0f} min left if no bracket adds an lr"
+        )
+        return summary["mlflow_run_id"]
+
+
+def prepare_warm_starts(plan: Plan) -> None:
+    """Build every seed's warm start (each seed has its own; cached) before Ray starts, timed apart from the runs."""
+    from transformers.utils import logging as hf_logging
+
+    from orchestrator.data import resolve_model
+
+    hf_logging.disable_progress_bar()
+    s = plan.settings
+    for seed in (*s.tune_seeds, *s.seeds):
+        t0 = time.perf_counter()
+        cfg = compose_arm(s.task, [*GRPO_OVERRIDES, f"seed={seed}", f"model.cache_dir={plan.cache_dir}"])
+        resolve_model(cfg, log=lambda line: None)
+        if time.perf_counter() - t0 > 1:
+            say(f"warm start of seed {seed} built in {time.perf_counter() - t0:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- tuning
+
+
+def best_lr(grid: Grid) -> float | None:
+    return grid.best.lr if grid.best else None
+
+
+def score_lr(runs: Runs, arm: str, lr: float) -> LrScore:
+    """Median over the tuning seeds of the mean gain over the warm start across the budget; unstable on any seed."""
+    s = runs.settings
+    rs = [runs.get(arm, lr, seed) for seed in s.tune_seeds]
+    gains = [gain_area(r.curve, r.warm_start) / s.steps for r in rs]
+    return LrScore(lr, statistics.median(gains), any(is_unstable(r.curve, s.unstable_drop, r.finite_loss) for r in rs))
+
+
+def tune_lr(runs: Runs, arm: str, initial: tuple[float, ...]) -> Grid:
+    return grow_grid(
+        lambda lr: score_lr(runs, arm, lr), initial, runs.settings.max_extensions, log=lambda x: say(f"{arm}: {x}")
+    )
+
+
+def targets_for(settings: Settings, grpo_best: dict[int, Run]) -> dict[int, float]:
+    """Per seed: target_fraction of the way from the seed's warm start to GRPO-best's median final accuracy."""
+    final = statistics.median(r.final for r in grpo_best.values())
+    return {seed: target_acc(r.warm_start, final, settings.target_fraction) for seed, r in grpo_best.items()}
+
+
+def steps_to(run: Run, target: float) -> Cost:
+    return first_hit(run.curve, target)
+
+
+def seconds_to(run: Run, target: float) -> Cost:
+    return first_hit(run.curve, target, cost=lambda p: p.compute_s)
+
+
+def choose_strategy(runs: Runs, grids: dict[str, Grid]) -> tuple[str | None, dict]:
+    """On the tuning seeds: the strategy with the largest median step ratio vs GRPO-best (then gain area)."""
+    s = runs.settings
+    grpo_best = {seed: runs.get(GRPO, best_lr(grids[GRPO]), seed) for seed in s.tune_seeds}
+    targets = targets_for(s, grpo_best)
+    ranking = {}
+    for arm in s.strategies:
+        if best_lr(grids[arm]) is None:
+            continue
+        mine = {seed: runs.get(arm, best_lr(grids[arm]), seed) for seed in s.tune_seeds}
+        ratio = median_bounds(
+            [ratio_bounds(steps_to(grpo_best[k], t), steps_to(mine[k], t)) for k, t in targets.items()]
+        )
+        gain = statistics.median(gain_area(mine[k].curve, grpo_best[k].warm_start) for k in targets)
+        ranking[arm] = (ratio, gain)
+    chosen = max(ranking, key=lambda a: (ranking[a][0].lo, ranking[a][0].hi, ranking[a][1])) if ranking else None
+    return chosen, {
+        "targets": {str(k): round(v, 4) for k, v in targets.items()},
+        "step_ratio": {arm: ratio.as_json() for arm, (ratio, _) in ranking.items()},
+        "chosen": chosen,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def median_known(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.median(known) if known else None
+
+
+def strategy_row(
+    lr: float, targets: dict[int, float], grpo_best: dict[int, Run], same: dict[int, Run], mine: dict[int, Run]
+) -> dict:
+    """One strategy on the report seeds against GRPO-best and GRPO at the strategy's lr: every number per seed, and
+    its median over the seeds."""
+    per_seed = {}
+    for seed, t in targets.items():
+        g, q, r = grpo_best[seed], same[seed], mine[seed]
+        per_seed[seed] = {
+            "target": t,
+            "steps": steps_to(r, t),
+            "steps_grpo_best": steps_to(g, t),
+            "steps_grpo_same_lr": steps_to(q, t),
+            "ratio": ratio_bounds(steps_to(g, t), steps_to(r, t)),
+            "same_lr_ratio": ratio_bounds(steps_to(q, t), steps_to(r, t)),
+            "wall_ratio": ratio_bounds(seconds_to(g, t), seconds_to(r, t)),
+            "auc_ratio": area_ratio(gain_area(r.curve, g.warm_start), gain_area(g.curve, g.warm_start)),
+            "final_acc_delta": r.final - g.final,
+            "final_acc_delta_same_lr": r.final - q.final,
+        }
+    projections = [p for r in mine.values() for p in r.projections]
+    made = [p for p in projections if p["outcome"] == "made"]
+    drift = [p["drift_share"] for p in projections if p["drift_share"] is not None]
+    column = lambda key: [v[key] for v in per_seed.values()]  # noqa: E731
+    return {
+        "lr": lr,
+        "ratio": median_bounds(column("ratio")),
+        "same_lr_ratio": median_bounds(column("same_lr_ratio")),
+        "wall_ratio": median_bounds(column("wall_ratio")),
+        "auc_ratio": median_known(column("auc_ratio")),
+        "final_acc_delta": statistics.median(column("final_acc_delta")),
+        "final_acc_delta_same_lr": statistics.median(column("final_acc_delta_same_lr")),
+        "cycle_overhead_frac": sum(r.phase_s for r in mine.values()) / sum(r.step_s for r in mine.values()),
+        "projections": {k: sum(p["outcome"] == k for p in projections) for k in ("made", "skipped", "rolled_back")},
+        "acc_jump_per_projection": statistics.mean(p["acc_after"] - p["acc_before"] for p in made) if made else None,
+        "drift_share_mean": statistics.mean(drift) if drift else None,
+        "per_seed": per_seed,
+    }
+
+
+def jsonable(v):
+    """Bounds as {lo, hi, kind}, costs as {value, censored}, no infinities, floats rounded."""
+    if isinstance(v, Bound):
+        return v.as_json()
+    if isinstance(v, Cost):
+        return {"value": v.value, "censored": v.censored}
+    if isinstance(v, float):
+        return finite_or_none(v)
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def print_report(settings: Settings, grids: dict[str, Grid], grpo_best: dict[int, Run], rows: dict, chosen) -> None:
+    say(f"lr grids on tuning seeds {list(settings.tune_seeds)} (score: mean gain over the warm start):")
+    for arm, grid in grids.items():
+        cells = ", ".join(f"{s.lr:.3g}: {s.score:.3f}{' unstable' if s.unstable else ''}" for s in grid.scores)
+        say(f"  {arm:<20} {cells} -> best {best_lr(grid)} ({grid.reason})")
+    say(
+        f"report seeds (GRPO-best lr {best_lr(grids[GRPO]):.3g}): "
+        + ", ".join(f"{k}: warm start {r.warm_start:.3f} -> final {r.final:.3f}" for k, r in grpo_best.items())
+    )
+    print(
+        f"{'strategy':<22}{'lr':>8}  {'vs GRPO-best':>12}  {'per seed':<22}{'same lr':>9}  {'auc':>5}  "
+        f"{'final Δ':>7}  {'wall':>6}  {'overhead':>8}  made/skipped/rolled back"
+    )
+    for arm, row in rows.items():
+        per_seed = " ".join(str(v["ratio"]) for v in row["per_seed"].values())
+        auc = "-" if row["auc_ratio"] is None else f"{row['auc_ratio']:.2f}"
+        p = row["projections"]
+        print(
+            f"{('* ' if arm == chosen else '  ') + arm:<22}{row['lr']:>8.3g}  {str(row['ratio']):>12}  {per_seed:<22}"
+            f"{str(row['same_lr_ratio']):>9}  {auc:>5}  {row['final_acc_delta']:>+7.3f}  {str(row['wall_ratio']):>6}  "
+            f"{row['cycle_overhead_frac']:>8.1%}  {p['made']}/{p['skipped']}/{p['rolled_back']}",
+            flush=True,
+        )
+
+
+def timing(runs: Runs) -> dict:
+    """The session's own per-run costs (to check COST_S against)."""
+    rs = list(runs.cache.values())
+    return {
+        "runs": len(rs),
+        "setup_s_median": round(statistics.median(r.setup_s for r in rs), 1),
+        "step_s_mean": round(sum(r.step_s for r in rs) / (len(rs) * runs.settings.steps), 3),
+        "evals_s_median": round(statistics.median(r.loop_s - r.step_s - r.phase_s for r in rs), 1),
+        "loop_s_median": round(statistics.median(r.loop_s for r in rs), 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+
+
+def mean_band(runs: list[Run], x) -> tuple[list[float], list[float], list[float], list[float]]:
+    """x, mean, min and max of the accuracy over seeds at every eval point the seeds share; a point is (step, its
+    index among the evals at that step): a phase's before and after evals are two points at one step."""
+    keyed = []
+    for r in runs:
+        count: dict[int, int] = {}
+        points = {}
+        for p in r.curve:
+            count[p.step] = count.get(p.step, -1) + 1
+            points[(p.step, count[p.step])] = p
+        keyed.append(points)
+    keys = sorted(set.intersection(*(set(k) for k in keyed)))
+    accs = [[points[k].acc for points in keyed] for k in keys]
+    xs = [statistics.mean(x(points[k]) for points in keyed) for k in keys]
+    return xs, [statistics.mean(a) for a in accs], [min(a) for a in accs], [max(a) for a in accs]
+
+
+def plot(path: Path, rows: dict, arms: dict[str, dict[str, tuple[str, dict[int, Run]]]], target: float) -> None:
+    """Per strategy (a row of panels): mean and range over the report seeds against real steps and compute seconds;
+    `arms[strategy]` maps a colour to (label, runs by seed): GRPO-best, the strategy, GRPO at its lr when different."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 3.6 * len(rows)), squeeze=False)
+    axis = (
+        ("real RL steps", lambda p: p.step),
+        ("compute seconds (RL steps + extrapolation phases)", lambda p: p.compute_s),
+    )
+    for row_axes, (arm, row) in zip(axes, rows.items(), strict=True):
+        for ax, (xlabel, x) in zip(row_axes, axis, strict=True):
+            for color, (label, by_seed) in arms[arm].items():
+                xs, mean, lo, hi = mean_band(list(by_seed.values()), x)
+                ax.plot(xs, mean, color=color, label=label, lw=1.5)
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
+            ax.axhline(target, color="grey", lw=0.8, ls=":", label="target (median over seeds)")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("eval Avg@k")
+            ax.grid(alpha=0.3)
+        row_axes[0].set_title(
+            f"{arm}: vs GRPO-best {row['ratio']}, vs GRPO at its lr {row['same_lr_ratio']}", fontsize=9
+        )
+        row_axes[0].legend(fontsize=7)
+    fig.suptitle("step savings: mean and range over the report seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- protocol
+
+
+def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
+    """Tuning, then report; returns the JSON result (the headline and everything beside it)."""
+    s = plan.settings
+    grids = {GRPO: tune_lr(runs, GRPO, s.grpo_lrs)}
+    if grids[GRPO].best is None:
+        raise BenchError(f"--grpo-lrs: every GRPO lr tried is unstable ({grids[GRPO].reason}); expected smaller lrs")
+    for arm in s.strategies:
+        grids[arm] = tune_lr(runs, arm, s.strategy_lrs)
+    chosen, tuning = choose_strategy(runs, grids)
+
+    lr_best = best_lr(grids[GRPO])
+    grpo_best = {seed: runs.get(GRPO, lr_best, seed) for seed in s.seeds}
+    targets = targets_for(s, grpo_best)
+    rows, arms = {}, {}
+    for arm in s.strategies:
+        lr = best_lr(grids[arm])
+        if lr is None:
+            continue
+        mine = {seed: runs.get(arm, lr, seed) for seed in s.seeds}
+        same = {seed: runs.get(GRPO, lr, seed) for seed in s.seeds}
+        rows[arm] = strategy_row(lr, targets, grpo_best, same, mine)
+        arms[arm] = {"C0": (f"GRPO-best (lr {lr_best:.3g})", grpo_best), "C3": (f"{arm} (lr {lr:.3g})", mine)}
+        if lr != lr_best:
+            arms[arm]["C2"] = (f"GRPO at lr {lr:.3g}", same)
+    for seed in s.seeds:
+        starts = sorted({r.warm_start for (_, _, k), r in runs.cache.items() if k == seed})
+        if len(starts) > 1:
+            say(f"warning: seed {seed}'s step-0 evals differ between runs {starts}: the eval is not deterministic")
+    print_report(s, grids, grpo_best, rows, chosen)
+    if rows:
+        plot(plot_path, rows, arms, statistics.median(targets.values()))
+    head = rows.get(chosen, {})
+    pick = lambda key, end="lo": getattr(head[key], end) if head else None  # noqa: E731
+    return jsonable(
+        {
+            "metric": "real_step_ratio_vs_best_grpo",
+            "value": pick("ratio"),
+            "value_upper": pick("ratio", "hi"),
+            "value_kind": head["ratio"].kind if head else None,
+            "goal": 2,
+            "same_lr_ratio": pick("same_lr_ratio"),
+            "same_lr_ratio_upper": pick("same_lr_ratio", "hi"),
+            "same_lr_goal": 6,
+            "auc_ratio": head.get("auc_ratio"),
+            "final_acc_delta": head.get("final_acc_delta"),
+            "wall_ratio": pick("wall_ratio"),
+            "wall_ratio_upper": pick("wall_ratio", "hi"),
+            "cycle_overhead_frac": head.get("cycle_overhead_frac"),
+            "strategy": chosen,
+            "strategy_lr": head.get("lr"),
+            "grpo_best_lr": lr_best,
+            "grpo_best_final_median": statistics.median(r.final for r in grpo_best.values()),
+            "target_fraction": s.target_fraction,
+            "targets": targets,
+            "warm_start": {seed: r.warm_start for seed, r in grpo_best.items()},
+            "grids": {arm: g.as_json() for arm, g in grids.items()},
+            "tuning": tuning,
+            "strategies": rows,
+            "curves": {
+                f"{arm}@{lr}-seed{seed}": [[p.step, round(p.compute_s, 2), p.acc] for p in r.curve]
+                for (arm, lr, seed), r in runs.cache.items()
+                if seed in s.seeds
+            },
+            "task": list(s.task),
+            "tune_seeds": list(s.tune_seeds),
+            "seeds": list(s.seeds),
+            "real_steps": s.steps,
+            "eval_every": s.eval_every,
+            "eval_prompts": s.eval_prompts,
+            "code": s.code,
+            "session": s.key,
+            "deviations": plan.deviations,
+            "timing": timing(runs),
+            "plot": str(plot_path.relative_to(ROOT) if plot_path.is_relative_to(ROOT) else plot_path) if rows else None,
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise BenchError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = OneLineParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", nargs="+", default=["toy_add"], help="a data preset name and/or data/model overrides")
+    ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"rows of {list(STRATEGIES)}")
+    ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
+    ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="each strategy's")
+    ap.add_argument("--steps", type=int, help="the budget in real steps (default: 8 x the latest first projection)")
+    ap.add_argument("--eval-prompts", type=int, default=MIN_EVAL_PROMPTS)
+    ap.add_argument("--max-extensions", type=int, default=2, help="lrs a bracket may add to each grid")
+    ap.add_argument("--unstable-drop", type=float, default=0.1, help="unstable: final this far below the run's best")
+    ap.add_argument("--target-fraction", type=float, default=0.9)
+    ap.add_argument("--db", type=Path, default=RESULTS / "step_savings.db", help="the MLflow store of the runs")
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "rlextra", help="warm starts and toy data")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "step_savings.png")
+    ap.add_argument("--report-only", action="store_true", help="no training: the report from the stored runs")
+    args = ap.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise BenchError(f"--steps: expected an integer >= 1, got {args.steps}")
+    if args.eval_prompts < 1:
+        raise BenchError(f"--eval-prompts: expected an integer >= 1, got {args.eval_prompts}")
+    if args.max_extensions < 0:
+        raise BenchError(f"--max-extensions: expected an integer >= 0, got {args.max_extensions}")
+    if not 0 < args.unstable_drop < 1:
+        raise BenchError(f"--unstable-drop: expected a number in (0, 1), got {args.unstable_drop}")
+    if not 0 < args.target_fraction <= 1:
+        raise BenchError(f"--target-fraction: expected a number in (0, 1], got {args.target_fraction}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    plan = make_plan(args)
+    s = plan.settings
+    if plan.deviations:
+        say(
+            "deviations from the protocol (fine to test the machinery, not for a headline): "
+            + "; ".join(plan.deviations)
+        )
+    if args.report_only and not args.db.exists():
+        raise BenchError(f"--db: expected the stored runs of a session for --report-only, got no file {args.db}")
+    args.db.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(args.db)
+    if args.report_only:
+        store.check_session(s)
+        result = run_protocol(plan, Runs(plan, store, live=False), args.plot)
+    else:
+        n, secs = estimate(plan)
+        say(
+            f"session {s.key}, code {s.code}: {s.steps} real steps per run, an eval every {s.eval_every} on "
+            f"{s.eval_prompts} prompts; about {n} runs, {secs / 60:.0f} min on a quiet 2-core machine, plus "
+            f"about {COST_S['warm_start']:.0f} s per warm start not cached yet and each lr a bracket adds"
+        )
+        prepare_warm_starts(plan)
+        import ray
+
+        started = not ray.is_initialized()  # one Ray for every run; a caller's own Ray is left running
+        common.start_ray()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_protocol(plan, Runs(plan, store, live=True, out_dir=tmp), args.plot)
+        finally:
+            if started:
+                ray.shutdown()
+    result["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as exc:
+        print(f"step_savings: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,343 @@
+"""The step-savings protocol's arithmetic (bench/savings.py): targets, censoring, step-0 hits, medians of bounds,
+curves, instability and lr brackets; and the benchmark's refusals (bench/step_savings.py): bad input and stored runs of
+other settings fail with one line and exit code 2, before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from savings import (  # noqa: E402  (bench/ is not a package: it is put on the path above)
+    INF,
+    Bound,
+    Cost,
+    LrScore,
+    Phase,
+    Point,
+    area_ratio,
+    bracket,
+    build_curve,
+    first_hit,
+    gain_area,
+    grow_grid,
+    is_unstable,
+    median_bounds,
+    ratio_bounds,
+    target_acc,
+)
+
+
+def curve(*step_acc: tuple[int, float]) -> list[Point]:
+    return [Point(step, float(step), acc) for step, acc in step_acc]
+
+
+# ------------------------------------------------------------------------------------------- target, hits
+
+
+def test_target_is_ninety_percent_of_the_way_from_the_warm_start_to_grpo_best():
+    assert target_acc(0.4, 0.8) == pytest.approx(0.76)
+    assert target_acc(0.4, 0.8, fraction=0.5) == pytest.approx(0.6)
+    assert target_acc(0.9, 0.8) == pytest.approx(0.81)  # a seed that starts above GRPO-best's final: at once
+
+
+def test_first_hit_is_the_first_eval_at_or_above_the_target_else_censored_at_the_budget():
+    c = curve((0, 0.4), (5, 0.6), (10, 0.76), (15, 0.9))
+    assert first_hit(c, 0.76) == Cost(10, censored=False)  # equality counts
+    assert first_hit(c, 0.3) == Cost(0, censored=False)  # the warm start already there
+    assert first_hit(c, 0.95) == Cost(15, censored=True)
+    timed = [Point(0, 0.0, 0.4), Point(5, 2.5, 0.5), Point(5, 3.5, 0.8)]  # a projection at step 5 took 1 s
+    assert first_hit(timed, 0.8, cost=lambda p: p.compute_s) == Cost(3.5, censored=False)
+    assert first_hit(timed, 0.8) == Cost(5, censored=False)
+
+
+# ------------------------------------------------------------------------------------------------ ratios
+
+
+def hit(x):
+    return Cost(x, censored=False)
+
+
+def censored(budget):
+    return Cost(budget, censored=True)
+
+
+def test_ratio_when_both_reach_the_target():
+    assert ratio_bounds(hit(20), hit(10)) == Bound(2.0, 2.0)
+    assert ratio_bounds(hit(10), hit(20)).kind == "exact"
+
+
+def test_a_censored_candidate_gives_an_upper_bound_and_a_censored_reference_a_lower_bound():
+    upper = ratio_bounds(hit(20), censored(40))  # the candidate needs more than 40 steps
+    assert (upper.lo, upper.hi, upper.kind) == (0.0, 0.5, "upper")
+    lower = ratio_bounds(censored(40), hit(10))  # GRPO-best needs more than 40
+    assert (lower.lo, lower.hi, lower.kind) == (4.0, INF, "lower")
+    unknown = ratio_bounds(censored(40), censored(40))
+    assert (unknown.lo, unknown.hi, unknown.kind) == (0.0, INF, "unknown")
+
+
+def test_step_zero_hits_never_divide_by_zero():
+    assert ratio_bounds(hit(0), hit(0)) == Bound(1.0, 1.0)  # both warm starts at the target: nothing to save
+    assert ratio_bounds(hit(0), hit(10)) == Bound(0.0, 0.0)  # GRPO-best needed no step, the candidate 10
+    assert ratio_bounds(hit(0), censored(40)) == Bound(0.0, 0.0)
+    assert ratio_bounds(hit(10), hit(0)) == Bound(INF, INF)
+    assert ratio_bounds(censored(40), hit(0)) == Bound(INF, INF)
+
+
+def test_the_median_of_bounds_is_the_interval_of_the_medians_of_their_ends():
+    # a censored seed on the far side of the median changes nothing
+    assert median_bounds([Bound(2, 2), Bound(3, 3), Bound(4, INF)]) == Bound(3, 3)
+    assert median_bounds([Bound(1, 1), Bound(0, 0.5), Bound(2, 2)]) == Bound(1, 1)
+    # a censored seed at the median makes the headline a bound, and says so
+    m = median_bounds([Bound(1, 1), Bound(3, INF), Bound(4, INF)])
+    assert (m.lo, m.hi, m.kind, str(m)) == (3, INF, "lower", ">=3.00")
+    m = median_bounds([Bound(1, 1), Bound(0, 0.5), Bound(0, 0.8)])
+    assert (m.lo, m.hi, m.kind, str(m)) == (0, 0.8, "upper", "<=0.80")
+    # even counts average the two middle ends; infinity stays infinite
+    m = median_bounds([Bound(2, 2), Bound(4, INF)])
+    assert (m.lo, m.hi) == (3, INF)
+    assert median_bounds([Bound(2, 2), Bound(4, 4)]) == Bound(3, 3)
+
+
+def test_bounds_serialise_without_infinities():
+    assert Bound(4, INF).as_json() == {"lo": 4, "hi": None, "kind": "lower"}
+    assert json.dumps(Bound(0, INF).as_json()) == '{"lo": 0, "hi": null, "kind": "unknown"}'
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def test_a_grpo_curve_counts_the_seconds_of_the_steps_before_each_eval():
+    c = build_curve({0: 0.4, 5: 0.5, 10: 0.6}, {s: 1.0 + s / 10 for s in range(1, 11)}, [])
+    assert [(p.step, p.acc) for p in c] == [(0, 0.4), (5, 0.5), (10, 0.6)]
+    assert [p.compute_s for p in c] == pytest.approx([0.0, 6.5, 15.5])
+
+
+def test_an_extrapolation_phase_gives_two_points_and_its_seconds_count_after_the_first():
+    evals = {0: 0.4, 5: 0.6, 10: 0.7}  # the job's own eval at step 5 is taken after the phase
+    phases = [Phase(step=5, time_s=2.0, acc_before=0.5, acc_after=0.6)]
+    c = build_curve(evals, {s: 1.0 for s in range(1, 11)}, phases)
+    assert [(p.step, p.compute_s, p.acc) for p in c] == [
+        (0, 0.0, 0.4),
+        (5, 5.0, 0.5),
+        (5, 7.0, 0.6),
+        (10, 12.0, 0.7),
+    ]
+
+
+def test_gain_area_is_the_trapezoid_area_above_the_warm_start():
+    c = curve((0, 0.4), (10, 0.6), (10, 0.7), (20, 0.7))  # a projection at step 10 adds no width
+    assert gain_area(c, 0.4) == pytest.approx(10 * 0.1 + 0 + 10 * 0.3)
+    assert gain_area(curve((0, 0.4), (10, 0.3)), 0.4) == pytest.approx(-0.5)
+    assert area_ratio(4.0, 2.0) == 2.0
+    assert area_ratio(4.0, 0.0) is None  # the reference gained nothing: no ratio
+
+
+def test_unstable_means_a_non_finite_loss_or_a_final_well_below_the_runs_best():
+    plateau = curve((0, 0.4), (10, 0.80), (20, 0.85), (30, 0.79))  # eval noise around a plateau
+    assert not is_unstable(plateau, drop=0.1)
+    collapsed = curve((0, 0.4), (10, 0.8), (20, 0.3))
+    assert is_unstable(collapsed, drop=0.1)
+    below_start = curve((0, 0.4), (10, 0.35), (20, 0.25))  # never rose, ended well below the warm start
+    assert is_unstable(below_start, drop=0.1)
+    assert is_unstable(plateau, drop=0.1, finite_loss=False)
+
+
+# ------------------------------------------------------------------------------------------------ brackets
+
+
+def grid(*triples) -> list[LrScore]:
+    return [LrScore(lr, score, unstable) for lr, score, unstable in triples]
+
+
+def test_an_interior_best_is_bracketed():
+    b = bracket(grid((1e-4, 0.1, False), (2e-4, 0.3, False), (4e-4, 0.2, False)))
+    assert (b.best.lr, b.bracketed, b.next_lr) == (2e-4, True, None)
+
+
+def test_a_best_at_an_edge_extends_the_grid_beyond_that_edge():
+    top = bracket(grid((1e-4, 0.1, False), (2e-4, 0.2, False), (4e-4, 0.3, False)))
+    assert (top.best.lr, top.bracketed, top.next_lr) == (4e-4, False, 8e-4)
+    bottom = bracket(grid((1e-4, 0.3, False), (2e-4, 0.2, False), (4e-4, 0.1, False)))
+    assert (bottom.best.lr, bottom.bracketed, bottom.next_lr) == (1e-4, False, 5e-5)
+
+
+def test_an_unstable_larger_lr_closes_the_bracket_even_with_a_higher_score():
+    b = bracket(grid((1e-4, 0.1, False), (2e-4, 0.2, False), (4e-4, 0.5, True)))
+    assert (b.best.lr, b.bracketed) == (2e-4, True)
+    assert "unstable" in b.reason
+
+
+def test_every_lr_unstable_tries_a_smaller_one_and_ties_are_not_worse():
+    b = bracket(grid((1e-4, 0.3, True), (2e-4, 0.1, True)))
+    assert (b.best, b.bracketed, b.next_lr) == (None, False, 5e-5)
+    tie = bracket(grid((1e-4, 0.1, False), (2e-4, 0.3, False), (4e-4, 0.3, False)))
+    assert (tie.best.lr, tie.bracketed, tie.next_lr) == (2e-4, False, 8e-4)  # the smaller of equals; not closed
+
+
+def test_the_grid_grows_until_the_best_is_bracketed_and_says_why_it_stopped():
+    def score(lr):  # unimodal in log lr, best at 4e-4, unstable from 1.6e-3
+        return LrScore(lr, -abs(math.log2(lr / 4e-4)), lr >= 1.6e-3)
+
+    tried = []
+    g = grow_grid(lambda lr: tried.append(lr) or score(lr), [1e-4, 2e-4], max_added=3)
+    assert tried == [1e-4, 2e-4, 4e-4, 8e-4]
+    assert (g.best.lr, g.bracketed) == (4e-4, True)
+    assert [s.lr for s in g.scores] == [1e-4, 2e-4, 4e-4, 8e-4]
+    capped = grow_grid(score, [1e-4, 2e-4], max_added=1)
+    assert (capped.best.lr, capped.bracketed) == (4e-4, False)
+    assert capped.reason.startswith("not bracketed after 1 added lr(s)")
+    assert capped.as_json()["lrs"] == [1e-4, 2e-4, 4e-4]
+
+
+# ------------------------------------------------------------------------------------- the benchmark's refusals
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "step_savings.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--seeds", "0", "1", "2", "--tune-seeds", "0"], "--seeds: expected seeds disjoint from --tune-seeds"),
+        (["--task", "data.toy.digitz=3"], "--task: data.toy.digitz: not a field of data.toy"),
+        (["--task", "learner.lr=1e-3"], "--task: learner.lr is set by the protocol"),
+        (["--report-only"], "--db: expected the stored runs of a session for --report-only, got no file"),
+    ],
+)
+def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, says):
+    db = tmp_path / "runs.db"
+    done = run_bench(*args, "--db", str(db))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and says in done.stderr
+    assert not db.exists() and done.stdout == ""
+
+
+def test_the_default_plan_follows_the_protocol(tmp_path):
+    """Budget 8 × the latest first projection (`auto` forfeits cycle 1: step 10 at m = 5), an eval every m on 500
+    prompts; RL-Extra arms are evaluated around their phases instead of by the job's periodic eval."""
+    from step_savings import Runs, Store, make_plan, parse_args
+
+    plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db")]))
+    s = plan.settings
+    assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (80, 5, 500, [])
+    assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
+    runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
+    grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
+    extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
+    assert "trainer.eval_every=5" in grpo and "schedule=rl" in grpo and "learner.lr=0.0002" in grpo
+    assert "trainer.eval_every=0" in extra and extra.index("schedule.eval_around_projection=true") > extra.index(
+        "schedule.beta_mode=auto"
+    )
+
+
+def settings_for(seeds: tuple[int, ...]):
+    from step_savings import STRATEGIES, Settings
+
+    return Settings(
+        task=("toy_add",),
+        tune_seeds=(0,),
+        seeds=seeds,
+        strategies={"extra-m5n15-top5": STRATEGIES["extra-m5n15-top5"]},
+        grpo_lrs=(1e-4, 2e-4, 4e-4),
+        strategy_lrs=(1e-4,),
+        steps=40,
+        eval_every=5,
+        eval_prompts=500,
+        max_extensions=2,
+        unstable_drop=0.1,
+        target_fraction=0.9,
+        code="abc1234",
+    )
+
+
+def test_report_only_refuses_runs_of_other_settings_naming_what_differs(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from step_savings import BenchError, Plan, Runs, Store
+
+    store = Store(tmp_path / "runs.db")
+    with pytest.raises(BenchError, match="no stored runs"):
+        store.check_session(settings_for((1, 2, 3)))
+    stored = settings_for((1, 2, 3))
+    client = MlflowClient(tracking_uri=store.uri)
+    run = client.create_run(store.experiment_id, run_name="grpo-lr0.0001-seed0")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0)
+
+    store.check_session(stored)  # the same settings: accepted
+    assert store.find(stored, "grpo", 1e-4, 0) == run.info.run_id
+    with pytest.raises(BenchError) as refused:
+        store.check_session(settings_for((4, 5, 6)))
+    assert "seeds [1, 2, 3] (here [4, 5, 6])" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(BenchError, match="code 'abc1234' \\(here 'def5678'\\)"):
+        store.check_session(dataclasses.replace(stored, code="def5678"))
+    # a run the replay needs and the session lacks
+    plan = Plan(stored, {"extra-m5n15-top5": 5}, [], tmp_path)
+    with pytest.raises(BenchError, match="lacks grpo lr=0.0002 seed 0"):
+        Runs(plan, store, live=False).get("grpo", 2e-4, 0)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+TINY_TASK = [
+    "data.toy.digits=1",
+    "data.toy.num_train=2000",
+    "data.toy.num_eval=40",
+    "model.warm_start.steps=30",  # the machinery, not the accuracy, is under test
+    "model.warm_start.batch_size=64",
+    "trainer.prompts_per_step=8",
+    "trainer.samples_per_prompt=4",
+    "trainer.eval_samples=2",
+    "learner.micro_batch_size=16",
+    "rollout.kv_cache_mb=16",
+    "reward.num_workers=1",
+]
+
+
+@pytest.mark.slow
+def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tmp_path):
+    """GRPO and one strategy, one lr each, one tuning and one report seed, 10 real steps (a projection at step 5):
+    four real jobs; then --report-only gives the same result from MLflow, and refuses other seeds."""
+    from step_savings import BenchError, main
+
+    args = [
+        *("--task", *TINY_TASK),
+        *("--strategies", "extra-m5n15-top5", "--tune-seeds", "0", "--seeds", "1"),
+        *("--grpo-lrs", "1e-4", "--strategy-lrs", "1e-4", "--max-extensions", "0", "--steps", "10"),
+        *("--eval-prompts", "16", "--db", str(tmp_path / "runs.db"), "--cache-dir", str(tmp_path / "cache")),
+        *("--plot", str(tmp_path / "plot.png"), "--unstable-drop", "0.99"),  # 16 prompts × 2 samples: noisy evals
+    ]
+    result = main(args)
+    assert result["metric"] == "real_step_ratio_vs_best_grpo" and result["strategy"] == "extra-m5n15-top5"
+    assert result["value_kind"] in ("exact", "lower", "upper", "unknown") and result["goal"] == 2
+    assert result["timing"]["runs"] == 4  # GRPO at the strategy's lr is GRPO-best's run
+    assert result["grids"]["grpo"]["stopped"].startswith("not bracketed after 0 added lr(s)")
+    assert any("report seed" in d for d in result["deviations"])
+    extra = result["curves"]["extra-m5n15-top5@0.0001-seed1"]
+    assert [p[0] for p in extra] == [0, 5, 5, 10]  # the phase at step 5: an eval before and after it
+    assert extra[2][1] >= extra[1][1]  # the phase's seconds count from the second point on
+    row = result["strategies"]["extra-m5n15-top5"]
+    assert sum(row["projections"].values()) == 1 and 0 < row["cycle_overhead_frac"]
+    assert Path(result["plot"]).exists()
+
+    replayed = main([*args, "--report-only"])
+    assert {k: v for k, v in replayed.items() if k != "bench_wall_s"} == {
+        k: v for k, v in result.items() if k != "bench_wall_s"
+    }
+    with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
+        main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
