@@ -324,6 +324,21 @@ class LearnerActor:
         # numpy arrays go into Ray's object store without pickling and are read back zero-copy.
         return [[(n, to_transport(t)) for n, t in bucket] for bucket in buckets]
 
+    def fp32_master_weights(self) -> dict | None:
+        """The optimizer's fp32 master weights (what each step updates and RL-Extra projects, in place on the shards),
+        gathered whole: {name: float32 tensor} on rank 0, None on the others. A collective: call it on every rank.
+        In bf16 runs the weights the model computes with are these, rounded."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:
+                raise RuntimeError(f"learner rank {self.rank}: no fp32 master for {name}")
+            if self.rank == 0:
+                out[name] = full.detach().to("cpu", copy=True)
+        return out if self.rank == 0 else None
+
     # ---------------------------------------------------------------------------------------- RL-Extra
 
     def extra_setup(

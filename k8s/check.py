@@ -2,18 +2,18 @@
 
     python k8s/check.py                           # validate every kustomization and stand-alone manifest
     python k8s/check.py overlays/gpu/rayjob       # print what `kubectl apply -k k8s/overlays/gpu/rayjob` sends
-    python k8s/check.py --import-crds DIR         # refresh k8s/crds/ from KubeRay's ray.io_*.yaml CRD files
 
 Choices:
 - A minimal kustomize, enough for these manifests and no more: `resources` (files, multi-document, or
   directories holding a kustomization.yaml), `namespace`, and `patches` given as JSON6902 operation lists
   (add, replace, remove, test) with a `target` (group, version, kind, name). Any other kustomization field is
-  an error, so nothing is silently skipped; tests/test_k8s_manifests.py compares the output with
-  `kubectl kustomize` wherever that binary exists.
-- RayCluster and RayJob are checked against the KubeRay CRDs' v1 openAPIV3Schema (k8s/crds/, descriptions
-  stripped), made strict the way `kubectl apply` (server-side field validation: Strict) treats them:
-  an unknown field is an error, not pruned. CEL rules (x-kubernetes-validations) are not evaluated.
-  Their embedded pod templates and metadata also go through kubernetes-validate as core objects.
+  an error, so nothing is silently skipped; tests/test_k8s_manifests.py compares the output with what
+  `kubectl kustomize` rendered (committed under tests/data/kustomize/).
+- RayCluster and RayJob are checked against the v1 openAPIV3Schema of KubeRay's own CRD files (k8s/schemas/,
+  as released; descriptions stripped when loaded), made strict the way `kubectl apply` (server-side field
+  validation: Strict) treats them: an unknown field is an error, not pruned. CEL rules
+  (x-kubernetes-validations) are not evaluated. Their embedded pod templates and metadata also go through
+  kubernetes-validate as core objects.
 - Core kinds are checked by kubernetes-validate (strict) for Kubernetes KUBERNETES_VERSION.
 - Beyond schemas, `check_invariants` enforces what a schema cannot: /dev/shm is a memory emptyDir in every
   Ray pod, extended resources (nvidia.com/gpu) sit in limits, credentials come from Secrets, Ray images match
@@ -24,7 +24,6 @@ Errors are one line each: `<source>: <Kind>/<name>: <what is wrong> (at <path>)`
 from __future__ import annotations
 
 import copy
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
-CRD_DIR = K8S_DIR / "crds"
+SCHEMA_DIR = K8S_DIR / "schemas"  # KubeRay's CRDs, verbatim (k8s/schemas/README.md)
 KUBERNETES_VERSION = "1.33.0"  # one kubernetes-validate ships; recent managed clusters run 1.33+
 CLUSTER_SCOPED = {
     "Namespace",
@@ -44,7 +43,7 @@ CLUSTER_SCOPED = {
     "CustomResourceDefinition",
     "PriorityClass",
 }
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.v1.json", "RayJob": "ray.io_rayjobs.v1.json"}
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 SENSITIVE_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "namespace", "patches"}
@@ -229,7 +228,7 @@ def standalone_manifests(root: Path = K8S_DIR) -> list[Manifest]:
     used = set().union(*(_kustomize_inputs(d) for d in kustomization_dirs(root)))
     out = []
     for path in sorted(root.rglob("*.yaml")):
-        if path.resolve() not in used and path.parent != CRD_DIR:
+        if path.resolve() not in used and path.parent != SCHEMA_DIR:
             out += [Manifest(d, str(path.relative_to(root))) for d in _load_docs(path)]
     return out
 
@@ -265,27 +264,20 @@ def _strip_descriptions(x):
     return x
 
 
+def load_crd(kind: str) -> dict:
+    """KubeRay's CustomResourceDefinition of `kind` from k8s/schemas/ (1-2 MB of YAML: the C loader where present)."""
+    path = SCHEMA_DIR / CRD_FILES[kind]
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; copy it from the KubeRay release named in {SCHEMA_DIR / 'README.md'}")
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def crd_v1_schema(crd: dict) -> dict:
     """The v1 openAPIV3Schema of a CustomResourceDefinition, descriptions stripped."""
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     if "v1" not in versions:
         raise ManifestError(f"CRD {crd['metadata']['name']}: no v1 version")
     return _strip_descriptions(versions["v1"]["schema"]["openAPIV3Schema"])
-
-
-def import_crds(src: Path, dst: Path = CRD_DIR) -> None:
-    """Write k8s/crds/<crd>.v1.json from KubeRay's CRD YAMLs (ray.io_rayclusters.yaml, ray.io_rayjobs.yaml)."""
-    dst.mkdir(exist_ok=True)
-    for kind, out in CRD_FILES.items():
-        src_name = out.replace(".v1.json", ".yaml")
-        crd = yaml.load((Path(src) / src_name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        doc = {
-            "source": src_name,
-            "generator": crd["metadata"].get("annotations", {}),
-            "kind": kind,
-            "openAPIV3Schema": crd_v1_schema(crd),
-        }
-        (dst / out).write_text(json.dumps(doc, sort_keys=True, indent=None, separators=(",", ":")) + "\n")
 
 
 _VALIDATORS: dict = {}
@@ -295,10 +287,7 @@ def crd_validator(kind: str):
     if kind not in _VALIDATORS:
         import jsonschema
 
-        path = CRD_DIR / CRD_FILES[kind]
-        if not path.is_file():
-            raise ManifestError(f"{path}: missing; run `python k8s/check.py --import-crds <dir with ray.io_*.yaml>`")
-        schema = strict_openapi(json.loads(path.read_text())["openAPIV3Schema"])
+        schema = strict_openapi(crd_v1_schema(load_crd(kind)))
         _VALIDATORS[kind] = jsonschema.Draft4Validator(schema)
     return _VALIDATORS[kind]
 
@@ -486,10 +475,6 @@ def validate_all(root: Path = K8S_DIR) -> Report:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--import-crds"] and len(argv) == 2:
-        import_crds(Path(argv[1]))
-        print(f"wrote {', '.join(CRD_FILES.values())} to {CRD_DIR}")
-        return 0
     if len(argv) == 1:
         print(yaml.safe_dump_all(render(K8S_DIR / argv[0]), sort_keys=False), end="")
         return 0

@@ -431,7 +431,7 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"  # view with: mlflow ui --backend-store-uri sqlite:///mlflow.db
     experiment: str = "rlextra"  # experiment name
-    run_name: str | None = None  # null = "<algo>-<data>-<timestamp>"
+    run_name: str | None = None  # null = "<algo>-<schedule>[-<beta_mode>]-<data>-<timestamp>"
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 The store is `tracking.tracking_uri` (default `sqlite:///mlflow.db` in the launch directory) unless
 `MLFLOW_TRACKING_URI` is set, which wins, so a team server is one environment variable away.
+
+The experiment carries MLflow's experiment-kind tag for model training (`mlflow.experimentKind`; MLflow 3.17's UI
+still opens on its GenAI side until the user picks "Model training", see the README). A job's run is named by what
+tells runs apart in the runs table: algorithm, schedule (with RL-Extra's β strategy), data and start time, e.g.
+`grpo-rl_extra-auto-toy_add2-20260101-120000` next to `grpo-rl-toy_add2-20260101-130000`; `tracking.run_name`
+overrides it.
 """
 
 from __future__ import annotations
@@ -9,8 +15,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from orchestrator.config import to_container, to_yaml
+
+# MLflow 3's experiment kinds (mlflow/server/js: ExperimentKind): "custom_model_development" is "Model training".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -37,8 +48,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        self.experiment_id = self._model_training_experiment(cfg.tracking.experiment)
         self.skip_through = -1  # on resume: steps the run already holds (replayed identically, not logged twice)
         self._existing_phases: dict[str, str] = {}
         if resume_run_id:
@@ -51,13 +61,18 @@ class Tracker:
             )
             self._existing_phases = {r.info.run_name: r.info.run_id for r in children}
         else:
-            name = (
-                run_name
-                or cfg.tracking.run_name
-                or f"{cfg.algo.name}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
-            )
+            name = run_name or cfg.tracking.run_name or default_run_name(cfg)
             run = self.client.create_run(self.experiment_id, run_name=name, tags={"rlextra.kind": "job"})
             self.run_id = run.info.run_id
+
+    def _model_training_experiment(self, name: str) -> str:
+        """The experiment's id (created if new), tagged as model training unless someone already chose a kind."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+        return exp.experiment_id
 
     def start_phase(self, name: str, kind: str, params: dict | None = None) -> str | None:
         """A nested run under the job's run for one RL or extrapolation phase; returns its id."""
@@ -144,7 +159,18 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
+def default_run_name(cfg) -> str:
+    """`<algo>-<schedule>[-<beta_mode>]-<data>-<start time>`; the β strategy only for RL-Extra."""
+    schedule = cfg.schedule.name if cfg.schedule.name == "rl" else f"{cfg.schedule.name}-{cfg.schedule.beta_mode}"
+    return f"{cfg.algo.name}-{schedule}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _data_name(cfg) -> str:
-    if cfg.data.source == "toy":
-        return f"toy_{cfg.data.toy.op}{cfg.data.toy.digits}"
-    return str(cfg.data.source)
+    """toy_add2 (toy task and digits; toy_code), the hub dataset's name, or the first train file's stem."""
+    data = cfg.data
+    if data.source == "toy":
+        return f"toy_{data.toy.op}" if data.toy.op == "code" else f"toy_{data.toy.op}{data.toy.digits}"
+    if data.source == "hub":
+        return data.hub_id.rsplit("/", 1)[-1]
+    files = [data.train_files] if isinstance(data.train_files, str) else list(data.train_files)
+    return Path(files[0]).stem

@@ -2,7 +2,8 @@
 
 The references below are written as plain Python loops over floats, transcribing verl's
 ``core_algos.py`` formulas literally (defaultdict grouping, the reversed-time return loop, per-token
-dual-clip PPO), so they share no code and no vectorisation tricks with the module under test.
+dual-clip PPO), so they share no code and no vectorisation tricks with the module under test. The comparison
+with the installed verl package itself is tests/test_algorithms_verl.py.
 """
 
 from __future__ import annotations
@@ -519,31 +520,3 @@ def test_registries_and_lookup_errors():
         alg.register_advantage("grpo")(lambda *a, **k: None)
     with pytest.raises(ValueError, match="already registered"):
         alg.register_policy_loss("ppo_clip")(lambda *a, **k: None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Direct comparison with verl, when it is installed (it is not a dependency)
-# ------------------------------------------------------------------------------------------------
-
-
-def test_against_verl_if_installed():
-    try:
-        from verl.trainer.ppo import core_algos as verl_algos
-    except Exception as exc:  # ImportError, or verl's own heavy deps missing
-        pytest.skip(f"verl not importable: {exc}")
-    import numpy as np
-
-    g, mask = random_batch(6, B=8, T=5, empty_rows=())
-    mask = mask.float()
-    rewards = torch.rand(8, generator=g)
-    gids = [0, 0, 0, 1, 1, 2, 3, 3]
-    token_rewards = torch.tensor(ref_token_rewards(rewards.tolist(), mask.tolist()), dtype=torch.float32)
-    v_adv, _ = verl_algos.compute_grpo_outcome_advantage(token_rewards, mask, np.array(gids))
-    assert torch.allclose(grpo_advantages(rewards, torch.tensor(gids), mask), v_adv, atol=1e-5)
-
-    logp, ref = -torch.rand(8, 5, generator=g), -torch.rand(8, 5, generator=g)
-    for kind, verl_kind in (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl")):
-        assert torch.allclose(kl_penalty(logp, ref, kind), verl_algos.kl_penalty(logp, ref, verl_kind))
-    loss_mat = torch.randn(8, 5, generator=g)
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):  # no empty rows: versions agree
-        assert torch.allclose(agg_loss(loss_mat, mask, mode), verl_algos.agg_loss(loss_mat, mask, mode))

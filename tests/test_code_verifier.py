@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,8 +31,6 @@ from verifiers.pool import ScoringPool  # noqa: E402
 
 FAST = SandboxLimits(wall_s=2.0, cpu_s=2.0)
 MARGIN_S = 1.5
-
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only")
 
 
 def block(src: str) -> str:
@@ -366,25 +366,38 @@ def test_adv_cannot_kill_the_parent():
 
 
 def test_adv_cannot_delete_host_files(tmp_path):
+    """A world-writable file in a private host directory, and a root-owned 0644 file in a 0755 directory of the
+    checkout (a temporary copy of pyproject.toml: the sandbox must see it, and not be able to change it)."""
     victim_dir = tmp_path / "shared"
     victim_dir.mkdir()
     victim = victim_dir / "victim.txt"
     victim.write_text("keep me")
     os.chmod(victim_dir, 0o777)
     os.chmod(victim, 0o666)
-    repo_file = ROOT / "pyproject.toml"
-    src = (
-        "import os, shutil\n"
-        f"for p in ({str(victim)!r}, {str(repo_file)!r}):\n"
-        "    for f in (os.remove, lambda p: open(p, 'w').close()):\n"
-        "        try:\n            f(p)\n        except OSError:\n            pass\n"
-        f"shutil.rmtree({str(victim_dir)!r}, ignore_errors=True)\nprint('done')\n"
-    )
-    before = repo_file.read_bytes()
-    r, dt = run_fast(src)
-    assert r.ok and dt < FAST.wall_s + MARGIN_S
-    assert victim.read_text() == "keep me"
-    assert repo_file.read_bytes() == before
+    repo_dir = Path(tempfile.mkdtemp(prefix=".sandbox-probe-", dir=ROOT))  # outside /tmp: the sandbox sees it
+    try:
+        os.chmod(repo_dir, 0o755)
+        repo_file = repo_dir / "pyproject.toml"
+        shutil.copyfile(ROOT / "pyproject.toml", repo_file)
+        os.chmod(repo_file, 0o644)
+        src = (
+            "import os, shutil\n"
+            f"print(open({str(repo_file)!r}).read().splitlines()[0])\n"
+            f"for p in ({str(victim)!r}, {str(repo_file)!r}):\n"
+            "    for f in (os.remove, lambda p: open(p, 'w').close()):\n"
+            "        try:\n            f(p)\n        except OSError:\n            pass\n"
+            f"shutil.rmtree({str(victim_dir)!r}, ignore_errors=True)\n"
+            f"shutil.rmtree({str(repo_dir)!r}, ignore_errors=True)\nprint('done')\n"
+        )
+        before = repo_file.read_bytes()
+        r, dt = run_fast(src)
+        assert r.ok and dt < FAST.wall_s + MARGIN_S
+        seen = [before.decode().splitlines()[0], "done"]
+        assert r.stdout.decode().splitlines() == seen, f"the sandbox did not see {repo_file}: {r.stdout[:200]!r}"
+        assert victim.read_text() == "keep me"
+        assert repo_file.read_bytes() == before
+    finally:
+        shutil.rmtree(repo_dir, ignore_errors=True)
 
 
 def test_adv_spawned_sleeper_is_killed():

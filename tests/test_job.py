@@ -190,11 +190,15 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["adaptive", "guard"])
+@pytest.mark.parametrize("mode", ["adaptive", "adaptive_tie", "guard"])
 def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp_path, monkeypatch, mode):
-    """adaptive: a line search never keeps a β whose validation reward is below not projecting (β = 1).
-    guard: an injected fault (β = 1e5: finite weights, a wrecked policy) collapses the validation reward, and
-    the shards are rolled back."""
+    """adaptive, with steps large enough that every candidate validates differently from β = 1 (lr 1e-3): each
+    phase's decision is the one its scores call for — the best β tried, kept only when it beats not projecting
+    (β = 1); otherwise a skip, with every candidate at or below β = 1.
+    adaptive_tie: a β of 1 + 1e-6 moves no sampled token, so validation ties with β = 1: a tie is a skip (the shards
+    go back), never a projection and never a rollback.
+    guard: an injected fault (β = 1e5: finite weights, a wrecked policy) collapses the validation reward, and the
+    shards are rolled back."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -202,12 +206,13 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     from orchestrator.train import run_job
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    extra = (
-        ["schedule.beta_mode=adaptive", "schedule.candidates=[0.75,1.0,2.0]"]
-        if mode == "adaptive"
-        else ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"]
-    )
-    overrides = small_job_overrides(cache_dir, tmp_path, steps=5) + [
+    extra = {
+        "adaptive": ["schedule.beta_mode=adaptive", "schedule.candidates=[0.5,0.75,1.0]", "learner.lr=1e-3"],
+        "adaptive_tie": ["schedule.beta_mode=adaptive", "schedule.beta=1.000001", "schedule.candidates=[1.0]"],
+        "guard": ["schedule.beta_mode=fixed", "schedule.beta=1e5", "schedule.guard_margin=0.05"],
+    }[mode]
+    steps = 3 if mode == "adaptive_tie" else 5  # one extrapolation phase (after step 2) is enough for a tie
+    overrides = small_job_overrides(cache_dir, tmp_path, steps=steps) + [
         "schedule=rl_extra",
         "schedule.m=2",
         "schedule.n=2",
@@ -224,20 +229,35 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     phases = client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.rlextra.kind = 'extrapolation_phase'"
     )
-    assert len(phases) == 2
+    cycles = (steps - 1) // 2
+    assert len(phases) == cycles
     for run in phases:
         before, after = run.data.metrics["extra/val_reward_before"], run.data.metrics["extra/val_reward_after"]
         assert after >= before, "a kept projection must not validate below β = 1"
-    artifacts = [client.download_artifacts(parent, f"rl_extra/extrapolation-{k}.json", str(tmp_path)) for k in (1, 2)]
-    logs = [json.loads(open(a).read()) for a in artifacts]
+    names = [f"rl_extra/extrapolation-{k}.json" for k in range(1, cycles + 1)]
+    logs = [json.loads(Path(client.download_artifacts(parent, n, str(tmp_path))).read_text()) for n in names]
     if mode == "adaptive":
-        assert all(len(log["candidates"]) == 3 for log in logs)  # all three fractions of β = 2 (or 1.5) are > 1
+        assert all(sorted(log["candidates"]) == ["1.5", "2"] for log in logs)  # 0.75 and 1 of β = 2 (0.5 is β = 1)
+        scores = [(log["val_reward_before"], log["candidates"]) for log in logs]
+        assert any(r != before for before, tried in scores for r in tried.values()), f"nothing to decide: {scores}"
         for log in logs:
-            if log["outcome"] == "made":
-                assert log["candidates"][f"{log['beta']:.4g}"] == max(log["candidates"].values())
-                assert log["val_reward_after"] > log["val_reward_before"]
-        assert summary["projections_made"] + summary["projections_skipped"] == 2  # no gain is a skip, not a fault
-        assert summary["projections_rolled_back"] == 0
+            before, best = log["val_reward_before"], max(log["candidates"].values())
+            if best > before:
+                assert log["outcome"] == "made" and log["candidates"][f"{log['beta']:.4g}"] == best
+                assert log["val_reward_after"] == best
+            else:
+                assert log["outcome"] == "skipped" and log["beta"] == 1.0 and log["val_reward_after"] == before
+                assert any("no candidate beat beta=1" in r for r in log["reasons"])
+        made = [log for log in logs if log["outcome"] == "made"]
+        assert summary["projections_made"] == len(made) and summary["projections_rolled_back"] == 0
+        assert summary["virtual_steps"] == 5 + sum(round((log["beta"] - 1) * 2) for log in made)
+    elif mode == "adaptive_tie":
+        (log,) = logs
+        assert log["outcome"] == "skipped" and log["beta"] == 1.0 and log["beta_max"] == 1.000001
+        assert log["candidates"] == {"1": log["val_reward_before"]} == {"1": log["val_reward_after"]}
+        assert any("no candidate beat beta=1" in r for r in log["reasons"])
+        assert summary["projections_skipped"] == 1 and summary["projections_made"] == 0
+        assert summary["projections_rolled_back"] == 0 and summary["virtual_steps"] == steps
     else:
         assert summary["projections_rolled_back"] == 2 and summary["projections_made"] == 0
         assert all(log["outcome"] == "rolled_back" and any("rolled back" in d for d in log["reasons"]) for log in logs)

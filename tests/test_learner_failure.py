@@ -1,7 +1,10 @@
-"""Injected fault: a learner rank's process is SIGKILLed mid-job. The job restarts the whole learner group (a
-collective group cannot lose one member) in its placement bundles, reloads the newest checkpoint — model,
-optimizer, RL-Extra anchors and statistics, data position — replays the steps since, and completes; MLflow
-holds every step once. A second death with no restart left fails with one line naming the limit."""
+"""Injected fault: a learner rank's process is SIGKILLed mid-job, in the last step, after its optimizer step. The job
+restarts the whole learner group (a collective group cannot lose one member) in its placement bundles, reloads the
+newest checkpoint (one step into cycle 2) — model, optimizer, RL-Extra anchors and statistics, data position —
+replays the steps since, the cycle's projection included, and completes: its final weights equal, bit for bit, the
+ones the first attempt had reached when it was killed, i.e. what an uninterrupted run ends with (no projection follows
+the last step); MLflow holds every step once. A second death with no restart left fails with one line naming the
+limit."""
 
 from __future__ import annotations
 
@@ -21,9 +24,14 @@ def _kill_process_of(ray, actor) -> int:
     return pid
 
 
+def _masters(ray, learners) -> dict:
+    return ray.get([learner.fp32_master_weights.remote() for learner in learners])[0]
+
+
 def test_dead_learner_restarts_group_from_checkpoint(
     ray_session, toy_model_path, cache_dir, tmp_path, monkeypatch, capfd
 ):
+    import torch
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import Job
@@ -34,7 +42,7 @@ def test_dead_learner_restarts_group_from_checkpoint(
     overrides = [o for o in tiny_job_overrides(cache_dir, out_dir, steps=5) if o != "schedule=rl"] + [
         "learner.world_size=2",
         "learner.micro_batch_size=8",
-        "trainer.checkpoint_every=2",
+        "trainer.checkpoint_every=3",  # one step into cycle 2 (steps 3-4): anchor and the cycle-1 displacement
         "trainer.max_learner_restarts=1",
         "schedule=rl_extra",
         "schedule.m=2",
@@ -46,21 +54,32 @@ def test_dead_learner_restarts_group_from_checkpoint(
     job = Job(compose_cfg(overrides), str(out_dir))
     try:
         job.setup()
-        killed = {}
-        run_step = job.rollout_and_learn
+        groups, current, uninterrupted, killed = job.groups, {}, {}, {}
+        run_step, train_step = job.rollout_and_learn, groups.train_step
 
-        def rl_step_with_fault(step: int) -> dict:
-            if step == 4 and "pid" not in killed:  # one step into cycle 2; the newest checkpoint is rl_step_2
-                killed["pid"] = _kill_process_of(ray, job.groups.learners[1])
+        def rl_step(step: int) -> dict:
+            current["step"] = step
             return run_step(step)
 
-        job.rollout_and_learn = rl_step_with_fault
+        def train_step_then_fault(shards):
+            metrics = train_step(shards)
+            if current["step"] == 5 and not killed:  # the last update is done: what an uninterrupted run ends with
+                uninterrupted.update(_masters(ray, groups.learners))
+                killed["pid"] = _kill_process_of(ray, groups.learners[1])  # the weight sync after it fails
+            return metrics
+
+        job.rollout_and_learn, groups.train_step = rl_step, train_step_then_fault
         summary = job.run()
         assert summary["rl_steps"] == 5 and summary["learner_restarts"] == 1
         assert summary["projections_made"] == 2 and summary["virtual_steps"] == 9
         log = capfd.readouterr().out
-        assert "learner rank died at rl_step 4" in log and "resumed from" in log and "rl_step_2" in log
-        assert ray.get(job.groups.learners[1].__ray_call__.remote(lambda self: os.getpid())) != killed["pid"]
+        assert "learner rank died at rl_step 5" in log and "resumed from" in log and "rl_step_3" in log
+        assert ray.get(groups.learners[1].__ray_call__.remote(lambda self: os.getpid())) != killed["pid"]
+
+        final = _masters(ray, groups.learners)  # after replaying steps 4 and 5 and the projection between them
+        assert final.keys() == uninterrupted.keys()
+        for name in final:
+            assert torch.equal(final[name], uninterrupted[name]), f"{name} differs from the uninterrupted run's"
 
         client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
         run_id = summary["mlflow_run_id"]
@@ -72,7 +91,7 @@ def test_dead_learner_restarts_group_from_checkpoint(
         assert phases == ["extrapolation-1", "extrapolation-2", "rl-phase-1", "rl-phase-2", "rl-phase-3"]
 
         # No restart left: the next death ends the job with one clear line.
-        _kill_process_of(ray, job.groups.learners[0])
+        _kill_process_of(ray, groups.learners[0])
         job.cfg.trainer.total_steps = 6
         with pytest.raises(
             RuntimeError,
