@@ -164,7 +164,10 @@ def checkpoint_problem(checkpoint_dir: str | os.PathLike, world_size: int | None
 
     Checks the state file's keys, the HF export's safetensors headers against the files' sizes and, for
     `world_size` ranks (None: skip), DeepSpeed's model and optimizer files and the RL-Extra state of an
-    `rl_extra` job, each a whole torch zip archive (a truncated one has lost its central directory)."""
+    `rl_extra` job, each a whole torch zip archive (a truncated one has lost its central directory).
+
+    A checkpoint written by a learner group of another size is not torn but cannot be resumed by this job: that is
+    an InputError (the job would otherwise set aside every checkpoint of the run)."""
     d = Path(checkpoint_dir)
     try:
         state = read_state(d)
@@ -173,6 +176,12 @@ def checkpoint_problem(checkpoint_dir: str | os.PathLike, world_size: int | None
         return str(e)
     if world_size is None:
         return None
+    saved = state.get("world_size", world_size)
+    if saved != world_size:
+        raise InputError(
+            f"{d / STATE_FILE}: expected a checkpoint of learner.world_size={world_size} ranks, found one of {saved} "
+            f"(resume with learner.world_size={saved}, or trainer.resume=never)"
+        )
     names = set(os.listdir(d))
     for rank in range(world_size):
         wanted = [

@@ -103,7 +103,7 @@ class Job:
         hf_logging.disable_progress_bar()  # the job has its own progress bar
         t0 = time.perf_counter()
         # The inputs, checked before anything starts: the model folder, its tokenizer, every data row (prompt
-        # lengths and reference answers too), and below the checkpoint to resume from.
+        # lengths and reference answers too), and the checkpoint to resume from.
         self.model_path = resolve_model(cfg, log=self.log)
         self.tokenizer = tok = load_tokenizer(self.model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -114,8 +114,8 @@ class Job:
         n_eval = min(cfg.trainer.eval_prompts, len(self.eval_ds))
         self.eval_prompt_ids = [self.encode(self.eval_ds[i]["prompt"]) for i in range(n_eval)]
         self.eval_answers = [self.eval_ds[i]["answer"] for i in range(n_eval)]
-        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         self.resume = self.newest_checkpoint() if cfg.trainer.resume == "auto" else None
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         if self.resume:  # the same MLflow run continues; steps it already holds are not logged twice
             self.tracker = Tracker(cfg, resume_run_id=self.resume[1]["mlflow_run_id"])
         else:
@@ -251,8 +251,8 @@ class Job:
 
     def save_checkpoint(self, step: int) -> str:
         """Model + optimizer + LR schedule per rank (DeepSpeed), RL-Extra anchors and statistics per rank, and
-        `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run), written last:
-        a checkpoint without it is incomplete and never resumed from."""
+        `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run, world size), written
+        last into the staging folder, which is then renamed into place."""
         ckpt_root = checkpoint_root(self.output_dir)
         tag = checkpoint_tag(step)
         staging = staging_dir(ckpt_root, tag)  # renamed into place once whole: a torn save is never listed
@@ -265,6 +265,7 @@ class Job:
             "step_times": self.step_times,
             "schedule": self.extra.state() if self.extra else None,
             "python_rng": _jsonable(random.getstate()),
+            "world_size": self.cfg.learner.world_size,  # DeepSpeed's shards resume only on as many ranks
         }
         self.groups.call_learners("save_checkpoint", ckpt_root, os.path.basename(staging), {"rl_step": step})
         write_state(staging, state)

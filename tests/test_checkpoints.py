@@ -71,7 +71,7 @@ def _write_checkpoint(root: Path, step: int, world_size: int = 2, zero_stage: in
             torch.save({"rank": rank}, d / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
     if zero_stage != 3:
         torch.save({}, d / "mp_rank_00_model_states.pt")
-    write_state(d, {**{k: 0 for k in STATE_KEYS}, "rl_step": step, "schedule": {"cycle": 1}})
+    write_state(d, {**{k: 0 for k in STATE_KEYS}, "rl_step": step, "schedule": {"cycle": 1}, "world_size": world_size})
     return Path(publish_checkpoint(root, tag))
 
 
@@ -91,10 +91,23 @@ def test_a_whole_checkpoint_passes_for_its_world_size(tmp_path, zero_stage):
     ckpt = _write_checkpoint(tmp_path, 2, world_size=2, zero_stage=zero_stage)
     assert checkpoint_problem(ckpt, world_size=2) is None
     assert checkpoint_problem(ckpt, world_size=None) is None
-    assert checkpoint_problem(ckpt, world_size=3) == (
-        f"{ckpt}: expected zero_pp_rank_2_mp_rank_00_optim_states.pt or bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt "
-        "(learner rank 2 of 3), found none"
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problem(ckpt, world_size=2) == (
+        f"{ckpt}: expected zero_pp_rank_1_mp_rank_00_optim_states.pt or bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt "
+        "(learner rank 1 of 2), found none"
     )
+
+
+def test_a_checkpoint_of_another_world_size_is_an_input_error_not_a_torn_one(tmp_path):
+    """Resuming with another learner.world_size must not set aside every checkpoint of the run."""
+    from orchestrator.config import InputError
+
+    _write_checkpoint(tmp_path, 2, world_size=2)
+    with pytest.raises(
+        InputError, match=r"rl_step_2/rlextra_state.json: expected a checkpoint of learner.world_size=1"
+    ):
+        newest_usable_checkpoint(tmp_path, world_size=1)
+    assert complete_checkpoints(tmp_path) == ["rl_step_2"]
 
 
 def _truncate(path: Path) -> None:
