@@ -120,26 +120,40 @@ def _jsonl_records(path: Path, text: str) -> list[Record]:
 def _json_records(path: Path, text: str) -> list[Record]:
     """A JSON array of objects, each named by the line it starts on; any other .json is read as JSON lines."""
     start = len(text) - len(text.lstrip())
-    if not text[start:].startswith("["):
+    if not text.startswith("[", start):
+        if text.count("\n", start) > 1 and text.startswith("{", start):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                pass  # JSON lines
+            else:
+                raise InputError(f"{path}: expected a JSON array of objects or JSON lines, found one JSON object")
         return _jsonl_records(path, text)
-    decoder, out, i = json.JSONDecoder(), [], start + 1
-    while True:
+    decoder, out, i, line, counted = json.JSONDecoder(), [], start + 1, 1, 0
+
+    def skip_space(i: int) -> int:
         while i < len(text) and text[i] in " \t\r\n":
             i += 1
+        return i
+
+    while True:
+        i = skip_space(i)
         if text.startswith("]", i):
             return out
-        line = text.count("\n", 0, i) + 1
+        line, counted = line + text.count("\n", counted, i), i
         try:
             value, i = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:  # nothing after this point can be found again: the file fails
-            raise InputError(f"{path}:{e.lineno}: expected a JSON array of objects, found {e.msg}") from None
+            raise InputError(
+                f"{path}:{e.lineno}: expected a JSON array of objects, found unparsable JSON ({e.msg})"
+            ) from None
         out.append(Record(f"{path}:{line}", value))
-        while i < len(text) and text[i] in " \t\r\n":
-            i += 1
+        i = skip_space(i)
         if text.startswith(",", i):
             i += 1
         elif not text.startswith("]", i):
-            raise InputError(f"{path}:{text.count(chr(10), 0, i) + 1}: expected ',' or ']', found {text[i : i + 1]!r}")
+            where = line + text.count("\n", counted, i)
+            raise InputError(f"{path}:{where}: expected ',' or ']', found {text[i : i + 1]!r}")
 
 
 def _csv_records(path: Path, d: DataConfig) -> list[Record]:
