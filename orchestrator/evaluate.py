@@ -59,6 +59,7 @@ from orchestrator.cli import hydra_cli
 from orchestrator.config import ConfigError, DataConfig, EvaluateConfig, InputError, check_fields, to_typed
 from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
+from orchestrator.models import check_model_dir, is_local, load_tokenizer
 from orchestrator.train import run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -129,17 +130,13 @@ def rewrite_argv(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or os.path.exists(path)
-
-
 def _check_checkpoint(path, where: str) -> str:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}: expected a checkpoint path or hub id, got {path!r}")
     local = os.path.expanduser(path)
-    if _looks_local(path) and not (Path(local) / "config.json").is_file():
+    if is_local(path) and not (Path(local) / "config.json").is_file():
         raise ConfigError(f"{where}: expected a checkpoint directory with config.json (or a hub id), got {path!r}")
-    return local if _looks_local(path) else path
+    return local if is_local(path) else path
 
 
 def validate_eval(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
@@ -262,8 +259,6 @@ def load_eval_rows(cfg: EvaluateConfig, ds: DatasetSpec, tokenizers: list) -> tu
 def check_local_model(path: str) -> None:
     """A local model folder checked before anything starts (config, weights), and for the HF export of a training
     checkpoint (`rl_step_<N>/hf`) the checkpoint itself, with the check resume uses."""
-    from orchestrator.models import check_model_dir, is_local
-
     if not is_local(path):
         return
     check_model_dir(path)
@@ -458,8 +453,6 @@ class Evaluation:
     def check_models(self) -> list:
         """Every local model the evaluation loads, checked before anything starts; returns the tokenizers prompts
         will be encoded with (one per distinct tokenizer: the checkpoints', logits extrapolation's t1)."""
-        from orchestrator.models import load_tokenizer
-
         lx = self.cfg.eval.logits_extrapolation
         paths = [c.path for c in self.checkpoints]
         if lx.enabled:
@@ -569,8 +562,6 @@ class Evaluation:
     # ----------------------------------------------------------------------------------------- targets
 
     def _evaluate_checkpoints(self, bar) -> None:
-        from orchestrator.models import load_tokenizer
-
         for ckpt, step in zip(self.checkpoints, self._steps()):
             load = self.engines.load(ckpt.path)
             self.loads.append({"checkpoint": ckpt.path, **load})

@@ -28,8 +28,8 @@ def is_local(path: str) -> bool:
 
 
 def read_model_config(folder: str | os.PathLike) -> dict:
-    """A model folder's config.json as a dict with a string `model_type`; InputError naming the file otherwise.
-    Standard library only."""
+    """A model folder's config.json as a dict; InputError naming the folder or file otherwise. Standard library
+    only."""
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: expected a model folder (save_pretrained) or a hub id, found no such directory")
@@ -41,9 +41,8 @@ def read_model_config(folder: str | os.PathLike) -> dict:
         raise InputError(f"{path}: expected a readable file, found {e.strerror or e}") from None
     except ValueError:  # also a UnicodeDecodeError
         raise InputError(f"{path}: expected JSON, found unparsable text") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        found = f"model_type {config.get('model_type')!r}" if isinstance(config, dict) else type(config).__name__
-        raise InputError(f"{path}: expected a JSON object with a string model_type, found {found}")
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
 
 
@@ -55,11 +54,10 @@ def check_model_dir(folder: str | os.PathLike) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    config = read_model_config(folder)
-    if config["model_type"] not in CONFIG_MAPPING_NAMES:
+    model_type = read_model_config(folder).get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise InputError(
-            f"{Path(folder) / 'config.json'}: expected a model_type transformers and vLLM know, "
-            f"found {config['model_type']!r}"
+            f"{Path(folder) / 'config.json'}: expected a model_type transformers and vLLM know, found {model_type!r}"
         )
     try:
         AutoConfig.from_pretrained(str(folder))
