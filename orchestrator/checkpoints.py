@@ -17,7 +17,8 @@ DeepSpeed's files for every rank — and `newest_usable_checkpoint` skips a torn
 learner-group recovery, `orchestrator.evaluate` and `orchestrator.analyze` all read this layout through the
 functions here.
 
-Standard library only (no torch): importing this module and reading headers is cheap.
+The standard library and the typed config's errors only (no torch): importing this module and reading headers is
+cheap.
 """
 
 from __future__ import annotations

@@ -228,8 +228,8 @@ class DataConfig:
     verifier: str = choice("arith", _verifier_names)  # a name from the verifier registry (arith | math | code ...)
     max_prompt_tokens: int = integer(32, ge=1)  # longer prompts are bad rows
     # Bad rows (unparsable, a missing / null / wrongly typed prompt or answer, a prompt over max_prompt_tokens, a
-    # reference answer the verifier cannot parse): false = fail naming the first and the count | true = drop them,
-    # say how many, and log data/skipped_rows_train and data/skipped_rows_eval to MLflow
+    # reference answer the verifier can never give a full score): false = fail naming the first and the count |
+    # true = drop them, say how many, and log data/skipped_rows_train and data/skipped_rows_eval to MLflow
     skip_bad_rows: bool = False
 
     def check(self, prefix: str) -> None:

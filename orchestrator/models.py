@@ -53,18 +53,23 @@ def check_model_dir(folder: str | os.PathLike) -> None:
     weights by presence). The tokenizer is checked where it is loaded (`load_tokenizer`)."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.utils import logging as hf_logging
 
     model_type = read_model_config(folder).get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise InputError(
             f"{Path(folder) / 'config.json'}: expected a model_type transformers and vLLM know, found {model_type!r}"
         )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings about an odd config would land beside the one error line
     try:
         AutoConfig.from_pretrained(str(folder))
     except Exception as e:  # whatever transformers rejects; its message is the detail
         raise InputError(
             f"{Path(folder) / 'config.json'}: expected a config transformers can load, found: {first_line(e)}"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     try:
         read_safetensors_checkpoint(folder)
     except SafetensorsError as e:

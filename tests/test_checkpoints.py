@@ -87,7 +87,7 @@ def test_staged_checkpoints_appear_whole_and_replace_their_step(tmp_path):
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_a_whole_checkpoint_passes_for_its_world_size(tmp_path, zero_stage):
+def test_a_whole_checkpoint_passes_and_a_missing_rank_file_is_named(tmp_path, zero_stage):
     ckpt = _write_checkpoint(tmp_path, 2, world_size=2, zero_stage=zero_stage)
     assert checkpoint_problem(ckpt, world_size=2) is None
     assert checkpoint_problem(ckpt, world_size=None) is None
