@@ -66,7 +66,8 @@ from orchestrator.checkpoints import (
     step_from_path,
     step_of_tag,
 )
-from orchestrator.models import load_causal_lm
+from orchestrator.cli import OneLineArgumentParser, report_errors
+from orchestrator.models import check_model_dir, load_causal_lm, load_tokenizer
 
 FORMAT_VERSION = 1  # of linearity.json
 SUMMARY_NAME = "linearity.json"
@@ -184,8 +185,7 @@ def prompts_from_run(run_dir: str | Path) -> list[str] | None:
     from orchestrator.config import validate
     from orchestrator.data import load_splits
 
-    _, evals = load_splits(validate(OmegaConf.load(cfg_file)))
-    return list(evals["prompt"])
+    return list(load_splits(validate(OmegaConf.load(cfg_file)), encode=None).eval["prompt"])
 
 
 def build_probes(
@@ -199,9 +199,8 @@ def build_probes(
     """Probes from prompts (text or token ids) and optional responses; missing responses are sampled once from
     the first checkpoint (seeded; ``samples_per_probe`` per prompt). Returns (probes, tokenizer)."""
     import torch
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(first.path))
+    tok = load_tokenizer(str(first.path))
     rows = list(rows)[: cfg.num_probes]
     if not rows:
         raise AnalysisError("probes: no prompts")
@@ -667,14 +666,9 @@ def log_to_mlflow(out_dir: Path, summary: Mapping[str, Any], run_id: str, tracki
 # --------------------------------------------------------------------------------------------- the CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
     d = AnalysisConfig()
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog="python -m orchestrator.analyze",
         description="R² of weights, token log-probs and activations against the RL step over a checkpoint series.",
     )
@@ -745,6 +739,10 @@ def _resolve(args) -> tuple[list[Checkpoint], Path, list | None, str | None, str
             prompts = load_probe_file(args.probes)
         elif args.run_dir:
             prompts = prompts_from_run(args.run_dir)
+    if prompts:  # every checkpoint is loaded as a model, the first one's tokenizer encodes the probes
+        for c in ckpts:
+            check_model_dir(c.path)
+        load_tokenizer(str(ckpts[0].path))
     run_id, uri = args.mlflow_run_id, args.tracking_uri
     summary_file = Path(args.run_dir) / "summary.json" if args.run_dir else None
     if not args.no_mlflow and not run_id and summary_file and summary_file.is_file():
@@ -755,27 +753,23 @@ def _resolve(args) -> tuple[list[Checkpoint], Path, list | None, str | None, str
     return ckpts, out, prompts, run_id, uri or os.environ.get("MLFLOW_TRACKING_URI")
 
 
+@report_errors(AnalysisError)
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = _config_from_args(args)
-        ckpts, out, prompts, run_id, uri = _resolve(args)
-        if prompts is None and cfg.logprobs:
-            print("note: no probes (--probes, or a run dir with .hydra/config.yaml): weights only", file=sys.stderr)
-        summary = analyze_run(
-            ckpts,
-            out,
-            cfg,
-            prompts=prompts,
-            chat_template=args.chat_template,
-            mlflow_run_id=run_id,
-            tracking_uri=uri,
-            log=lambda m: print(m, file=sys.stderr),
-        )
-    except AnalysisError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    args = _build_parser().parse_args(argv)
+    cfg = _config_from_args(args)
+    ckpts, out, prompts, run_id, uri = _resolve(args)
+    if prompts is None and cfg.logprobs:
+        print("note: no probes (--probes, or a run dir with .hydra/config.yaml): weights only", file=sys.stderr)
+    summary = analyze_run(
+        ckpts,
+        out,
+        cfg,
+        prompts=prompts,
+        chat_template=args.chat_template,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print(f"{out / SUMMARY_NAME}: {headline(summary)}; plots: {', '.join(summary['plots'].values())}")
     return 0
 

@@ -7,11 +7,18 @@ The training job writes, per saved RL step:
         rlextra_state.json       the job's position: step counters, data position, schedule, RNG, MLflow run
         ...                      DeepSpeed's per-rank model and optimizer state, RL-Extra anchors per rank
 
-`rlextra_state.json` is written last, atomically: a checkpoint without it is incomplete and never resumed from.
-Resume, learner-group recovery, `orchestrator.evaluate` and `orchestrator.analyze` all read this layout through
-the functions here.
+Every rank writes into `.tmp-rl_step_<N>/` (the staging folder), the driver writes `rlextra_state.json` there last,
+atomically, and renames the folder into place: a `rl_step_<N>` folder appears whole or not at all, and one without
+the state file (an older layout, killed mid-write) is incomplete and never resumed from.
 
-Standard library only (no torch): importing this module and reading headers is cheap.
+A complete checkpoint can still be torn afterwards (a disk filling up, a partial copy): `checkpoint_problem` checks
+what resuming needs — the state file's keys, the HF weights' safetensors headers against their file sizes, and
+DeepSpeed's files for every rank — and `newest_usable_checkpoint` skips a torn one for the previous one. Resume,
+learner-group recovery, `orchestrator.evaluate` and `orchestrator.analyze` all read this layout through the
+functions here.
+
+The standard library and the typed config's errors only (no torch): importing this module and reading headers is
+cheap.
 """
 
 from __future__ import annotations
@@ -21,13 +28,21 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from orchestrator.config import InputError
 
 CHECKPOINTS_DIR = "checkpoints"
 HF_DIR = "hf"
 STATE_FILE = "rlextra_state.json"
+# What resuming reads from the state file (orchestrator/train.py's restore).
+STATE_KEYS = ("rl_step", "data_position", "weight_version", "mlflow_run_id", "eval_before", "python_rng")
+STAGING_PREFIX = ".tmp-"
 
 _TAG = re.compile(r"rl_step_(\d+)")
 # Step-numbered folders of other trainers too (verl's global_step_N, HF Trainer's checkpoint-N), for the tools
@@ -83,12 +98,39 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 # ------------------------------------------------------------------------------------- complete or not
 
 
+def staging_dir(root: str | os.PathLike, tag: str) -> str:
+    """Where every rank writes checkpoint `tag` before `publish_checkpoint` renames it into place. Left over from
+    a killed attempt, it is removed here (nothing in it was complete)."""
+    path = os.path.join(root, STAGING_PREFIX + tag)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
 def write_state(checkpoint_dir: str | os.PathLike, state: dict) -> None:
     """Write the job's state into a checkpoint, last and atomically: from now on the checkpoint is complete."""
     tmp = os.path.join(checkpoint_dir, STATE_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(state, f)
     os.replace(tmp, os.path.join(checkpoint_dir, STATE_FILE))
+
+
+def publish_checkpoint(root: str | os.PathLike, tag: str) -> str:
+    """Rename the staging folder of `tag` (its state file written) to `root/tag`, replacing a checkpoint of the
+    same step that is already there; point DeepSpeed's `latest` at it. Returns the checkpoint's path."""
+    staging, final = os.path.join(root, STAGING_PREFIX + tag), os.path.join(root, tag)
+    if os.path.exists(final):  # e.g. the final checkpoint of a finished job, run again
+        old = os.path.join(root, f".old-{tag}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    latest = os.path.join(root, "latest")  # DeepSpeed wrote the staging tag there; its zero_to_fp32.py reads it
+    with open(latest + ".tmp", "w") as f:
+        f.write(tag)
+    os.replace(latest + ".tmp", latest)
+    return final
 
 
 def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
@@ -101,13 +143,79 @@ def complete_checkpoints(root: str | os.PathLike) -> list[str]:
     return [d for step, d in sorted(t for t in tags if t[0] is not None) if is_complete(os.path.join(root, d))]
 
 
-def newest_checkpoint(root: str | os.PathLike) -> tuple[str, dict] | None:
-    """(tag, state) of the newest complete checkpoint under `root`, or None (also when `root` does not exist)."""
-    tags = complete_checkpoints(root) if os.path.isdir(root) else []
-    if not tags:
+def read_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """A checkpoint's `rlextra_state.json` with every key resuming reads; InputError naming the file otherwise."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except OSError as e:
+        raise InputError(f"{path}: expected a readable file, found {e.strerror or e}") from None
+    except ValueError:  # also a UnicodeDecodeError
+        raise InputError(f"{path}: expected JSON, found unparsable text") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise InputError(f"{path}: expected the keys {', '.join(STATE_KEYS)}, found none of {', '.join(missing)}")
+    return state
+
+
+def checkpoint_problem(checkpoint_dir: str | os.PathLike, world_size: int | None) -> str | None:
+    """Why a complete checkpoint cannot be loaded (one line naming the file), or None.
+
+    Checks the state file's keys, the HF export's safetensors headers against the files' sizes and, for
+    `world_size` ranks (None: skip), DeepSpeed's model and optimizer files and the RL-Extra state of an
+    `rl_extra` job, each a whole torch zip archive (a truncated one has lost its central directory).
+
+    A checkpoint written by a learner group of another size is not torn but cannot be resumed by this job: that is
+    an InputError (the job would otherwise set aside every checkpoint of the run)."""
+    d = Path(checkpoint_dir)
+    try:
+        state = read_state(d)
+        read_safetensors_checkpoint(d / HF_DIR)
+    except (InputError, SafetensorsError) as e:
+        return str(e)
+    if world_size is None:
         return None
-    with open(os.path.join(root, tags[-1], STATE_FILE)) as f:
-        return tags[-1], json.load(f)
+    saved = state.get("world_size", world_size)
+    if saved != world_size:
+        raise InputError(
+            f"{d / STATE_FILE}: expected a checkpoint of learner.world_size={world_size} ranks, found one of {saved} "
+            f"(resume with learner.world_size={saved}, or trainer.resume=never)"
+        )
+    names = set(os.listdir(d))
+    for rank in range(world_size):
+        wanted = [
+            (f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+            ("mp_rank_00_model_states.pt", f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"),  # ZeRO 1-2 | 3
+        ]
+        if state.get("schedule"):
+            wanted.append((f"rl_extra_rank{rank}.pt",))
+        for options in wanted:
+            found = [n for n in options if n in names]
+            if not found:
+                return f"{d}: expected {' or '.join(options)} (learner rank {rank} of {world_size}), found none"
+            if not zipfile.is_zipfile(d / found[0]):
+                return f"{d / found[0]}: expected a whole torch checkpoint, found a truncated or corrupt file"
+    return None
+
+
+def newest_usable_checkpoint(
+    root: str | os.PathLike, world_size: int
+) -> tuple[str | None, dict | None, list[tuple[str, str]]]:
+    """(tag, state, torn) of the newest complete checkpoint under `root` that `checkpoint_problem` passes (tag
+    and state None when there is none, also when `root` does not exist). Each newer torn one is renamed to
+    `<tag>.torn-<unix time>` (kept for inspection, never listed, resumed from or pruned as a checkpoint again),
+    and `torn` holds (that name, one line saying why) for each, for the caller to log."""
+    torn = []
+    for tag in reversed(complete_checkpoints(root) if os.path.isdir(root) else []):
+        problem = checkpoint_problem(os.path.join(root, tag), world_size)
+        if problem is None:
+            return tag, read_state(os.path.join(root, tag)), torn
+        aside = f"{tag}.torn-{int(time.time())}"
+        os.replace(os.path.join(root, tag), os.path.join(root, aside))
+        torn.append((aside, f"checkpoint {tag} is torn, skipped (kept as {aside}): {problem}"))
+    return None, None, torn
 
 
 # ------------------------------------------------------------------------------------ safetensors headers
@@ -119,19 +227,20 @@ _MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
 # What can be wrong with a checkpoint's weights, worded for "<path>: <problem>" (`path` is the directory, its
 # index or one of its files). A caller that words a problem its own way looks it up by key.
 PROBLEMS = {
-    "unreadable": "cannot read ({reason})",
-    "too_short": "not a safetensors file (shorter than 8 bytes)",
-    "header_length": "not a safetensors file (bad header length {length})",
-    "header_not_json": "not a safetensors file (header is not JSON)",
-    "header_not_object": "not a safetensors file (header is not a JSON object)",
-    "bad_entry": "not a safetensors file (bad entry for tensor {name!r})",
-    "outside_file": "truncated or corrupt (tensor {name!r} lies outside the file)",
-    "no_weights": f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (only safetensors checkpoints are supported)",
-    "bad_index": "not a valid index (expected a JSON object with a 'weight_map')",
-    "bad_shard_name": "bad shard file name {name!r}",
-    "missing_shard": f"missing (listed in {SAFE_WEIGHTS_INDEX_NAME})",
-    "stored_twice": "tensor {name!r} is stored in both {first} and {second}",
-    "not_in_shard": "lists tensor {name!r} in {file}, which does not contain it",
+    "unreadable": "expected a readable file, found {reason}",
+    "too_short": "expected a safetensors file, found fewer than 8 bytes",
+    "header_length": "expected a safetensors file, found a header length of {length} bytes (truncated or corrupt)",
+    "header_not_json": "expected a safetensors file, found a header that is not JSON",
+    "header_not_object": "expected a safetensors file, found a header that is not a JSON object",
+    "bad_entry": "expected a safetensors file, found a bad entry for tensor {name!r}",
+    "outside_file": "expected every tensor inside the file, found tensor {name!r} past its end (truncated or corrupt)",
+    "no_weights": f"expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (safetensors), found {{found}} "
+    ".safetensors files",
+    "bad_index": "expected a JSON object with a 'weight_map', found something else",
+    "bad_shard_name": "expected shard file names, found {name!r}",
+    "missing_shard": f"expected this shard (listed in {SAFE_WEIGHTS_INDEX_NAME}), found no such file",
+    "stored_twice": "expected each tensor in one shard, found tensor {name!r} in both {first} and {second}",
+    "not_in_shard": "expected tensor {name!r} in {file}, found it is not there",
 }
 
 

@@ -1,13 +1,18 @@
-"""How the Hydra entry points fail on bad input: one line on stderr, exit code 2, no traceback.
+"""How every entry point fails on bad input: one line on stderr, exit code 2, no traceback.
+
+    error: <field>: expected ..., got ...                    a config value (ConfigError)
+    error: <path>[:<line>]: expected ..., found ...          a file or folder it points at (InputError)
 
 Hydra reports a composition error (an unknown key, a value of the wrong type, a missing group option) over several
-lines and exits 1, and prints "Error executing job ..." before a task's own exception. `hydra_cli` turns both the
-composition errors and the `ConfigError`s of the task (the typed config's checks, unreadable input files) into
-`config error: <field>: expected ..., got ...` and exit code 2. `HYDRA_FULL_ERROR=1` shows the traceback instead.
+lines and exits 1, and prints "Error executing job ..." before a task's own exception. `hydra_cli` (train,
+evaluate) turns both the composition errors and the task's `ConfigError`s into the line above. The argparse tools
+(extrapolate, analyze) use `OneLineArgumentParser` and `report_errors` for the same line. `HYDRA_FULL_ERROR=1` shows
+the traceback instead, for all four.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import re
@@ -47,10 +52,51 @@ def hydra_cli(config_name: str, schema: type) -> Callable[[Callable[[DictConfig]
                 line = describe_config_error(exc, schema)
                 if line is None or wants_traceback:
                     raise
-                print(f"config error: {line}", file=sys.stderr, flush=True)
+                print_error(line)
                 sys.exit(2)
 
         return main
+
+    return decorate
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): the detail of an error line that
+    wraps another library's error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def print_error(message: str) -> None:
+    """The one `error: ...` line on stderr."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's usage errors as the one `error: ...` line (its default prints the usage block first)."""
+
+    def error(self, message: str):
+        print_error(f"{message} (see --help)")
+        sys.exit(2)
+
+
+def report_errors(*kinds: type[Exception]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator for an argparse tool's `main(argv) -> int`: a ConfigError or an exception of `kinds` (the tool's
+    own bad-input errors) is printed as the one `error: ...` line and main returns 2; with HYDRA_FULL_ERROR=1 it
+    is raised (a traceback) instead."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except (ConfigError, *kinds) as exc:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print_error(str(exc))
+                return 2
+
+        return wrapped
 
     return decorate
 

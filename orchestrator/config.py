@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A bad config value. The message is one line: `<field>: expected <what>, got <value>`."""
 
 
+class InputError(ConfigError):
+    """A bad input the config points at (a data file, a model folder, a checkpoint). The message is one line:
+    `<path>[:<line>]: expected <what>, found <what is there>`. A ConfigError, so every entry point reports it the
+    same way: one line, exit code 2, before anything starts."""
+
+
 # ------------------------------------------------------------------------------------------ field constraints
 
 
@@ -208,8 +214,9 @@ class DataConfig:
 
     source: str = choice("toy", ("toy", "files", "hub"))
     toy: ToyTaskConfig = field(default_factory=ToyTaskConfig)  # source=toy
-    train_files: Any = None  # source=files: a path or list of paths (.jsonl / .json / .parquet / .csv)
-    eval_files: Any = None  # source=files: the held-out split
+    # source=files: a path, directory or glob, or a list of them (.jsonl / .json / .parquet / .csv, one format)
+    train_files: Any = None
+    eval_files: Any = None  # source=files: the held-out split, given the same way
     hub_id: str | None = None  # source=hub: e.g. DigitalLearningGmbH/MATH-lighteval (needs network)
     hub_config: str | None = None  # source=hub: the dataset's config name, if any
     train_split: str = "train"  # source=hub
@@ -219,7 +226,11 @@ class DataConfig:
     prompt_template: str = "{prompt}"  # python format string applied to the prompt field
     apply_chat_template: bool = False  # wrap the prompt with the tokenizer's chat template (real chat models)
     verifier: str = choice("arith", _verifier_names)  # a name from the verifier registry (arith | math | code ...)
-    max_prompt_tokens: int = integer(32, ge=1)  # longer prompts are an error
+    max_prompt_tokens: int = integer(32, ge=1)  # longer prompts are bad rows
+    # Bad rows (unparsable, a missing / null / wrongly typed prompt or answer, a prompt over max_prompt_tokens, a
+    # reference answer the verifier can never give a full score): false = fail naming the first and the count |
+    # true = drop them, say how many, and log data/skipped_rows_train and data/skipped_rows_eval to MLflow
+    skip_bad_rows: bool = False
 
     def check(self, prefix: str) -> None:
         if self.source == "files":
@@ -230,10 +241,14 @@ class DataConfig:
                     )
         if self.source == "hub" and not self.hub_id:
             raise ConfigError(f"{_join(prefix, 'hub_id')}: a value is required for data.source=hub (a dataset id)")
-        if "{prompt}" not in self.prompt_template:
+        try:
+            ok = "\0" in self.prompt_template.format(prompt="\0")
+        except (KeyError, IndexError, ValueError):  # another field, a stray brace
+            ok = False
+        if not ok:
             raise ConfigError(
-                f"{_join(prefix, 'prompt_template')}: expected a format string containing {{prompt}}, "
-                f"got {self.prompt_template!r}"
+                f"{_join(prefix, 'prompt_template')}: expected a format string with {{prompt}} as its only field "
+                f"(other braces doubled), got {self.prompt_template!r}"
             )
 
 

@@ -29,7 +29,9 @@ Choices:
   `eval.checkpoints=[t0, t1]` with the flag evaluates both checkpoints and their extrapolation in one run.
 - The literal `--logits-extrapolation` flag is rewritten to its Hydra override before Hydra parses argv.
 - A bad value fails before anything starts, with one line naming the field (exit 2), e.g.
-  `config error: eval.checkpoints[1]: expected a checkpoint directory with config.json (or a hub id), got '/x'`.
+  `error: eval.checkpoints[1]: expected a checkpoint directory with config.json (or a hub id), got '/x'`; so does a
+  bad input, naming the file: every checkpoint's config, weights and tokenizer (and, for a training checkpoint's
+  `hf/` export, the checkpoint itself, as resume checks it), every dataset row (`orchestrator/data.py`).
 """
 
 from __future__ import annotations
@@ -46,11 +48,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from actors.groups import ActorGroups
-from orchestrator.checkpoints import SafetensorsError, checkpoint_step, read_safetensors_checkpoint
+from orchestrator.checkpoints import (
+    SafetensorsError,
+    checkpoint_problem,
+    checkpoint_step,
+    read_safetensors_checkpoint,
+    step_of_tag,
+)
 from orchestrator.cli import hydra_cli
-from orchestrator.config import ConfigError, DataConfig, EvaluateConfig, check_fields, to_typed
+from orchestrator.config import ConfigError, DataConfig, EvaluateConfig, InputError, check_fields, to_typed
 from orchestrator.console import console
 from orchestrator.metrics import sample_metrics
+from orchestrator.models import check_model_dir, is_local, load_tokenizer
 from orchestrator.train import run_to_completion
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -121,17 +130,13 @@ def rewrite_argv(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or os.path.exists(path)
-
-
 def _check_checkpoint(path, where: str) -> str:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}: expected a checkpoint path or hub id, got {path!r}")
     local = os.path.expanduser(path)
-    if _looks_local(path) and not (Path(local) / "config.json").is_file():
+    if is_local(path) and not (Path(local) / "config.json").is_file():
         raise ConfigError(f"{where}: expected a checkpoint directory with config.json (or a hub id), got {path!r}")
-    return local if _looks_local(path) else path
+    return local if is_local(path) else path
 
 
 def validate_eval(cfg: DictConfig | EvaluateConfig) -> EvaluateConfig:
@@ -232,35 +237,48 @@ def resolve_datasets(cfg: DictConfig | EvaluateConfig) -> list[DatasetSpec]:
     return specs
 
 
-def load_eval_rows(cfg: EvaluateConfig, ds: DatasetSpec) -> tuple[list[str], list[str]]:
-    """The dataset's held-out split as (prompt texts, reference answers), the first `eval.max_prompts`."""
+def load_eval_rows(cfg: EvaluateConfig, ds: DatasetSpec, tokenizers: list) -> tuple[list[str], list[str], int]:
+    """The dataset's held-out split, every row checked (the prompt lengths under each tokenizer in `tokenizers`):
+    (prompt texts, reference answers) of the first `eval.max_prompts` good rows, and how many bad rows were skipped
+    (`data.skip_bad_rows`; without it a bad row is an InputError)."""
     import datasets
 
-    from orchestrator.data import load_files, map_fields
-    from orchestrator.toy_task import write_toy_dataset
+    from orchestrator.data import PromptEncoder, check_split, read_split
 
     datasets.disable_progress_bars()
     d = ds.data
-    try:
-        if d.source == "toy":
-            paths = write_toy_dataset(Path(cfg.model.cache_dir) / "data", d.toy, cfg.seed)
-            split = load_files(str(paths["eval"]), "eval_files")
-        elif d.source == "files":
-            split = load_files(d.eval_files, "eval_files")
-        else:
-            split = datasets.load_dataset(d.hub_id, d.hub_config, split=d.eval_split)
-        split = map_fields(split, d, "eval")
-    except ConfigError as exc:
-        raise _relabel(exc, ds.field) from None
-    n = len(split) if cfg.eval.max_prompts is None else min(len(split), cfg.eval.max_prompts)
-    split = split.select(range(n))
-    return list(split["prompt"]), list(split["answer"])
+    split = read_split(d, "eval", cfg.model.cache_dir, cfg.seed, prefix=ds.field)
+    for tok in tokenizers:
+        split.check_prompt_lengths(PromptEncoder(tok, d.apply_chat_template, d.max_prompt_tokens))
+    rows, skipped = check_split(split, d, None, log=console)
+    n = len(rows) if cfg.eval.max_prompts is None else min(len(rows), cfg.eval.max_prompts)
+    rows = rows.select(range(n))
+    return list(rows["prompt"]), list(rows["answer"]), skipped
 
 
-def _relabel(exc: ConfigError, where: str) -> ConfigError:
-    """A `data.<x>` error about dataset `where` says `where.<x>`."""
-    msg = str(exc)
-    return ConfigError(where + msg[len("data") :] if msg.startswith("data.") and where != "data" else msg)
+def check_local_model(path: str) -> None:
+    """A local model folder checked before anything starts (config, weights), and for the HF export of a training
+    checkpoint (`rl_step_<N>/hf`) the checkpoint itself, with the check resume uses."""
+    if not is_local(path):
+        return
+    check_model_dir(path)
+    parent = Path(path).parent
+    if step_of_tag(parent.name) is not None:
+        problem = checkpoint_problem(parent, world_size=None)
+        if problem:
+            raise InputError(problem)
+
+
+def tokenizer_key(path: str) -> str:
+    """What tells two models' tokenizers apart: a hub id, or the hash of a local folder's tokenizer files."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (p / name).is_file():
+            h.update(name.encode() + (p / name).read_bytes())
+    return h.hexdigest()
 
 
 def engine_signature(path: str) -> str | None:
@@ -413,11 +431,17 @@ class Evaluation:
         )
         paths = [_check_checkpoint(p, "eval.checkpoints") for p in paths]
         self.checkpoints = [CheckpointSpec(p, checkpoint_step(p)) for p in paths]
+        skipped = {}
+        tokenizers = self.check_models()
         for ds in self.datasets:
-            self.rows[ds.name] = load_eval_rows(cfg, ds)
+            prompts, answers, skipped[f"data/skipped_rows_eval/{_metric_name(ds.name)}"] = load_eval_rows(
+                cfg, ds, tokenizers
+            )
+            self.rows[ds.name] = (prompts, answers)
         self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         self.tracker = Tracker(cfg, run_name=cfg.eval.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
         self.tracker.log_config(cfg)
+        self.tracker.log_metrics(skipped, step=0)
         if self.tracker.enabled:
             self.tracker.client.set_tag(self.tracker.run_id, "rlextra.kind", "eval")
         if self.checkpoints:
@@ -425,6 +449,22 @@ class Evaluation:
 
             self.ray_started = init_ray(cfg.cluster)
             self.engines = RolloutEngines(cfg)
+
+    def check_models(self) -> list:
+        """Every local model the evaluation loads, checked before anything starts; returns the tokenizers prompts
+        will be encoded with (one per distinct tokenizer: the checkpoints', logits extrapolation's t1)."""
+        lx = self.cfg.eval.logits_extrapolation
+        paths = [c.path for c in self.checkpoints]
+        if lx.enabled:
+            check_local_model(_check_checkpoint(lx.t0_path, "eval.logits_extrapolation.t0_path"))
+            paths.append(_check_checkpoint(lx.t1_path, "eval.logits_extrapolation.t1_path"))
+        tokenizers = {}
+        for path in paths:
+            check_local_model(path)
+            key = tokenizer_key(path)
+            if key not in tokenizers:
+                tokenizers[key] = load_tokenizer(path)
+        return list(tokenizers.values())
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -438,10 +478,7 @@ class Evaluation:
         from orchestrator.data import PromptEncoder
 
         encode = PromptEncoder(tokenizer, bool(ds.data.apply_chat_template), int(ds.data.max_prompt_tokens))
-        try:
-            return [encode(p) for p in self.rows[ds.name][0]]
-        except ConfigError as exc:
-            raise _relabel(exc, ds.field) from None
+        return [encode(p) for p in self.rows[ds.name][0]]  # every length was checked in setup()
 
     def _vllm_generate(self, prompt_ids: list[list[int]]) -> Generations:
         from orchestrator.messages import SamplingConfig
@@ -525,12 +562,10 @@ class Evaluation:
     # ----------------------------------------------------------------------------------------- targets
 
     def _evaluate_checkpoints(self, bar) -> None:
-        from transformers import AutoTokenizer
-
         for ckpt, step in zip(self.checkpoints, self._steps()):
             load = self.engines.load(ckpt.path)
             self.loads.append({"checkpoint": ckpt.path, **load})
-            tok = AutoTokenizer.from_pretrained(ckpt.path)
+            tok = load_tokenizer(ckpt.path)
             for ds in self.datasets:
                 gen = self._vllm_generate(self._encode(tok, ds))
                 r = self._score(ckpt.path, "checkpoint", step, ds, gen)

@@ -47,8 +47,9 @@ How it works
   hidden temporary sibling directory and renamed into place at the end, so a failed or interrupted run
   leaves nothing half-written. A non-empty ``--out`` is refused unless ``--overwrite``.
 
-Errors are one line on stderr naming the offending argument or file, with exit code 2. The same work is
-available as a function, :func:`extrapolate_checkpoint`, which raises :class:`ExtrapolationError` instead.
+Errors are one line on stderr, ``error: <argument or file>: ...``, with exit code 2 (``HYDRA_FULL_ERROR=1``: a
+traceback), as for every entry point (orchestrator/cli.py). The same work is available as a function,
+:func:`extrapolate_checkpoint`, which raises :class:`ExtrapolationError` instead.
 Importing this module and validating arguments does not import torch (errors come back in well under a
 second); torch is only loaded to compute.
 """
@@ -76,6 +77,9 @@ from orchestrator.checkpoints import (
     TensorEntry,
     read_safetensors_checkpoint,
 )
+from orchestrator.cli import OneLineArgumentParser, report_errors
+from orchestrator.config import InputError
+from orchestrator.models import read_model_config
 
 __all__ = ["ExtrapolationError", "beta_from_steps", "extrapolate_checkpoint", "main"]
 
@@ -298,8 +302,10 @@ def extrapolate_checkpoint(
         raise _fail(f"--beta: must be finite, got {beta}")
     c0 = _read_checkpoint(t0_path, "--t0-path")
     c1 = _read_checkpoint(t1_path, "--t1-path")
-    if not (c1.path / "config.json").is_file():
-        raise _fail(f"--t1-path {c1.path}: no config.json (not a Hugging Face checkpoint directory)")
+    try:  # the output's config is t1's: it must be one
+        read_model_config(c1.path)
+    except InputError as e:
+        raise _fail(f"--t1-path {e}") from None
     _check_compatible(c0, c1)
     out = Path(out)
     _check_out(out, [("--t0-path", c0.path), ("--t1-path", c1.path)], overwrite)
@@ -489,13 +495,8 @@ def _finite(x: float) -> float | None:
 # ------------------------------------------------------------------------------------------------- the CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's default prints the usage block first: keep errors to one line
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog="python -m orchestrator.extrapolate",
         description="Offline weight extrapolation W' = W_t0 + β (W_t1 − W_t0) between two HF checkpoints "
         "(streamed tensor by tensor; norm layers copied from t1 by default).",
@@ -540,24 +541,20 @@ def _resolve_beta(args: argparse.Namespace) -> tuple[float, float | None]:
     return args.beta, None
 
 
+@report_errors(ExtrapolationError)
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    args = _build_parser().parse_args(argv)
+    beta, target = _resolve_beta(args)
     try:
-        beta, target = _resolve_beta(args)
-        try:
-            selector = TensorSelector(include=args.include, exclude=args.exclude)
-        except ValueError as e:
-            flag = "--include" if str(e).startswith("include") else "--exclude"
-            raise _fail(f"{flag}: {e}") from None
-        log = extrapolate_checkpoint(
-            args.t0_path, args.t1_path, args.out,
-            beta=beta, selector=selector, t0_step=args.t0, t1_step=args.t1, target_step=target,
-            overwrite=args.overwrite,
-        )  # fmt: skip
-    except ExtrapolationError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        selector = TensorSelector(include=args.include, exclude=args.exclude)
+    except ValueError as e:
+        flag = "--include" if str(e).startswith("include") else "--exclude"
+        raise _fail(f"{flag}: {e}") from None
+    log = extrapolate_checkpoint(
+        args.t0_path, args.t1_path, args.out,
+        beta=beta, selector=selector, t0_step=args.t0, t1_step=args.t1, target_step=target,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     t = log["totals"]
     steps = ""
     if log["t0"] is not None and log["t1"] is not None:

@@ -16,8 +16,11 @@ Choices:
   temperature): on the toy task greedy picks the majority procedure, so Avg@k is the smooth signal.
 - Everything is seeded; prompts are drawn by a checkpointable cursor; the learning rate advances by real step.
 - Checkpoints hold model + optimizer per rank, RL-Extra's per-rank state, and `rlextra_state.json` (step counters,
-  data position, schedule position, RNG, MLflow run), written last: `trainer.resume=auto` continues from the newest
-  complete one in the same MLflow run; a dead learner rank restarts the learner group from it.
+  data position, schedule position, RNG, MLflow run), written last into a staging folder renamed into place:
+  `trainer.resume=auto` continues from the newest usable one in the same MLflow run (a torn one is set aside and
+  named); a dead learner rank restarts the learner group from it.
+- Bad inputs (model folder, data rows, the checkpoint to resume from) are found in `setup()` before MLflow or Ray
+  start (orchestrator/models.py, orchestrator/data.py, orchestrator/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ from omegaconf import DictConfig
 from actors.groups import ActorGroups
 from orchestrator.batches import build_train_batch, mean, shard_batch, step_metrics
 from orchestrator.checkpoints import (
+    HF_DIR,
     checkpoint_root,
     checkpoint_tag,
     complete_checkpoints,
-    newest_checkpoint,
+    newest_usable_checkpoint,
+    publish_checkpoint,
+    staging_dir,
     write_state,
 )
 from orchestrator.cli import hydra_cli
@@ -52,7 +58,8 @@ from orchestrator.tracking import Tracker
 class Job:
     """Holds the job's components; `run()` executes the loop. Separate from Hydra so tests can drive it.
 
-    The config is checked when the job is made: nothing is written or started on a config that cannot work."""
+    The config is checked when the job is made, its inputs (model, data, the checkpoint to resume from) first thing
+    in `setup()`: nothing is written or started on a config or input that cannot work."""
 
     def __init__(self, cfg: DictConfig | JobConfig, output_dir: str):
         self.cfg: JobConfig = validate(cfg)
@@ -69,6 +76,7 @@ class Job:
         self.eval_answers: list[str] = []
         self.scorer = None  # verifiers.pool.ScoringPool
         self.resume: tuple[str, dict] | None = None  # (checkpoint tag, its rlextra_state.json) to continue from
+        self.torn_checkpoints: list[tuple[str, str]] = []  # (set-aside name, why) found before the MLflow run
         self.tracker: Tracker | None = None
         self.ray_started = False
         self.groups: ActorGroups | None = None
@@ -82,35 +90,39 @@ class Job:
     # ----------------------------------------------------------------------------------------- set-up
 
     def setup(self) -> None:
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         from actors.learner import LearnerSpec
         from actors.rollout import RolloutSpec
         from orchestrator.cluster import init_ray, start_actor_groups
         from orchestrator.data import PromptCursor, PromptEncoder, load_splits, resolve_model
+        from orchestrator.models import load_tokenizer
         from verifiers.pool import ScoringPool
 
         cfg = self.cfg
         hf_logging.disable_progress_bar()  # the job has its own progress bar
         t0 = time.perf_counter()
+        # The inputs, checked before anything starts: the model folder, its tokenizer, every data row (prompt
+        # lengths and reference answers too), and the checkpoint to resume from.
         self.model_path = resolve_model(cfg, log=self.log)
-        self.train_ds, self.eval_ds = load_splits(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        tok = self.tokenizer
+        self.tokenizer = tok = load_tokenizer(self.model_path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.encode = PromptEncoder(tok, cfg.data.apply_chat_template, cfg.data.max_prompt_tokens)
+        data = load_splits(cfg, self.encode, log=self.log)
+        self.train_ds, self.eval_ds = data.train, data.eval
         self.cursor = PromptCursor(size=len(self.train_ds), seed=cfg.seed)
         n_eval = min(cfg.trainer.eval_prompts, len(self.eval_ds))
         self.eval_prompt_ids = [self.encode(self.eval_ds[i]["prompt"]) for i in range(n_eval)]
         self.eval_answers = [self.eval_ds[i]["answer"] for i in range(n_eval)]
-        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         self.resume = self.newest_checkpoint() if cfg.trainer.resume == "auto" else None
+        self.scorer = ScoringPool(max_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         if self.resume:  # the same MLflow run continues; steps it already holds are not logged twice
             self.tracker = Tracker(cfg, resume_run_id=self.resume[1]["mlflow_run_id"])
         else:
             self.tracker = Tracker(cfg)
             self.tracker.log_config(cfg)
+        self.tracker.log_metrics(data.skipped, step=0)
+        self.log_torn_checkpoints()
         self.ray_started = init_ray(cfg.cluster)
         learner = LearnerSpec.for_job(cfg, self.model_path)
         rollouts = [RolloutSpec(self.model_path, cfg.rollout, cfg.seed + i) for i in range(cfg.rollout.num_actors)]
@@ -239,10 +251,11 @@ class Job:
 
     def save_checkpoint(self, step: int) -> str:
         """Model + optimizer + LR schedule per rank (DeepSpeed), RL-Extra anchors and statistics per rank, and
-        `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run), written last:
-        a checkpoint without it is incomplete and never resumed from."""
+        `rlextra_state.json` (step counters, data position, schedule position, RNG, MLflow run, world size), written
+        last into the staging folder, which is then renamed into place."""
         ckpt_root = checkpoint_root(self.output_dir)
         tag = checkpoint_tag(step)
+        staging = staging_dir(ckpt_root, tag)  # renamed into place once whole: a torn save is never listed
         state = {
             "rl_step": step,
             "data_position": self.cursor.position,
@@ -252,18 +265,34 @@ class Job:
             "step_times": self.step_times,
             "schedule": self.extra.state() if self.extra else None,
             "python_rng": _jsonable(random.getstate()),
+            "world_size": self.cfg.learner.world_size,  # DeepSpeed's shards resume only on as many ranks
         }
-        hf_dir = self.groups.call_learners("save_checkpoint", ckpt_root, tag, {"rl_step": step})[0]
-        write_state(os.path.join(ckpt_root, tag), state)
+        self.groups.call_learners("save_checkpoint", ckpt_root, os.path.basename(staging), {"rl_step": step})
+        write_state(staging, state)
+        final = publish_checkpoint(ckpt_root, tag)
         keep = self.cfg.trainer.keep_checkpoints
         if keep:
             for old in complete_checkpoints(ckpt_root)[:-keep]:
                 shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
-        return hf_dir
+        return os.path.join(final, HF_DIR)
 
     def newest_checkpoint(self) -> tuple[str, dict] | None:
-        """(tag, rlextra_state.json) of the newest complete checkpoint under output_dir/checkpoints, or None."""
-        return newest_checkpoint(checkpoint_root(self.output_dir))
+        """(tag, rlextra_state.json) of the newest usable checkpoint under output_dir/checkpoints, or None. A newer
+        torn one is set aside and named on the console, and in MLflow once the run exists."""
+        tag, state, torn = newest_usable_checkpoint(checkpoint_root(self.output_dir), self.cfg.learner.world_size)
+        for _, line in torn:
+            self.log(line)
+        self.torn_checkpoints += torn
+        self.log_torn_checkpoints()
+        return (tag, state) if tag else None
+
+    def log_torn_checkpoints(self) -> None:
+        """The torn checkpoints found so far, as artifacts `torn_checkpoints/<set-aside name>.txt` of the run."""
+        if self.tracker is None:
+            return
+        for aside, line in self.torn_checkpoints:
+            self.tracker.log_text(line + "\n", f"torn_checkpoints/{aside}.txt")
+        self.torn_checkpoints = []
 
     def restore(self, tag: str, state: dict) -> int:
         """Load a checkpoint into the live job; returns the next RL step."""
@@ -536,8 +565,7 @@ def main(cfg: DictConfig) -> None:
 
     job = Job(cfg, "")  # checks the config before anything is written
     job.output_dir = job.cfg.trainer.output_dir or HydraConfig.get().runtime.output_dir
-    os.makedirs(job.output_dir, exist_ok=True)
-    run_to_completion(job)
+    run_to_completion(job)  # output_dir is made by what first writes there, after set-up's checks
 
 
 if __name__ == "__main__":

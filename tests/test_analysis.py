@@ -420,10 +420,7 @@ def test_cli_bad_input_fails_with_one_line(tmp_path, capsys, args, message):
     code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert (
-        err[0].startswith("python -m orchestrator.analyze: error:")
-        and message.replace("{tmp}", str(tmp_path)) in err[0]
-    )
+    assert err[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err[0]
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -12,12 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 from orchestrator.checkpoints import (
+    STATE_KEYS,
     SafetensorsError,
+    checkpoint_problem,
     checkpoint_step,
     checkpoint_tag,
     complete_checkpoints,
-    newest_checkpoint,
+    newest_usable_checkpoint,
+    publish_checkpoint,
     read_safetensors_checkpoint,
+    staging_dir,
     step_from_path,
     step_of_tag,
     write_state,
@@ -49,9 +53,91 @@ def test_only_checkpoints_with_their_state_written_count(tmp_path):
     write_state(tmp_path / "rl_step_10", {"rl_step": 10})  # rl_step_30: still being written
     (tmp_path / "notes").mkdir()
     assert complete_checkpoints(tmp_path) == ["rl_step_2", "rl_step_10"]  # by step, not by name
-    assert newest_checkpoint(tmp_path) == ("rl_step_10", {"rl_step": 10})
     assert not list(tmp_path.glob("*/*.tmp"))
-    assert newest_checkpoint(tmp_path / "missing") is None
+    assert newest_usable_checkpoint(tmp_path / "missing", 1) == (None, None, [])
+
+
+def _write_checkpoint(root: Path, step: int, world_size: int = 2, zero_stage: int = 2) -> Path:
+    """What a job writes for one step, in miniature: DeepSpeed's per-rank files (torch zip archives), RL-Extra's
+    per-rank state, the HF export and the state file; staged and published as the job does."""
+    tag = checkpoint_tag(step)
+    d = Path(staging_dir(root, tag))
+    (d / "hf").mkdir(parents=True)
+    save_file({"w": torch.full((1024,), float(step))}, str(d / "hf" / "model.safetensors"))
+    for rank in range(world_size):
+        torch.save({"rank": rank}, d / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save({"rank": rank}, d / f"rl_extra_rank{rank}.pt")
+        if zero_stage == 3:
+            torch.save({"rank": rank}, d / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    if zero_stage != 3:
+        torch.save({}, d / "mp_rank_00_model_states.pt")
+    write_state(d, {**{k: 0 for k in STATE_KEYS}, "rl_step": step, "schedule": {"cycle": 1}, "world_size": world_size})
+    return Path(publish_checkpoint(root, tag))
+
+
+def test_staged_checkpoints_appear_whole_and_replace_their_step(tmp_path):
+    first = _write_checkpoint(tmp_path, 4)
+    assert first == tmp_path / "rl_step_4" and (tmp_path / "latest").read_text() == "rl_step_4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "rl_step_4"]  # no staging folder left
+    again = _write_checkpoint(tmp_path, 4)  # the same step saved again (a finished job run once more)
+    assert again == first and sorted(p.name for p in tmp_path.iterdir()) == ["latest", "rl_step_4"]
+    (tmp_path / ".tmp-rl_step_6" / "hf").mkdir(parents=True)  # a save killed half-way
+    assert complete_checkpoints(tmp_path) == ["rl_step_4"]
+    assert not Path(staging_dir(tmp_path, "rl_step_6")).exists(), "the next save of that step starts clean"
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_whole_checkpoint_passes_and_a_missing_rank_file_is_named(tmp_path, zero_stage):
+    ckpt = _write_checkpoint(tmp_path, 2, world_size=2, zero_stage=zero_stage)
+    assert checkpoint_problem(ckpt, world_size=2) is None
+    assert checkpoint_problem(ckpt, world_size=None) is None
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problem(ckpt, world_size=2) == (
+        f"{ckpt}: expected zero_pp_rank_1_mp_rank_00_optim_states.pt or bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt "
+        "(learner rank 1 of 2), found none"
+    )
+
+
+def test_a_checkpoint_of_another_world_size_is_an_input_error_not_a_torn_one(tmp_path):
+    """Resuming with another learner.world_size must not set aside every checkpoint of the run."""
+    from orchestrator.config import InputError
+
+    _write_checkpoint(tmp_path, 2, world_size=2)
+    with pytest.raises(
+        InputError, match=r"rl_step_2/rlextra_state.json: expected a checkpoint of learner.world_size=1"
+    ):
+        newest_usable_checkpoint(tmp_path, world_size=1)
+    assert complete_checkpoints(tmp_path) == ["rl_step_2"]
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize(
+    "tear, problem",
+    [
+        (lambda d: _truncate(d / "hf" / "model.safetensors"), "hf/model.safetensors: expected every tensor inside"),
+        (lambda d: _truncate(d / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), "found a truncated or corrupt file"),
+        (lambda d: (d / "rl_extra_rank1.pt").unlink(), "expected rl_extra_rank1.pt (learner rank 1 of 2), found none"),
+        (lambda d: (d / "rlextra_state.json").write_text("{"), "rlextra_state.json: expected JSON, found unparsable"),
+        (
+            lambda d: (d / "rlextra_state.json").write_text('{"rl_step": 4}'),
+            "found none of data_position, weight_version, mlflow_run_id, eval_before, python_rng",
+        ),
+    ],
+)
+def test_a_torn_newest_checkpoint_is_set_aside_for_the_previous_one(tmp_path, tear, problem):
+    for step in (2, 4):
+        _write_checkpoint(tmp_path, step)
+    tear(tmp_path / "rl_step_4")
+    tag, state, torn = newest_usable_checkpoint(tmp_path, world_size=2)
+    assert tag == "rl_step_2" and state["rl_step"] == 2
+    assert len(torn) == 1 and problem in torn[0][1] and torn[0][1].startswith("checkpoint rl_step_4 is torn, skipped")
+    aside = tmp_path / torn[0][0]
+    assert aside.is_dir() and aside.name.startswith("rl_step_4.torn-") and not (tmp_path / "rl_step_4").exists()
+    assert complete_checkpoints(tmp_path) == ["rl_step_2"], "a set-aside checkpoint is never listed (nor pruned)"
 
 
 # ------------------------------------------------------------------------------------------------ reader

@@ -96,9 +96,7 @@ def test_cli_missing_checkpoint_is_one_line_exit_2(tmp_path):
     proc = _run_cli([f"eval.checkpoints=[{tmp_path / 'missing'}]"], tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("config error: eval.checkpoints[0]:") and "missing" in lines[0], (
-        proc.stderr
-    )
+    assert len(lines) == 1 and lines[0].startswith("error: eval.checkpoints[0]:") and "missing" in lines[0], proc.stderr
     assert not (tmp_path / "mlflow.db").exists(), "nothing is written before the config is valid"
 
 

@@ -275,7 +275,7 @@ def _error_cases(c, b, out):
         "missing_t0_dir": (["--t0-path", b["no_weights"] / "nope", "--t1-path", c["t1"], *b2], "--t0-path"),
         "t1_no_safetensors": (["--t0-path", c["t0"], "--t1-path", b["no_weights"], *b2], "--t1-path"),
         "missing_shard": (["--t0-path", b["missing_shard"], "--t1-path", c["t1"], *b2], str(b["missing_shard_name"])),
-        "corrupt_file": (["--t0-path", b["corrupt"], "--t1-path", c["t1"], *b2], "not a safetensors file"),
+        "corrupt_file": (["--t0-path", b["corrupt"], "--t1-path", c["t1"], *b2], "expected a safetensors file"),
         "names_differ": (["--t0-path", c["t0"], "--t1-path", b["extra"], *b2], "'extra.weight'"),
         "shapes_differ": ([*base[:2], "--t1-path", b["shape"], *b2], "'model.embed_tokens.weight' has shape"),
         "t1_equals_t0": ([*base, "--t0", 5, "--t1", 5, "--target", 10, "--out", out], "--t1"),

@@ -290,7 +290,7 @@ def test_cli_bad_value_fails_with_one_line(tmp_path, override, field):
     proc = _run_cli([override], tmp_path)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"config error: {field}:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), proc.stderr
     assert not (tmp_path / "cli.db").exists(), "nothing is written before the config is valid"
 
 
@@ -309,7 +309,7 @@ def test_required_value_left_unset_is_named(tmp_path):
 
 
 def test_missing_data_file_names_the_file(tmp_path):
-    from orchestrator.config import ConfigError
+    from orchestrator.config import InputError
     from orchestrator.data import load_splits
 
     cfg = compose_cfg(
@@ -321,15 +321,15 @@ def test_missing_data_file_names_the_file(tmp_path):
             f"data.eval_files={tmp_path / 'nope.jsonl'}",
         ]
     )
-    with pytest.raises(ConfigError, match="data.train_files: file not found"):
-        load_splits(cfg)
+    with pytest.raises(InputError, match=r"nope.jsonl: expected a data file, directory or glob \(data.train_files\)"):
+        load_splits(cfg, encode=None)
 
 
 def test_real_dataset_fields_are_mapped(tmp_path):
-    """jsonl and parquet files with other field names load through `datasets` into prompt/answer."""
+    """jsonl and parquet files with other field names load into prompt/answer `datasets.Dataset`s."""
     import datasets
 
-    from orchestrator.config import ConfigError
+    from orchestrator.config import InputError
     from orchestrator.data import load_splits
 
     rows = [{"question": f"What is {i}+{i}?", "solution": str(2 * i)} for i in range(5)]
@@ -343,8 +343,14 @@ def test_real_dataset_fields_are_mapped(tmp_path):
         f"data.eval_files={tmp_path / 'eval.parquet'}",
         "data.prompt_template='{prompt} Answer:'",
     ]
-    train, evals = load_splits(compose_cfg(base + ["data.prompt_field=question", "data.answer_field=solution"]))
-    assert train[2] == {"prompt": "What is 2+2? Answer:", "answer": "4"}
-    assert len(evals) == 5 and evals.column_names == ["prompt", "answer"]
-    with pytest.raises(ConfigError, match="data.prompt_field: the train split has no field 'problem'"):
-        load_splits(compose_cfg(base + ["data.prompt_field=problem", "data.answer_field=solution"]))
+    mapped = ["data.prompt_field=question", "data.answer_field=solution"]
+    splits = load_splits(compose_cfg(base + mapped), encode=None)
+    assert splits.train[2] == {"prompt": "What is 2+2? Answer:", "answer": "4"}
+    assert len(splits.eval) == 5 and splits.eval.column_names == ["prompt", "answer"]
+    with pytest.raises(InputError, match=r"train.jsonl:1: expected a field 'problem' \(data.prompt_field\)"):
+        load_splits(compose_cfg(base + ["data.prompt_field=problem", "data.answer_field=solution"]), encode=None)
+    (tmp_path / "train.jsonl").write_text(
+        "\n".join(json.dumps({"problem": r["question"], "answer": r["solution"]}) for r in rows)
+    )
+    with pytest.raises(InputError, match=r"eval.parquet: expected the columns 'problem' and 'answer'"):
+        load_splits(compose_cfg(base + ["data.prompt_field=problem"]), encode=None)

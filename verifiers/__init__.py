@@ -19,6 +19,14 @@ looked up with :func:`get_verifier`. Importing this package registers the built-
   fraction of tests passed / all-or-nothing (:mod:`verifiers.code`; toy tasks in
   :mod:`verifiers.code_tasks`).
 
+``REFERENCE_CHECKS`` maps a verifier name to ``problem(reference) -> str | None``: why
+no response can ever score 1.0 against that reference answer (``None``: some can).
+The trainer runs it over the data's reference answers before training starts
+(:func:`reference_problem`); register one with :func:`register_reference_check`.
+Each built-in shows a response that scores 1.0 where one exists (``arith``: the
+reference itself; ``math``: the reference's answer boxed) and parses the tests
+where no response can be built from the reference (``code``).
+
 A verifier registered with ``cheap=True`` is pure and fast (microseconds); the pool
 scores such verifiers in chunks of samples per worker task instead of one task per
 sample (see :mod:`verifiers.pool`). ``CHEAP_VERIFIERS`` holds their names.
@@ -50,6 +58,9 @@ __all__ = [
     "register_verifier",
     "get_verifier",
     "is_cheap",
+    "REFERENCE_CHECKS",
+    "register_reference_check",
+    "reference_problem",
 ]
 
 Verifier = Callable[[str, str], float]
@@ -59,6 +70,12 @@ VERIFIERS: dict[str, Verifier] = {}
 
 #: names of verifiers registered with ``cheap=True`` (scored in chunks by the pool).
 CHEAP_VERIFIERS: set[str] = set()
+
+ReferenceCheck = Callable[[str], "str | None"]
+
+#: name -> ``problem(reference) -> str | None``: one line ``expected ..., found ...`` when no
+#: response can score 1.0 against ``reference``, else ``None``. Cheap: run on every data row.
+REFERENCE_CHECKS: dict[str, ReferenceCheck] = {}
 
 
 def register_verifier(name: str, *, cheap: bool = False) -> Callable[[Verifier], Verifier]:
@@ -109,6 +126,24 @@ def get_verifier(name: str) -> Verifier:
 def is_cheap(name: str) -> bool:
     """Whether verifier ``name`` was registered with ``cheap=True``."""
     return name in CHEAP_VERIFIERS
+
+
+def register_reference_check(*names: str) -> Callable[[ReferenceCheck], ReferenceCheck]:
+    """Decorator registering ``check`` as the reference check of verifiers ``names``. Returns it unchanged."""
+
+    def decorator(check: ReferenceCheck) -> ReferenceCheck:
+        for name in names:
+            REFERENCE_CHECKS[name] = check
+        return check
+
+    return decorator
+
+
+def reference_problem(name: str, reference: str) -> str | None:
+    """Why verifier ``name`` can never give ``reference`` a full score (one line), or ``None``; also ``None`` for
+    a verifier without a registered check."""
+    check = REFERENCE_CHECKS.get(name)
+    return check(reference) if check is not None else None
 
 
 # Register the built-ins (after the registry exists: the submodules import it).

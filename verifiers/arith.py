@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 
-from . import register_verifier
+from . import register_reference_check, register_verifier
 
-__all__ = ["score_arith", "last_digit_run"]
+__all__ = ["score_arith", "last_digit_run", "arith_reference_problem"]
 
 _DIGIT_RUN = re.compile(r"[0-9]+")
 
@@ -45,3 +45,11 @@ def score_arith(response: str, reference: str) -> float:
     if not ref:
         return 0.0
     return 1.0 if last_digit_run(response) == ref else 0.0
+
+
+@register_reference_check("arith")
+def arith_reference_problem(reference: str) -> str | None:
+    """None when the reference itself scores 1.0 (a run of ASCII digits), else why not."""
+    if score_arith(reference, reference) == 1.0:
+        return None
+    return f"expected a non-negative integer answer (digits only) for the arith verifier, found {reference!r:.80}"

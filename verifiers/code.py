@@ -140,7 +140,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import register_verifier
+from . import register_reference_check, register_verifier
 
 __all__ = [
     "SandboxLimits",
@@ -157,6 +157,7 @@ __all__ = [
     "pool_timeout_s",
     "isolation_report",
     "sandbox_python",
+    "code_reference_problem",
 ]
 
 
@@ -884,6 +885,19 @@ def score_code_fraction(response: str, reference: str) -> float:
 def score_code_strict(response: str, reference: str) -> float:
     """1.0 if the response's last Python block passes every test, else 0.0."""
     return score_code(response, reference, strict=True)
+
+
+@register_reference_check("code", "code_strict")
+def code_reference_problem(reference: str) -> str | None:
+    """None when the reference holds at least one test in one of the two forms above, else why not (no program
+    can be built from tests, so the tests themselves are what is checked)."""
+    parsed = parse_reference(reference)
+    if parsed is not None and parsed[1]:
+        return None
+    return (
+        "expected JSON tests for the code verifier ([{input, output}, ...] or {fn_name, tests}), "
+        f"found {reference!r:.80}"
+    )
 
 
 def pool_timeout_s(max_tests: int, limits: SandboxLimits | None = None) -> float:
