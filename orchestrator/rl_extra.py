@@ -179,7 +179,7 @@ class RLExtraSchedule:
         self.tracker.end_phase(run)
         what = {"made": f"moved with beta={rec.beta:.3g}", "skipped": "skipped", "rolled_back": "rolled back"}
         self.log(
-            f"cycle {self.cycle} (rl_step {step}, {rec.strategy}): {what[rec.outcome]}; drift share "
+            f"cycle {self.cycle} (rl_step {step}): {what[rec.outcome]} ({rec.strategy}); drift share "
             f"{rec.drift_share:.3f} (halves {rec.drift_share_halves:.3f}), R² median {rec.r2_median:.3f}, "
             f"selected {rec.selected_frac:.1%}" + (f" — {'; '.join(rec.reasons)}" if rec.reasons else "")
         )
