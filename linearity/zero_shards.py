@@ -172,7 +172,7 @@ class ShardProjector:
         self.half_steps = half_steps
         self.has_half = False  # prev holds the first cycle's first-half displacement
         # rank1: the name-selected weight matrices (R, prod(rest)), in the same order on every rank
-        self.matrices = [n for n in self.selected_names_all(selector) if _is_matrix(shapes[n])]
+        self.matrices = [n for n in self.param_names if selector.selected(n) and _is_matrix(shapes[n])]
         self.matrix_shapes = [(shapes[n][0], math.prod(shapes[n][1:])) for n in self.matrices]
         self.rank1: Rank1 | None = None  # this cycle's rank-1 parts (end_cycle)
         self.rank1_steps: list[float] = []  # per matrix: the coefficient added along u vᵀ per unit of (β − 1)
@@ -236,10 +236,6 @@ class ShardProjector:
         self.selected_names = sorted({sl.name for g in self.slices for sl in g if selector.selected(sl.name)})
         self.skipped_names = sorted({sl.name for g in self.slices for sl in g if not selector.selected(sl.name)})
         return masks
-
-    def selected_names_all(self, selector) -> list[str]:
-        """Every parameter the globs select, whether or not this rank holds a slice of it (the same on every rank)."""
-        return [n for n in self.param_names if selector.selected(n)]
 
     def _name_mask(self, i: int) -> torch.Tensor:
         m = self.name_masks[i]

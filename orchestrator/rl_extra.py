@@ -109,9 +109,7 @@ class RLExtraSchedule:
         for _ in range(self.cfg.lookahead_steps):
             self.groups.train_step(shards, fast=True)
         eval_before = self.evaluate() if self.cfg.eval_around_projection else None  # the engines hold S
-        rec = self.run_phase()
-        self.groups.weight_version = rec.weight_version
-        self.pending = (rec, eval_before)
+        self.pending = (self.run_phase(), eval_before)
         return self.groups.train_step(shards)
 
     def after_step(self, step: int, metrics: dict) -> dict:
@@ -141,7 +139,7 @@ class RLExtraSchedule:
 
     def log_phase(self, step: int, rec: ExtrapolationRecord, eval_before: dict | None) -> dict:
         """Count, log (MLflow nested run, JSON artifact, console) and return the metrics of one phase."""
-        s, groups = self.cfg, self.groups
+        s = self.cfg
         run = self.tracker.start_phase(
             f"extrapolation-{self.cycle}",
             "extrapolation_phase",
@@ -158,7 +156,6 @@ class RLExtraSchedule:
                 "tensors_eligible": len(self.selected),
             },
         )
-        groups.weight_version = rec.weight_version
         self.counters[f"projections_{rec.outcome}"] += 1
         span = rec.steps_in_cycle if s.anchor == "cycle_start" else 1
         if rec.outcome == "made" and not self.lookahead:
@@ -186,13 +183,15 @@ class RLExtraSchedule:
         return result
 
     def run_phase(self) -> ExtrapolationRecord:
-        """One phase on the extrapolator actor; if a rollout engine died during it, restart it here and restore
-        the phase-start weights (the phase counts as skipped)."""
+        """One phase on the extrapolator actor (the groups then know the engines' weight version); if a rollout
+        engine died during it, restart it here and restore the weights of not moving (the phase counts as skipped)."""
         import ray
 
         g = self.groups
         try:
-            return ray.get(self.actor.extrapolate.remote(self.cycle, g.learners, g.rollouts, g.weight_version))
+            rec = ray.get(self.actor.extrapolate.remote(self.cycle, g.learners, g.rollouts, g.weight_version))
+            g.weight_version = rec.weight_version
+            return rec
         except Exception as exc:
             dead = g.dead_rollouts()
             if not dead:
@@ -228,6 +227,7 @@ class RLExtraSchedule:
         self.records = list(state.get("records", []))
         ray.get(self.actor.load_state.remote(state["policy"]))
         self.lookahead_on = self.lookahead and bool(state["policy"]["entropy"]["on"])
+        self.pending = None  # a phase of a step that did not finish is replayed, not logged
         if self.phase_run:
             self.tracker.reopen_phase(self.phase_run)
 
