@@ -349,12 +349,12 @@ class ScheduleConfig:
     selection_threshold: float = number(0.7, ge=-1, le=1)  # tensor_drift: minimum per-tensor drift share
     selection_fraction: float = number(0.05, gt=0, le=1)  # top_elements: share of the name-selected elements
     include: list[str] = listed(lambda: ["*"])  # fnmatch patterns of parameter names that may be projected
-    exclude: list[str] | None = None  # never projected; null = linearity.selection.DEFAULT_EXCLUDE (norm layers)
+    # never projected; null = linearity.selection.DEFAULT_EXCLUDE (norm layers), for lookahead nothing (as SFPO)
+    exclude: list[str] | None = None
     anchor_device: str | None = None  # where anchors live: null = with the shard; "cpu" saves accelerator memory
     optimizer: str = choice("keep", OPTIMIZER_AFTER_PROJECTION)  # after a projection: keep the Adam state | reset it
-    rank1_iters: int = integer(
-        8, ge=1
-    )  # rank1: power iterations per cycle (each: 2 passes over the shard, 2 all-reduces)
+    # rank1: power iterations per cycle (each two passes over the shard and two all-reduces of Σ (rows + columns))
+    rank1_iters: int = integer(8, ge=1)
     lookahead_steps: int = integer(3, ge=1)  # lookahead: fast optimizer steps per rollout batch (SFPO's K)
     lookahead_alpha: float = number(0.8, gt=0, le=1)  # lookahead: reposition W ← S + α (W − S) (SFPO's step size)
     entropy_window: int = integer(30, ge=2)  # lookahead: steps in the entropy z-score window (SFPO's zscore_w)
@@ -639,13 +639,14 @@ class JobConfig:
                 f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({r.num_actors}), "
                 f"got {tr.prompts_per_step}"
             )
-        if self.schedule.name == "rl_extra" and self.schedule.needs_validation and r.top_p != 1.0:
-            raise ConfigError(
-                f"rollout.top_p: expected 1.0 when schedule.beta_mode={self.schedule.beta_mode} or guard_margin "
-                f"validates projections (its importance weights need the untruncated sampler), got {r.top_p}"
-            )
         s = self.schedule
-        if s.name == "rl_extra" and s.needs_validation and s.validation_prompts * s.validation_samples < lr.world_size:
+        validating = s.name == "rl_extra" and s.needs_validation
+        if validating and r.top_p != 1.0:
+            raise ConfigError(
+                f"rollout.top_p: expected 1.0 when schedule.beta_mode={s.beta_mode} or guard_margin validates "
+                f"projections (its importance weights need the untruncated sampler), got {r.top_p}"
+            )
+        if validating and s.validation_prompts * s.validation_samples < lr.world_size:
             raise ConfigError(
                 f"schedule.validation_prompts: expected validation_prompts * validation_samples >= learner.world_size "
                 f"({lr.world_size}: every rank scores a share), got {s.validation_prompts} * {s.validation_samples}"
