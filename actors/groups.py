@@ -144,10 +144,22 @@ class ActorGroups:
 
     # ----------------------------------------------------------------------------------------- learner
 
-    def train_step(self, shards: list[TrainBatch]) -> list:
+    def train_step(self, shards: list[TrainBatch], fast: bool = False) -> list:
+        """One optimizer step on every rank, each on its shard (fast: a lookahead fast step, LR schedule held)."""
         import ray
 
-        return ray.get([learner.train_step.remote(s) for learner, s in zip(self.learners, shards)])
+        return ray.get([learner.train_step.remote(s, fast) for learner, s in zip(self.learners, shards)])
+
+    def sequence_logp(self, batch: TrainBatch):
+        """float64[B]: every response's log-prob (summed over its tokens, at the batch's temperature) under the
+        learners' current weights; the batch is split over the ranks (each runs one forward: ZeRO-3 gathers are
+        collectives), needs len(batch) >= ranks."""
+        import ray
+        import torch
+
+        parts = batch.split(len(self.learners))
+        logp = ray.get([learner.compute_logp.remote(p) for learner, p in zip(self.learners, parts)])
+        return torch.cat([(lp.double() * p.response_mask.double()).sum(-1) for lp, p in zip(logp, parts)])
 
     def sync_weights(self, bucket_mb: float | None = None) -> dict:
         """Learners → rollout engines. Rank 0's buckets go straight from the object store to every engine;

@@ -206,8 +206,15 @@ class LearnerActor:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train_step(self, batch: TrainBatch) -> TrainMetrics:
-        """One optimizer step over this rank's shard (micro-batched, gradients accumulated)."""
+    def train_step(self, batch: TrainBatch, fast: bool = False) -> TrainMetrics:
+        """One optimizer step over this rank's shard (micro-batched, gradients accumulated).
+
+        fast: a lookahead (SFPO) fast step on a batch that gets more steps — the LR schedule does not advance (SFPO
+        steps its scheduler once per RL step: the fast steps run at the step's learning rate)."""
+        with _frozen_lr_schedule(self.engine) if fast else contextlib.nullcontext():
+            return self._train_step(batch)
+
+    def _train_step(self, batch: TrainBatch) -> TrainMetrics:
         import torch
 
         from orchestrator.algorithms import agg_loss, kl_penalty, policy_loss
@@ -348,6 +355,8 @@ class LearnerActor:
         anchor_device: str | None = None,
         velocity: str = "two_point",
         monitor_samples: int = 2048,
+        strategy: str = "extrapolate",
+        half_steps: int = 0,
     ) -> dict:
         """Prepare in-place projection of this rank's fp32 master shard (see linearity/zero_shards.py).
         From now on every optimizer step also feeds the projector's statistics (`observe`)."""
@@ -362,14 +371,18 @@ class LearnerActor:
             velocity=velocity,
             monitor_samples=monitor_samples,
             seed=self.spec.seed,
+            strategy=strategy,
+            half_steps=half_steps,
         )
         return {"selected": self.projector.selected_names, "skipped": self.projector.skipped_names}
 
     def extra_snapshot(self) -> None:
         self.projector.snapshot()
 
-    def extra_end_cycle(self, selection: str = "names", threshold: float = 0.7, fraction: float = 0.1):
-        return self.projector.end_cycle(selection, float(threshold), float(fraction))
+    def extra_end_cycle(
+        self, selection: str = "names", threshold: float = 0.7, fraction: float = 0.1, rank1_iters: int = 8
+    ):
+        return self.projector.end_cycle(selection, float(threshold), float(fraction), int(rank1_iters))
 
     def extra_project(self, beta: float):
         return self.projector.project(float(beta))
@@ -379,6 +392,9 @@ class LearnerActor:
 
     def extra_rollback(self) -> None:
         self.projector.rollback()
+
+    def extra_restore_anchor(self) -> None:
+        self.projector.restore_anchor()
 
     def extra_reset_optimizer(self) -> int:
         return self.projector.reset_optimizer_state()
@@ -444,6 +460,16 @@ class LearnerActor:
                 dist.destroy_process_group()
         except Exception:
             pass
+
+
+@contextlib.contextmanager
+def _frozen_lr_schedule(engine):
+    """DeepSpeed steps its LR scheduler inside `engine.step()`; detached, the optimizer keeps the current rate."""
+    scheduler, engine.lr_scheduler = engine.lr_scheduler, None
+    try:
+        yield
+    finally:
+        engine.lr_scheduler = scheduler
 
 
 def _to_device(batch: TrainBatch, device) -> TrainBatch:

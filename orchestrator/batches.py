@@ -1,40 +1,8 @@
-"""One RL step's data: a rollout result padded into the learners' batch layout, its shards, and its metrics."""
+"""One RL step's data: its shards for the learner ranks, and its metrics (`TrainBatch.from_rollout` pads it)."""
 
 from __future__ import annotations
 
 from orchestrator.messages import RolloutResult, TrainBatch, TrainMetrics
-
-
-def build_train_batch(
-    result: RolloutResult, advantages_per_sample, pad_id: int, temperature: float, device="cpu"
-) -> TrainBatch:
-    """Pad a RolloutResult into verl's layout: prompts left-padded, responses right-padded.
-
-    advantages_per_sample: float[B] or float[B, R] (broadcast over each response's tokens).
-    """
-    import torch
-
-    B = len(result.response_ids)
-    P = max(len(p) for p in result.prompt_ids)
-    R = max(1, max(len(r) for r in result.response_ids))
-    prompts = torch.full((B, P), pad_id, dtype=torch.long)
-    responses = torch.full((B, R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    rmask = torch.zeros((B, R), dtype=torch.float32)
-    old_logp = torch.zeros((B, R), dtype=torch.float32)
-    for i, (p, r, lp) in enumerate(zip(result.prompt_ids, result.response_ids, result.logprobs)):
-        prompts[i, P - len(p) :] = torch.tensor(p)
-        attn[i, P - len(p) : P] = 1
-        if r:
-            responses[i, : len(r)] = torch.tensor(r)
-            attn[i, P : P + len(r)] = 1
-            rmask[i, : len(r)] = 1
-            old_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-    adv = torch.as_tensor(advantages_per_sample, dtype=torch.float32)
-    if adv.dim() == 1:
-        adv = adv[:, None].expand(B, R).clone()
-    adv = adv[:, :R] * rmask
-    return TrainBatch(prompts, responses, attn, rmask, old_logp, adv, temperature)
 
 
 def shard_batch(batch: TrainBatch, world_size: int) -> list[TrainBatch]:

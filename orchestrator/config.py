@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 # Allowed values that are defined here, by the schema; the code that implements them imports them from here.
+STRATEGIES = ("extrapolate", "rank1", "lookahead")
 BETA_MODES = ("fixed", "schedule", "adaptive", "auto")
 ANCHOR_MODES = ("cycle_start", "previous_step")
 OPTIMIZER_AFTER_PROJECTION = ("keep", "reset")
@@ -313,47 +314,84 @@ def _velocity_modes() -> tuple[str, ...]:
 
 @dataclass
 class ScheduleConfig:
-    """`rl`: every step is a real gradient step. `rl_extra` (paper §4.3): cycles of m real RL steps, then one in-place
-    projection of the learners' fp32 master shards standing for n extrapolated steps, W ← A + β (W − A), A the anchor
-    (weights at the cycle start); each rank projects only its own shard, optimizer state / LR schedule / data
-    position carry on (actors/extrapolator.py decides whether, what and how far)."""
+    """`rl`: every step is a real gradient step. `rl_extra`: real RL steps in cycles, each ended by an extrapolation
+    phase that moves the learners' fp32 master shards in place, W ← A + β (W − A) along a direction the strategy picks,
+    A the anchor; each rank moves only its own shard, optimizer state / LR schedule / data position carry on
+    (actors/extrapolator.py decides whether, what and how far; every strategy has the same monitor, validation,
+    guards, rollback, checkpoints and MLflow phase runs).
+
+    Strategies (`strategy`):
+    - `extrapolate`: the paper's RL-Extra (§4.3): after m real steps, stretch the cycle's displacement by β =
+      (m + n) / m on the elements `selection` picks by measured linearity. Knobs: m, n, anchor, velocity, selection*.
+    - `rank1` (AlphaRL / RELEX): per weight matrix, move only along the dominant rank-1 direction of the cycle's update
+      W − A (found by a power iteration over all-reduced vectors, no gather), stretched by β; with
+      velocity=least_squares the step along it is the least-squares slope of the cycle. Vectors (biases, norms)
+      stay. Knobs: m, n, velocity, rank1_iters.
+    - `lookahead` (SFPO, arXiv 2510.04072): every rollout batch gets `lookahead_steps` fast optimizer steps from the
+      slow weights S, then the reposition W ← S + α (W − S) (α = `lookahead_alpha` < 1: the anchor is S), then one
+      slow correction step on the same batch; switched off for good when the per-step entropy's z-score over
+      `entropy_window` steps reaches `entropy_z`. Every real step is a cycle (m = 1).
+
+    β modes (`beta_mode`): `fixed` (`beta`; lookahead: α) | `schedule` ((m+n)/m; lookahead: α) | `adaptive`
+    (candidates × the largest β, each tested against not moving on the validation batch, the best accepted kept) |
+    `auto` (adaptive, and extrapolate / rank1 only when the linearity monitor says linear)."""
 
     name: str = choice("rl_extra", ("rl", "rl_extra"))
-    m: int = integer(10, ge=1)  # real RL steps per cycle
+    strategy: str = choice("extrapolate", STRATEGIES)  # extrapolate | rank1 | lookahead (see the docstring)
+    m: int = integer(10, ge=1)  # real RL steps per cycle (lookahead: 1, every SFPO step ends in its reposition)
     n: int = integer(30, ge=0)  # extrapolated (virtual) steps per cycle (β = (m+n)/m = 4 at most)
     # cycle_start (A = weights at the cycle start) | previous_step (A = weights one step back: eq. 3 read literally)
     anchor: str = choice("cycle_start", ANCHOR_MODES)
     # two_point (the chord W − A) | least_squares (slope of a per-element line through every step of the cycle;
-    # cycle_start only; 2 more shard copies)
+    # cycle_start only; 2 more shard copies; not lookahead)
     velocity: str = choice("two_point", _velocity_modes)
-    # fixed (beta) | schedule ((m+n)/m, or 1+n for previous_step) | adaptive (line search on validation) |
-    # auto (adaptive, only when the monitor says linear)
+    # fixed (beta; lookahead: lookahead_alpha) | schedule ((m+n)/m, or 1+n for previous_step; lookahead:
+    # lookahead_alpha) | adaptive (candidates tested on validation) | auto (adaptive, only when the monitor says linear)
     beta_mode: str = choice("auto", BETA_MODES)
-    beta: float | None = number(None, gt=0)  # fixed: the β; adaptive/auto: the largest β tried (null = the schedule's)
-    # adaptive/auto: fractions of the largest β to try (each > 1 is tried; never worse than β = 1 on validation)
+    # extrapolate / rank1 — fixed: the β; adaptive/auto: the largest β tried (null = the schedule's)
+    beta: float | None = number(None, gt=0)
+    # adaptive/auto: fractions of the largest β to try (extrapolate / rank1: those giving β > 1; lookahead: α·f <= 1);
+    # each is kept only if the validation test accepts it against not moving
     candidates: list[float] = listed(lambda: [0.5, 1.0])
-    monitor_threshold: float = number(0.7, ge=-1, le=1)  # auto: minimum drift share (cos of consecutive displacements)
+    # auto (extrapolate / rank1): minimum drift share, the cosine of consecutive displacements (the first cycle: of its
+    # two halves)
+    monitor_threshold: float = number(0.7, ge=-1, le=1)
     monitor_r2: float | None = number(None, ge=0, le=1)  # auto: also require this median sampled-weight R² (null: off)
     monitor_samples: int = integer(2048, ge=1)  # weight elements sampled per rank for the running R²
-    # names (include/exclude only) | tensor_drift (tensors whose drift share >= selection_threshold) |
-    # top_elements (top selection_fraction of elements by steady displacement)
+    # extrapolate — names (include/exclude only) | tensor_drift (tensors whose drift share >= selection_threshold) |
+    # top_elements (top selection_fraction of elements by steady displacement); rank1 / lookahead use the names only
     selection: str = choice("top_elements", _selection_modes)
     selection_threshold: float = number(0.7, ge=-1, le=1)  # tensor_drift: minimum per-tensor drift share
     selection_fraction: float = number(0.05, gt=0, le=1)  # top_elements: share of the name-selected elements
     include: list[str] = listed(lambda: ["*"])  # fnmatch patterns of parameter names that may be projected
-    exclude: list[str] | None = None  # never projected; null = linearity.selection.DEFAULT_EXCLUDE (norm layers)
+    # never projected; null = linearity.selection.DEFAULT_EXCLUDE (norm layers), for lookahead nothing (as SFPO)
+    exclude: list[str] | None = None
     anchor_device: str | None = None  # where anchors live: null = with the shard; "cpu" saves accelerator memory
     optimizer: str = choice("keep", OPTIMIZER_AFTER_PROJECTION)  # after a projection: keep the Adam state | reset it
-    validation_prompts: int = integer(32, ge=1)  # fixed train-split slice scoring projections (adaptive/auto/guard)
+    # rank1: power iterations per cycle (each two passes over the shard and two all-reduces of Σ (rows + columns))
+    rank1_iters: int = integer(8, ge=1)
+    lookahead_steps: int = integer(3, ge=1)  # lookahead: fast optimizer steps per rollout batch (SFPO's K)
+    lookahead_alpha: float = number(0.8, gt=0, le=1)  # lookahead: reposition W ← S + α (W − S) (SFPO's step size)
+    entropy_window: int = integer(30, ge=2)  # lookahead: steps in the entropy z-score window (SFPO's zscore_w)
+    entropy_z: float | None = number(1.0, gt=0)  # lookahead: switch off for good at this z-score (null: never)
+    validation_prompts: int = integer(32, ge=2)  # fixed train-split slice scoring projections (adaptive/auto/guard)
     validation_samples: int = integer(4, ge=1)  # samples per validation prompt
+    # adaptive/auto: the validation test's false-positive rate per phase (a candidate no better than not moving is
+    # kept with at most this probability; split over the candidates; linearity/validation.py derives it)
+    validation_fpr: float = number(0.05, gt=0, le=0.5)
     guard_nan: bool = True  # roll the shards back if a projection produces NaN/Inf (off: fail the job)
-    guard_margin: float | None = number(None, ge=0)  # roll back if validation reward falls more than this (null: off)
-    shrink: float = number(0.5, ge=0, le=1)  # after a rollback: largest β ← 1 + (β − 1) · shrink
+    # roll back (and shrink β) if the validation's estimated reward change is below −guard_margin (null: off)
+    guard_margin: float | None = number(None, ge=0)
+    # after a rollback: largest β ← 1 + (β − 1) · shrink (lookahead: α ← α · shrink)
+    shrink: float = number(0.5, ge=0, le=1)
     eval_around_projection: bool = False  # evaluate the held-out split just before and after each projection
 
     @property
     def schedule_beta(self) -> float:
-        """The paper's β: (m + n) / m over a cycle, or 1 + n for one step's displacement (previous_step)."""
+        """The strategy's coefficient: lookahead's α; else the paper's β, (m + n) / m over a cycle, or 1 + n for one
+        step's displacement (previous_step)."""
+        if self.strategy == "lookahead":
+            return self.lookahead_alpha
         return (self.m + self.n) / self.m if self.anchor == "cycle_start" else 1.0 + self.n
 
     @property
@@ -363,8 +401,24 @@ class ScheduleConfig:
     def check(self, prefix: str) -> None:
         if self.name != "rl_extra":
             return
-        if self.beta_mode == "fixed" and self.beta is None:
+        if self.beta_mode == "fixed" and self.beta is None and self.strategy != "lookahead":
             raise ConfigError(f"{_join(prefix, 'beta')}: expected a number when schedule.beta_mode=fixed, got null")
+        if self.strategy == "lookahead":
+            if self.m != 1:
+                raise ConfigError(
+                    f"{_join(prefix, 'm')}: expected 1 for strategy=lookahead (every SFPO step ends in its "
+                    f"reposition), got {self.m}"
+                )
+            if self.beta is not None:
+                raise ConfigError(
+                    f"{_join(prefix, 'beta')}: expected null for strategy=lookahead (its coefficient is "
+                    f"lookahead_alpha), got {self.beta}"
+                )
+            if self.velocity != "two_point" or self.anchor != "cycle_start":
+                raise ConfigError(
+                    f"{_join(prefix, 'strategy')}: lookahead repositions on the chord from the slow weights; expected "
+                    f"velocity=two_point and anchor=cycle_start, got {self.velocity} and {self.anchor}"
+                )
         if self.velocity == "least_squares" and self.anchor != "cycle_start":
             raise ConfigError(
                 f"{_join(prefix, 'velocity')}: least_squares fits a line through the cycle; "
@@ -601,6 +655,18 @@ class JobConfig:
             raise ConfigError(
                 f"trainer.prompts_per_step: expected a multiple of rollout.num_actors ({r.num_actors}), "
                 f"got {tr.prompts_per_step}"
+            )
+        s = self.schedule
+        validating = s.name == "rl_extra" and s.needs_validation
+        if validating and r.top_p != 1.0:
+            raise ConfigError(
+                f"rollout.top_p: expected 1.0 when schedule.beta_mode={s.beta_mode} or guard_margin validates "
+                f"projections (its importance weights need the untruncated sampler), got {r.top_p}"
+            )
+        if validating and s.validation_prompts * s.validation_samples < lr.world_size:
+            raise ConfigError(
+                f"schedule.validation_prompts: expected validation_prompts * validation_samples >= learner.world_size "
+                f"({lr.world_size}: every rank scores a share), got {s.validation_prompts} * {s.validation_samples}"
             )
         if self.batch_size % (lr.world_size * lr.micro_batch_size):
             raise ConfigError(

@@ -52,8 +52,41 @@ class TrainBatch:
     advantages: torch.Tensor
     temperature: float = 1.0
 
+    @classmethod
+    def from_rollout(cls, result: RolloutResult, advantages, pad_id: int, temperature: float) -> TrainBatch:
+        """Pad a RolloutResult into this layout: prompts left-padded, responses right-padded; `old_logp` from the
+        behaviour log-probs. advantages: float[B] or float[B, R] (broadcast over each response's tokens)."""
+        B = len(result.response_ids)
+        P = max(len(p) for p in result.prompt_ids)
+        R = max(1, max(len(r) for r in result.response_ids))
+        prompts = torch.full((B, P), pad_id, dtype=torch.long)
+        responses = torch.full((B, R), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + R), dtype=torch.long)
+        rmask = torch.zeros((B, R), dtype=torch.float32)
+        old_logp = torch.zeros((B, R), dtype=torch.float32)
+        for i, (p, r, lp) in enumerate(zip(result.prompt_ids, result.response_ids, result.logprobs)):
+            prompts[i, P - len(p) :] = torch.tensor(p)
+            attn[i, P - len(p) : P] = 1
+            if r:
+                responses[i, : len(r)] = torch.tensor(r)
+                attn[i, P : P + len(r)] = 1
+                rmask[i, : len(r)] = 1
+                old_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        adv = torch.as_tensor(advantages, dtype=torch.float32)
+        if adv.dim() == 1:
+            adv = adv[:, None].expand(B, R).clone()
+        adv = adv[:, :R] * rmask
+        return cls(prompts, responses, attn, rmask, old_logp, adv, temperature)
+
     def __len__(self) -> int:
         return self.responses.shape[0]
+
+    def split(self, parts: int) -> list[TrainBatch]:
+        """`parts` contiguous pieces whose sizes differ by at most one, in order (needs len >= parts)."""
+        if len(self) < parts:
+            raise ValueError(f"cannot split {len(self)} samples into {parts} non-empty parts")
+        bounds = [i * len(self) // parts for i in range(parts + 1)]
+        return [self.slice(s, e) for s, e in zip(bounds[:-1], bounds[1:])]
 
     def slice(self, start: int, end: int) -> TrainBatch:
         return TrainBatch(
@@ -79,3 +112,14 @@ class TrainMetrics:
     lr: float
     num_tokens: int
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValidationBatch:
+    """The fixed prompts (a slice of the train split, never the held-out eval split) that score projections, and how
+    to sample and pad them; each phase samples them with `sampling.seed + cycle`."""
+
+    prompt_ids: list[list[int]]
+    answers: list[str]
+    sampling: SamplingConfig
+    pad_id: int

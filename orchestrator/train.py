@@ -35,7 +35,7 @@ import time
 from omegaconf import DictConfig
 
 from actors.groups import ActorGroups
-from orchestrator.batches import build_train_batch, mean, shard_batch, step_metrics
+from orchestrator.batches import mean, shard_batch, step_metrics
 from orchestrator.checkpoints import (
     HF_DIR,
     checkpoint_root,
@@ -49,9 +49,9 @@ from orchestrator.checkpoints import (
 from orchestrator.cli import hydra_cli
 from orchestrator.config import JobConfig, validate
 from orchestrator.console import console
-from orchestrator.messages import SamplingConfig
+from orchestrator.messages import SamplingConfig, TrainBatch, ValidationBatch
 from orchestrator.metrics import sample_metrics
-from orchestrator.rl_extra import RLExtraSchedule, ValidationBatch
+from orchestrator.rl_extra import RLExtraSchedule
 from orchestrator.tracking import Tracker
 
 
@@ -160,6 +160,7 @@ class Job:
             [self.encode(p) for p in rows["prompt"]],
             list(rows["answer"]),
             self.sampling(s.validation_samples, seed=self.cfg.seed + 777),
+            self.pad_id,
         )
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -210,7 +211,7 @@ class Job:
         times["time/reward_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        batch = build_train_batch(result, torch.zeros(len(rewards)), self.pad_id, cfg.rollout.temperature)
+        batch = TrainBatch.from_rollout(result, torch.zeros(len(rewards)), self.pad_id, cfg.rollout.temperature)
         batch.advantages = get_advantage_fn(cfg.algo.advantage)(
             torch.tensor(rewards, dtype=torch.float32),
             torch.tensor(result.prompt_index, dtype=torch.long),
@@ -218,7 +219,8 @@ class Job:
             eps=cfg.algo.eps,
             gamma=cfg.algo.gamma,
         ).float()
-        per_rank = self.groups.train_step(shard_batch(batch, cfg.learner.world_size))
+        shards = shard_batch(batch, cfg.learner.world_size)
+        per_rank = self.extra.train(shards) if self.extra else self.groups.train_step(shards)
         times["time/learn_s"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -183,8 +183,9 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(
             assert 0 < run.data.metrics["extra/projected_frac"] < 1  # norm layers are not projected
             assert run.data.metrics["extra/displacement_norm"] > 0
     versions = [m.value for m in client.get_metric_history(parent, "perf/weight_version")]
-    # each extrapolation phase pushes one new version: the projected weights, or (NaN guard) the restored ones
-    assert versions == [1.0, 2.0, 4.0, 5.0, 7.0], "each projection is synced to the rollout engines as a new version"
+    # a kept projection is synced to the engines as a new version; a rolled-back one never left the learners
+    expected = [1.0, 2.0, 4.0, 5.0, 7.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert versions == expected, "each kept projection is synced to the rollout engines as a new version"
     virtual = [m.value for m in client.get_metric_history(parent, "virtual_step")]
     assert virtual == ([1.0, 5.0, 6.0, 10.0, 11.0] if not rolled_back else [1.0, 2.0, 3.0, 4.0, 5.0])
 
@@ -192,13 +193,13 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["adaptive", "adaptive_tie", "guard"])
 def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp_path, monkeypatch, mode):
-    """adaptive, with steps large enough that every candidate validates differently from β = 1 (lr 1e-3): each
-    phase's decision is the one its scores call for — the best β tried, kept only when it beats not projecting
-    (β = 1); otherwise a skip, with every candidate at or below β = 1.
-    adaptive_tie: a β of 1 + 1e-6 moves no sampled token, so validation ties with β = 1: a tie is a skip (the shards
-    go back), never a projection and never a rollback.
-    guard: an injected fault (β = 1e5: finite weights, a wrecked policy) collapses the validation reward, and the
-    shards are rolled back."""
+    """adaptive, with steps large enough that candidates validate differently from β = 1 (lr 1e-3): a line search
+    keeps only a β the validation test accepts against not projecting (β = 1), the accepted one with the largest
+    estimated gain; none accepted is a skip.
+    adaptive_tie: a β of 1 + 1e-6 moves no sampled token, so the test cannot accept it: a skip (the shards go back),
+    never a projection and never a rollback.
+    guard: an injected fault (β = 1e5: finite weights, a wrecked policy) collapses the estimated validation reward,
+    and the shards are rolled back."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -238,24 +239,26 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
     logs = [json.loads(Path(client.download_artifacts(parent, n, str(tmp_path))).read_text()) for n in names]
     if mode == "adaptive":
         assert all(sorted(log["candidates"]) == ["1.5", "2"] for log in logs)  # 0.75 and 1 of β = 2 (0.5 is β = 1)
-        scores = [(log["val_reward_before"], log["candidates"]) for log in logs]
-        assert any(r != before for before, tried in scores for r in tried.values()), f"nothing to decide: {scores}"
+        gains = [c["gain"] for log in logs for c in log["candidates"].values()]
+        assert any(g != 0 for g in gains), f"nothing to decide: {gains}"
         for log in logs:
-            before, best = log["val_reward_before"], max(log["candidates"].values())
-            if best > before:
-                assert log["outcome"] == "made" and log["candidates"][f"{log['beta']:.4g}"] == best
-                assert log["val_reward_after"] == best
+            if log["outcome"] == "made":
+                kept = log["candidates"][f"{log['beta']:.4g}"]
+                accepted = [c["gain"] for c in log["candidates"].values() if c["accepted"]]
+                assert kept["accepted"] and kept["gain"] == max(accepted) > 0
+                assert log["val_reward_after"] == log["val_reward_before"] + kept["gain"]
             else:
-                assert log["outcome"] == "skipped" and log["beta"] == 1.0 and log["val_reward_after"] == before
-                assert any("no candidate beat beta=1" in r for r in log["reasons"])
+                assert log["outcome"] == "skipped" and not any(c["accepted"] for c in log["candidates"].values())
+                assert any("no candidate passed the validation test" in r for r in log["reasons"])
         made = [log for log in logs if log["outcome"] == "made"]
         assert summary["projections_made"] == len(made) and summary["projections_rolled_back"] == 0
+        assert summary["projections_made"] + summary["projections_skipped"] == 2  # no gain is a skip, not a fault
         assert summary["virtual_steps"] == 5 + sum(round((log["beta"] - 1) * 2) for log in made)
     elif mode == "adaptive_tie":
         (log,) = logs
-        assert log["outcome"] == "skipped" and log["beta"] == 1.0 and log["beta_max"] == 1.000001
-        assert log["candidates"] == {"1": log["val_reward_before"]} == {"1": log["val_reward_after"]}
-        assert any("no candidate beat beta=1" in r for r in log["reasons"])
+        assert log["outcome"] == "skipped" and list(log["candidates"]) == ["1"]  # β = 1.000001
+        assert not log["candidates"]["1"]["accepted"]
+        assert any("no candidate passed the validation test" in r for r in log["reasons"])
         assert summary["projections_skipped"] == 1 and summary["projections_made"] == 0
         assert summary["projections_rolled_back"] == 0 and summary["virtual_steps"] == steps
     else:

@@ -10,7 +10,9 @@ master weights (the optimizer's, gathered whole by DeepSpeed's own `safe_get_ful
 - a rollback restores W exactly.
 
 The monitor test checks on ZeRO-2 and ZeRO-3 shards that the projector's drift share, top-fraction selection and
-least-squares projection are the `linearity.trend` functions applied to the gathered full tensors.
+least-squares projection are the `linearity.trend` functions applied to the gathered full tensors; the strategies
+test does the same for the first cycle's halves, the rank-1 strategy (`linearity.rank1`) and the lookahead
+reposition.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
 from actors.rollout import from_transport
+from linearity.rank1 import power_iteration, start_vectors
 from linearity.trend import TrendAccumulator, drift_partial_sums, drift_share, steady_displacement
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig
@@ -240,5 +243,102 @@ def test_monitor_selection_least_squares_and_optimizer_reset_on_shards(ray_sessi
         steps = torch.cat([(after[n] - before[n]).abs().ravel() for n in eligible])
         steps = steps[steps > 0]
         assert steps.max() <= lr * 1.01 and steps.median() > 0.9 * lr
+    finally:
+        stop_learner_group(ray, actors)
+
+
+def _matrices(weights: dict) -> list[str]:
+    """The name-selected weight matrices in the projector's order (sorted names, norms excluded)."""
+    return sorted(n for n, w in weights.items() if "norm" not in n and w.dim() >= 2 and w.shape[0] > 1)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rank1_first_cycle_halves_and_lookahead_on_shards(ray_session, toy_model_path, stage):
+    """On 2 real ranks:
+    - the first cycle's drift share of its halves, cos(W_h − A, W − W_h), is `drift_share` of the gathered tensors;
+    - rank1: the sharded power iteration (partial products all-reduced) equals `power_iteration` run on the gathered
+      matrices with the same start vectors, and the projection adds (β − 1) σ u vᵀ to every matrix and nothing to
+      vectors or norms; a rollback restores the weights exactly;
+    - lookahead: fast steps hold the LR schedule; the reposition is S + α (W_fast − S) on every weight (norms too),
+      `restore_anchor` returns to S exactly, a rollback to W_fast exactly."""
+    ray = ray_session
+    spec = LearnerSpec(
+        toy_model_path,
+        LearnerConfig(world_size=2, zero_stage=stage, dtype="fp32", lr=1e-3, warmup_steps=10, micro_batch_size=8),
+        AlgoConfig(loss_agg="seq-mean-token-mean"),
+        samples_per_rank=8,
+        seed=0,
+    )
+    batches = []
+    for seed in range(2):
+        b = random_batch(toy_model_path, seed=seed)
+        b.old_logp = behaviour_logp(toy_model_path, b)
+        batches.append(b)
+    actors = start_learner_group(ray, spec)
+    beta, iters = 3.0, 6
+    try:
+        ray.get([a.extra_setup.remote(("*",), None, None, "two_point", 512, "rank1", 1) for a in actors])
+        anchor, half, now = _run_cycle(ray, actors, batches)  # A, W_h (after step 1 = m // 2), W
+        eligible = [n for n in anchor if "norm" not in n]
+        stats = ray.get([a.extra_end_cycle.remote("names", 0.7, 0.1, iters) for a in actors])
+        assert stats[0].drift_share != stats[0].drift_share, "first cycle: no cross-cycle reading"
+        d_half = {n: half[n] - anchor[n] for n in anchor}  # what the projector keeps, in fp32
+        expected = _drift_share_of(half, now, d_half, eligible)
+        assert stats[0].drift_share_halves == pytest.approx(expected.total, rel=1e-9)
+
+        matrices = _matrices(anchor)
+        shapes = [tuple(anchor[n].shape) for n in matrices]
+        reference = power_iteration(
+            lambda: ((i, 0, (now[n] - anchor[n]).ravel()) for i, n in enumerate(matrices)),
+            shapes,
+            start_vectors(shapes, 17),  # the projector's seed: 0 * 7919 + 17
+            iters,
+        )
+        assert stats[0].rank1_matrices == len(matrices)
+        energy = float(reference.sq_norm.sum())
+        assert stats[0].rank1_share == pytest.approx(float((reference.sigma**2).sum()) / energy, rel=1e-9)
+        ray.get([a.extra_begin_phase.remote() for a in actors])
+        ray.get([a.extra_project.remote(beta) for a in actors])
+        projected = _full(ray, actors)
+        for name in anchor:
+            if name not in matrices:
+                torch.testing.assert_close(projected[name], now[name], rtol=0, atol=0, msg=f"{name} moved")
+                continue
+            i = matrices.index(name)
+            step = (beta - 1.0) * reference.sigma[i] * torch.outer(reference.u[i], reference.v[i])
+            torch.testing.assert_close(projected[name], now[name] + step.float(), rtol=1e-6, atol=1e-9, msg=name)
+        ray.get([a.extra_rollback.remote() for a in actors])
+        restored = _full(ray, actors)
+        for name in now:
+            torch.testing.assert_close(restored[name], now[name], rtol=0, atol=0, msg=f"{name} not restored")
+
+        # lookahead (SFPO): anchor = the slow weights S; every weight is repositioned (no exclusion)
+        alpha = 0.8
+        ray.get([a.extra_setup.remote(("*",), [], None, "two_point", 512, "lookahead", 0) for a in actors])
+        lrs = []
+        for fast in (True, True, False):
+            metrics = ray.get([a.train_step.remote(s, fast) for a, s in zip(actors, shard_batch(batches[0], 2))])
+            lrs.append(metrics[0].lr)
+        assert lrs[0] == lrs[1] < lrs[2], "fast steps hold the LR schedule; the slow step advances it"
+        ray.get([a.extra_snapshot.remote() for a in actors])
+        slow = _full(ray, actors)
+        for _ in range(2):
+            ray.get([a.train_step.remote(s, True) for a, s in zip(actors, shard_batch(batches[1], 2))])
+        fast_weights = _full(ray, actors)
+        ray.get([a.extra_begin_phase.remote() for a in actors])
+        stats = ray.get([a.extra_project.remote(alpha) for a in actors])
+        assert stats[0].projected_numel == stats[0].total_numel
+        repositioned = _full(ray, actors)
+        for name in slow:
+            expected = fast_weights[name].lerp(slow[name], 1.0 - alpha)  # S + α (W_fast − S), as project_ computes it
+            torch.testing.assert_close(repositioned[name], expected, rtol=0, atol=0, msg=name)
+        assert any("norm" in n and not torch.equal(repositioned[n], fast_weights[n]) for n in slow), "norms move too"
+        ray.get([a.extra_restore_anchor.remote() for a in actors])
+        back = _full(ray, actors)
+        ray.get([a.extra_rollback.remote() for a in actors])
+        fast_again = _full(ray, actors)
+        for name in slow:
+            torch.testing.assert_close(back[name], slow[name], rtol=0, atol=0, msg=f"{name} not back at S")
+            torch.testing.assert_close(fast_again[name], fast_weights[name], rtol=0, atol=0, msg=name)
     finally:
         stop_learner_group(ray, actors)
