@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -171,23 +172,86 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------------------- data
 
 
-TOY_OPS = ("add", "mul", "code")
+TOY_OPS = ("add", "mul", "code", "skills")
+SKILL_OPERATORS = {"add": "+", "sub": "-", "mul": "*"}  # the operations a `skills` sub-skill may use
+SKILL_NAME = re.compile(r"^(add|sub|mul)([1-3])([1-3])$")  # <op><digits of a><digits of b>, e.g. add21 = 47+8
+
+
+def parse_skill(name: str) -> tuple[str, int, int] | None:
+    """`add21` → ("add", 2, 1); None for a name that is not a sub-skill (b never longer than a; mul: 1-digit b)."""
+    match = SKILL_NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    op, da, db = match.group(1), int(match.group(2)), int(match.group(3))
+    if db > da or (op == "mul" and db != 1):
+        return None
+    return op, da, db
+
+
+def _column_pairs(da: int, db: int) -> list[tuple[range, range]]:
+    """The digit ranges of a and b column by column, lowest first (leading digits are 1-9, missing ones 0)."""
+    return [
+        (range(1 if i == da - 1 else 0, 10), range(1 if i == db - 1 else 0, 10) if i < db else range(0, 1))
+        for i in range(da)
+    ]
+
+
+def skill_problem_count(op: str, da: int, db: int) -> int:
+    """How many problems of a sub-skill need the careful procedure (a carry in add / mul, a borrow in sub): all
+    problems of the shape less those the flawed procedure gets right, counted column by column."""
+    span_a, span_b = 9 * 10 ** (da - 1), 9 * 10 ** (db - 1)
+    if op == "mul":  # b in 2..9; carry-free iff every digit of a times b stays below 10
+        total = span_a * 8
+        carry_free = sum(math.prod(sum(x * b <= 9 for x in xs) for xs, _ in _column_pairs(da, 1)) for b in range(2, 10))
+        return total - carry_free
+    if op == "add":
+        total = span_a * span_b
+        easy = math.prod(sum(x + y <= 9 for x in xs for y in ys) for xs, ys in _column_pairs(da, db))
+        return total - easy
+    total = span_a * span_b if da > db else span_a * (span_a + 1) // 2  # sub: b <= a
+    easy = math.prod(sum(x >= y for x in xs for y in ys) for xs, ys in _column_pairs(da, db))
+    return total - easy
 
 
 @dataclass
 class ToyTaskConfig:
-    """One variant of the synthetic task (generated from the seed; every field changes the data)."""
+    """One variant of the synthetic task (generated from the seed; `cache_fields()` are what its data depends on)."""
 
-    op: str = choice("add", TOY_OPS)  # add: a+b | mul: a*b with a 1-digit b | code: tiny Python function problems
-    digits: int = integer(2, ge=1, le=6)  # digits of the (first) operand
-    careful_fraction: float = number(0.3, gt=0, le=1)  # share of correct-procedure solutions in the warm start
+    # add: a+b | mul: a*b with a 1-digit b | code: tiny Python function problems | skills: a mixture of sub-skills
+    op: str = choice("add", TOY_OPS)
+    digits: int = integer(2, ge=1, le=6)  # add / mul: digits of the (first) operand
+    careful_fraction: float = number(0.3, gt=0, le=1)  # add / mul / code: share of correct solutions in the warm start
     num_train: int = integer(20000, ge=1)  # RL train prompts
     num_eval: int = integer(500, ge=1)  # held-out eval prompts (disjoint from train)
+    # skills: the sub-skills, `<op><digits of a><digits of b>` with op add | sub (a >= b) | mul (b in 2..9), e.g.
+    # add21 = 47+8. Only problems that need the careful procedure are drawn (a carry, or a borrow in sub), so the
+    # flawed one is always wrong; eval prompts are spread evenly over the sub-skills.
+    skills: list[str] = listed(lambda: ["add22", "sub22", "add21", "sub21", "add32", "sub32"])
+    # skills: each sub-skill's share of careful-procedure solutions in the warm start (in the order of `skills`);
+    # spread out so that RL lifts them one after another instead of all at once
+    careful_shares: list[float] = listed(lambda: [0.5, 0.3, 0.2, 0.12, 0.07, 0.04])
+    # skills: the warm start is cached only once every sub-skill's careful and flawed procedure is carried out
+    # (greedy, mode token given) on at least this share of held-out problems; else it is rebuilt (see toy_task.py)
+    min_fidelity: float = number(0.9, ge=0, le=1)
+
+    def cache_fields(self) -> dict:
+        """The fields this variant's data and warm start are built from (the cache keys hash them): the sub-skill
+        fields only for op=skills, so adding them left every other variant's cached data where it was."""
+        fields = dataclasses.asdict(self)
+        if self.op != "skills":
+            fields = {k: fields[k] for k in ("op", "digits", "careful_fraction", "num_train", "num_eval")}
+        return fields
+
+    def skill_counts(self) -> dict[str, int]:
+        """op=skills: how many problems each sub-skill can produce."""
+        return {name: skill_problem_count(*parse_skill(name)) for name in self.skills}
 
     def distinct_problems(self) -> int:
         """How many different prompts this variant can produce."""
         if self.op == "code":
             return 10**9  # random arguments: effectively unbounded
+        if self.op == "skills":
+            return sum(self.skill_counts().values())
         first = 9 * 10 ** (self.digits - 1)
         return first * (first if self.op == "add" else 8)
 
@@ -196,11 +260,36 @@ class ToyTaskConfig:
             raise ConfigError(
                 f"{_join(prefix, 'careful_fraction')}: expected a number in (0, 1), got {self.careful_fraction!r}"
             )
+        if self.op == "skills":
+            self._check_skills(prefix)
+            return
         if self.num_eval >= self.distinct_problems():
             raise ConfigError(
                 f"{_join(prefix, 'num_eval')}: expected fewer than the {self.distinct_problems()} distinct "
                 f"{self.digits}-digit problems (some must be left for training), got {self.num_eval}"
             )
+
+    def _check_skills(self, prefix: str) -> None:
+        names, shares = list(self.skills), list(self.careful_shares)
+        bad = next((n for n in names if parse_skill(n) is None), None)
+        if not names or bad is not None or len(set(names)) != len(names):
+            raise ConfigError(
+                f"{_join(prefix, 'skills')}: expected distinct names <op><digits of a><digits of b> with op add, sub "
+                f"or mul, digits 1-3, b no longer than a (mul: 1-digit b), e.g. add21; got {names!r}"
+            )
+        if len(shares) != len(names) or not all(isinstance(x, (int, float)) and 0 < x < 1 for x in shares):
+            raise ConfigError(
+                f"{_join(prefix, 'careful_shares')}: expected {len(names)} numbers in (0, 1), one per skill, "
+                f"got {shares!r}"
+            )
+        per_skill = -(-self.num_eval // len(names))
+        for name, count in self.skill_counts().items():
+            if per_skill >= count:
+                raise ConfigError(
+                    f"{_join(prefix, 'num_eval')}: expected fewer than {count * len(names)} ({name} has "
+                    f"{count} problems and gets {per_skill} eval prompts; some must be left for training), "
+                    f"got {self.num_eval}"
+                )
 
 
 def _verifier_names() -> list[str]:

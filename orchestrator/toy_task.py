@@ -13,6 +13,15 @@ The response is ``<mode><digits><eos>``; the verifier only checks the final numb
 would. The warm-started model samples ``C`` with probability ≈ ``careful_fraction`` and is then usually
 right, so its sampled accuracy starts around 30–45 % and RL shifts the mix toward ``C``.
 
+That one behaviour flips in one jump. ``op=skills`` imitates RLVR on a reasoning model, where many behaviours
+improve at different rates over hundreds of steps: a mixture of *sub-skills* (``add22`` = 47+85, ``sub21`` = 85-7,
+...), each with its own flawed procedure (add / mul drop carries, sub takes each column's smaller digit from its
+larger one) and its own share of careful solutions in the warm start (``careful_shares``, spread from common to
+rare). Only problems that need the careful procedure are drawn, so the flawed one is always wrong and a sub-skill's
+accuracy is its share of ``C`` times how well ``C`` is carried out. RL lifts the common sub-skills first and the
+rare ones later, so the aggregate rises gradually instead of in one step. The warm start of every sub-skill is
+checked before it is cached (see ``prepare_toy_model``).
+
 Everything is generated deterministically from a seed and handed to the rest of the system through
 ``datasets`` and ``save_pretrained`` directories, exactly as a real model and dataset would be.
 """
@@ -26,13 +35,22 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.config import TinyModelConfig, ToyTaskConfig, WarmStartConfig, check_fields
+from orchestrator.config import (
+    SKILL_OPERATORS,
+    ConfigError,
+    TinyModelConfig,
+    ToyTaskConfig,
+    WarmStartConfig,
+    check_fields,
+    parse_skill,
+)
 
 TOKENIZER_VERSION = 3  # bump when build_tokenizer changes (part of the warm-start cache key)
 
 # Character vocabulary. Special tokens first so their ids are stable.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789+*=CN")
+SKILL_CHARS = CHARS + ["-"]  # op=skills also subtracts
 CODE_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII for the code variant
 OPERATORS = {"add": "+", "mul": "*"}
 
@@ -44,19 +62,23 @@ def _digits(n: int, width: int) -> list[int]:
     return [int(c) for c in str(n).zfill(width)]
 
 
-def no_carry_result(op: str, a: int, b: int) -> int:
-    """The subtly wrong procedure: digit-wise result, each column taken mod 10, carries dropped."""
+def flawed_result(op: str, a: int, b: int) -> int:
+    """The subtly wrong procedure, column by column, right exactly when no carry (add, mul) or borrow (sub) occurs:
+    add / mul take each column mod 10 and drop the carries; sub takes each column's smaller digit from its larger."""
     if op == "add":
         width = max(len(str(a)), len(str(b)))
         da, db = _digits(a, width), _digits(b, width)
         return int("".join(str((x + y) % 10) for x, y in zip(da, db)))
+    if op == "sub":  # a >= b
+        da, db = _digits(a, len(str(a))), _digits(b, len(str(a)))
+        return int("".join(str(abs(x - y)) for x, y in zip(da, db)))
     if op == "mul":  # b is a single digit
         return int("".join(str((x * b) % 10) for x in _digits(a, len(str(a)))))
     raise ValueError(op)
 
 
 def correct_result(op: str, a: int, b: int) -> int:
-    return a + b if op == "add" else a * b
+    return {"add": a + b, "sub": a - b, "mul": a * b}[op]
 
 
 def make_problem(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str, int, int]:
@@ -65,6 +87,25 @@ def make_problem(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str, int
     a = rng.randint(lo, hi)
     b = rng.randint(lo, hi) if spec.op == "add" else rng.randint(2, 9)
     return f"{a}{OPERATORS[spec.op]}{b}=", str(correct_result(spec.op, a, b)), a, b
+
+
+def skill_problem(rng: random.Random, skill: str) -> tuple[str, str, int, int]:
+    """One problem of sub-skill `skill` (e.g. add21) that needs the careful procedure: (prompt, answer, a, b)."""
+    op, da, db = parse_skill(skill)
+    while True:
+        a = rng.randint(10 ** (da - 1), 10**da - 1)
+        b = rng.randint(2, 9) if op == "mul" else rng.randint(10 ** (db - 1), 10**db - 1)
+        if (op != "sub" or b <= a) and flawed_result(op, a, b) != correct_result(op, a, b):
+            return f"{a}{SKILL_OPERATORS[op]}{b}=", str(correct_result(op, a, b)), a, b
+
+
+def skill_of(prompt: str) -> str:
+    """The sub-skill of an op=skills prompt: `47+8=` → add21."""
+    for op, sign in SKILL_OPERATORS.items():
+        if sign in prompt:
+            a, b = prompt.rstrip("=").split(sign)
+            return f"{op}{len(a)}{len(b)}"
+    raise ValueError(f"not an arithmetic prompt: {prompt!r}")
 
 
 def make_splits(spec: ToyTaskConfig, seed: int) -> dict[str, list[dict]]:
@@ -76,19 +117,37 @@ def make_splits(spec: ToyTaskConfig, seed: int) -> dict[str, list[dict]]:
         tasks = make_code_tasks(spec.num_eval + spec.num_train, seed=seed)
         rows = [{"prompt": t["prompt"], "answer": t["answer"]} for t in tasks]
         return {"train": rows[spec.num_eval :], "eval": rows[: spec.num_eval]}
-    rng = random.Random(f"toy-{spec.op}-{spec.digits}-{seed}")
+    if spec.op == "skills":
+        rng = random.Random(f"toy-skills-{seed}")
+        # eval: the sub-skills in turn (an even spread); train: a sub-skill drawn at random for each row, kept
+        # when a drawn prompt is an eval one (redrawing the sub-skill would starve those with few problems)
+        train_skills = [rng.choice(spec.skills) for _ in range(spec.num_train)]
+
+        def draw_eval(i: int) -> tuple[str, str, int, int]:
+            return skill_problem(rng, spec.skills[i % len(spec.skills)])
+
+        def draw_train(i: int) -> tuple[str, str, int, int]:
+            return skill_problem(rng, train_skills[i])
+
+    else:
+        rng = random.Random(f"toy-{spec.op}-{spec.digits}-{seed}")
+
+        def draw_eval(i: int) -> tuple[str, str, int, int]:
+            return make_problem(rng, spec)
+
+        draw_train = draw_eval
     seen: set[str] = set()
     eval_rows: list[dict] = []
     while len(eval_rows) < spec.num_eval:
-        prompt, answer, _, _ = make_problem(rng, spec)
+        prompt, answer, _, _ = draw_eval(len(eval_rows))
         if prompt not in seen:
             seen.add(prompt)
             eval_rows.append({"prompt": prompt, "answer": answer})
     train_rows = []
-    for _ in range(spec.num_train):  # duplicates allowed in train (small digit counts have few problems)
-        prompt, answer, _, _ = make_problem(rng, spec)
+    for i in range(spec.num_train):  # duplicates allowed in train (small digit counts have few problems)
+        prompt, answer, _, _ = draw_train(i)
         while prompt in seen:
-            prompt, answer, _, _ = make_problem(rng, spec)
+            prompt, answer, _, _ = draw_train(i)
         train_rows.append({"prompt": prompt, "answer": answer})
     return {"train": train_rows, "eval": eval_rows}
 
@@ -107,14 +166,23 @@ def code_warm_start_example(rng: random.Random, spec: ToyTaskConfig) -> tuple[st
     return task["prompt"], f"```python\n{solution}```", task["answer"]
 
 
-def warm_start_text(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str]:
-    """One supervised example from the mixture: (prompt, response without eos)."""
+def warm_start_text(rng: random.Random, spec: ToyTaskConfig, exclude: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """One supervised example from the mixture: (prompt, response without eos); op=skills never draws a prompt
+    in `exclude` (the eval split)."""
     if spec.op == "code":
         return code_warm_start_example(rng, spec)[:2]
+    if spec.op == "skills":
+        i = rng.randrange(len(spec.skills))
+        prompt, answer, a, b = skill_problem(rng, spec.skills[i])
+        while prompt in exclude:
+            prompt, answer, a, b = skill_problem(rng, spec.skills[i])
+        if rng.random() < spec.careful_shares[i]:
+            return prompt, f"C{answer}"
+        return prompt, f"N{flawed_result(parse_skill(spec.skills[i])[0], a, b)}"
     prompt, _, a, b = make_problem(rng, spec)
     if rng.random() < spec.careful_fraction:
         return prompt, f"C{correct_result(spec.op, a, b)}"
-    return prompt, f"N{no_carry_result(spec.op, a, b)}"
+    return prompt, f"N{flawed_result(spec.op, a, b)}"
 
 
 # ------------------------------------------------------------------------------------ tokenizer and model
@@ -123,11 +191,13 @@ def warm_start_text(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str]:
 def build_tokenizer(op: str = "add"):
     """A character-level tokenizer built with `tokenizers`, wrapped for transformers and vLLM.
 
-    The arithmetic variants need 15 characters; the code variant printable ASCII and newline."""
+    The arithmetic variants need 15 characters (op=skills 16, with `-`); the code variant printable ASCII and
+    newline."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + (CODE_CHARS if op == "code" else CHARS))}
+    chars = {"code": CODE_CHARS, "skills": SKILL_CHARS}.get(op, CHARS)
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()  # concatenate characters back without spaces
@@ -168,7 +238,13 @@ def build_tiny_model(spec: TinyModelConfig, vocab_size: int, bos_id: int, eos_id
 
 def seeded(spec, seed: int) -> dict:
     """A config's fields and the seed: what a cached artefact built from it depends on."""
-    return {**asdict(spec), "seed": seed}
+    fields = spec.cache_fields() if isinstance(spec, ToyTaskConfig) else asdict(spec)
+    return {**fields, "seed": seed}
+
+
+def variant_name(task: ToyTaskConfig) -> str:
+    """How cached folders name a variant: add2, mul2, code1, skills."""
+    return "skills" if task.op == "skills" else f"{task.op}{task.digits}"
 
 
 def cache_key(*parts) -> str:
@@ -197,19 +273,23 @@ def _encode_batch(tok, pairs: list[tuple[str, str]]):
     return input_ids, attn, loss_mask
 
 
-def train_warm_start(model, tok, task: ToyTaskConfig, ws: WarmStartConfig, seed: int, log=print) -> None:
-    """Plain-torch SFT on the mixture (cheap; runs once and is cached)."""
+def train_warm_start(
+    model, tok, task: ToyTaskConfig, ws: WarmStartConfig, seed: int, attempt: int = 0, log=print
+) -> None:
+    """Plain-torch SFT on the mixture (cheap; runs once and is cached). op=skills never trains on an eval prompt.
+    A later `attempt` (a rebuild after a failed check) draws its own data order."""
     import torch
 
-    rng = random.Random(f"warm-{seed}-{seed}")
-    torch.manual_seed(seed)
+    rng = random.Random(f"warm-{seed}-{seed}" if attempt == 0 else f"warm-{seed}-attempt{attempt}")
+    exclude = frozenset(r["prompt"] for r in make_splits(task, seed)["eval"]) if task.op == "skills" else frozenset()
+    torch.manual_seed(init_seed(seed, attempt))
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(1, ws.steps))
     )
     model.train()
     for step in range(ws.steps):
-        pairs = [warm_start_text(rng, task) for _ in range(ws.batch_size)]
+        pairs = [warm_start_text(rng, task, exclude) for _ in range(ws.batch_size)]
         input_ids, attn, loss_mask = _encode_batch(tok, pairs)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
         target, mask = input_ids[:, 1:], loss_mask[:, 1:]
@@ -227,6 +307,60 @@ def train_warm_start(model, tok, task: ToyTaskConfig, ws: WarmStartConfig, seed:
     model.eval()
 
 
+def init_seed(seed: int, attempt: int) -> int:
+    """The torch seed of a warm-start attempt: the job's seed first, then one derived from (seed, attempt)."""
+    return seed if attempt == 0 else int(cache_key(seed, attempt), 16) % 2**31
+
+
+def greedy_responses(model, tok, prompts: list[str], max_tokens: int = 8) -> list[str]:
+    """Greedy continuations of `prompts` (plain torch, left-padded batch; the text up to eos)."""
+    import torch
+
+    rows = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])  # long[B, P]
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # long[B, P]
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]  # float[B, V]
+            nxt = torch.where(done, tok.pad_token_id, logits.argmax(-1))
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, (~done).long()[:, None]], 1)
+            done |= nxt == tok.eos_token_id
+            if done.all():
+                break
+    return [
+        tok.decode([t for t, m in zip(row[width:], keep[width:]) if m and t != tok.eos_token_id])
+        for row, keep in zip(ids.tolist(), mask.tolist())
+    ]
+
+
+def procedure_fidelity(model, tok, task: ToyTaskConfig, seed: int, per_skill: int = 64) -> dict[str, dict]:
+    """op=skills: for each sub-skill, the share of held-out problems (never eval prompts) on which the model,
+    given the mode token, carries out the careful (`C`) and the flawed (`N`) procedure exactly (greedy)."""
+    rng = random.Random(f"fidelity-{seed}")
+    exclude = {r["prompt"] for r in make_splits(task, seed)["eval"]}
+    result = {}
+    for skill in task.skills:
+        op = parse_skill(skill)[0]
+        problems = []
+        while len(problems) < per_skill:
+            prompt, answer, a, b = skill_problem(rng, skill)
+            if prompt not in exclude:
+                problems.append((prompt, answer, str(flawed_result(op, a, b))))
+        careful = greedy_responses(model, tok, [p + "C" for p, _, _ in problems])
+        flawed = greedy_responses(model, tok, [p + "N" for p, _, _ in problems])
+        result[skill] = {
+            "careful": sum(r == ans for r, (_, ans, _) in zip(careful, problems)) / per_skill,
+            "flawed": sum(r == bad for r, (_, _, bad) in zip(flawed, problems)) / per_skill,
+        }
+    return result
+
+
+WARM_START_ATTEMPTS = 3  # op=skills: fresh initialisations tried before a warm start that fails its check is an error
+
+
 def prepare_toy_model(
     cache_dir: str | os.PathLike,
     task: ToyTaskConfig,
@@ -239,24 +373,48 @@ def prepare_toy_model(
 
     The cache key covers every spec field, so changing the task, model or warm start builds a new one.
     Written to a temporary folder and renamed into place, so a killed build never leaves a half model.
+
+    op=skills checks the warm start before caching it: every sub-skill's careful and flawed procedure must be
+    carried out on at least `data.toy.min_fidelity` of held-out problems. SFT of a tiny model sometimes stalls on a
+    plateau for the whole budget (that is how one toy_add seed started at 0.06: neither procedure learnt), so a
+    failed check rebuilds from a fresh initialisation, and after WARM_START_ATTEMPTS failures it is a ConfigError.
     """
     import torch
 
     check_fields(task, "data.toy")
     parts = {"task": seeded(task, seed), "model": seeded(model_spec, seed), "warm_start": seeded(ws, seed)}
-    out = Path(cache_dir) / f"toy-{task.op}{task.digits}-{cache_key(*parts.values(), TOKENIZER_VERSION)}"
+    out = Path(cache_dir) / f"toy-{variant_name(task)}-{cache_key(*parts.values(), TOKENIZER_VERSION)}"
     if (out / "config.json").exists() and (out / "rlextra_toy.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    torch_threads = torch.get_num_threads()
     tok = build_tokenizer(task.op)
-    model = build_tiny_model(model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, seed)
-    log(
-        f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
-        f"{ws.steps} SFT steps on {torch_threads} threads)"
-    )
-    train_warm_start(model, tok, task, ws, seed, log=log)
+    for attempt in range(WARM_START_ATTEMPTS):
+        model = build_tiny_model(
+            model_spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, init_seed(seed, attempt)
+        )
+        log(
+            f"building the warm start in {out} ({sum(p.numel() for p in model.parameters())} parameters, "
+            f"{ws.steps} SFT steps on {torch.get_num_threads()} threads)"
+        )
+        train_warm_start(model, tok, task, ws, seed, attempt, log=log)
+        if task.op != "skills":
+            break
+        fidelity = procedure_fidelity(model, tok, task, seed)
+        worst_skill, worst = min(fidelity.items(), key=lambda kv: min(kv[1].values()))
+        if min(worst.values()) >= task.min_fidelity:
+            parts.update(fidelity=fidelity, attempts=attempt + 1)
+            break
+        failed = (
+            f"{worst_skill} carried out on {worst['careful']:.2f} (careful) / {worst['flawed']:.2f} (flawed) of "
+            f"held-out problems, below data.toy.min_fidelity {task.min_fidelity}"
+        )
+        log(f"warm start attempt {attempt + 1}/{WARM_START_ATTEMPTS}: {failed}")
+    else:
+        raise ConfigError(
+            f"model.warm_start.steps: expected enough SFT steps to learn every sub-skill; after "
+            f"{WARM_START_ATTEMPTS} attempts of {ws.steps} steps, {failed}"
+        )
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "rlextra_toy.json").write_text(json.dumps(parts, indent=2))
@@ -271,7 +429,7 @@ def prepare_toy_model(
 
 def write_toy_dataset(data_dir: str | os.PathLike, task: ToyTaskConfig, seed: int) -> dict[str, Path]:
     """Write the splits as jsonl files (idempotent) so they load through `datasets` like real data."""
-    out = Path(data_dir) / f"toy-{task.op}{task.digits}-{cache_key(seeded(task, seed))}"
+    out = Path(data_dir) / f"toy-{variant_name(task)}-{cache_key(seeded(task, seed))}"
     paths = {split: out / f"{split}.jsonl" for split in ("train", "eval")}
     if all(p.exists() for p in paths.values()):
         return paths

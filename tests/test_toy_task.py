@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
-from orchestrator.config import ConfigError, TinyModelConfig, ToyTaskConfig, WarmStartConfig
+from orchestrator.config import (
+    SKILL_OPERATORS,
+    ConfigError,
+    TinyModelConfig,
+    ToyTaskConfig,
+    WarmStartConfig,
+    parse_skill,
+    skill_problem_count,
+)
 from orchestrator.toy_task import (
     build_tokenizer,
     correct_result,
+    flawed_result,
     make_splits,
-    no_carry_result,
     prepare_toy_model,
+    seeded,
+    skill_of,
     warm_start_text,
     write_toy_dataset,
 )
@@ -20,10 +31,10 @@ from verifiers import get_verifier
 
 
 def test_no_carry_procedure_is_subtly_wrong():
-    assert no_carry_result("add", 12, 34) == 46 == correct_result("add", 12, 34)  # no carry: both agree
-    assert no_carry_result("add", 58, 67) == 15 and correct_result("add", 58, 67) == 125
-    assert no_carry_result("mul", 47, 6) == 42 and correct_result("mul", 47, 6) == 282
-    assert no_carry_result("mul", 21, 3) == 63 == correct_result("mul", 21, 3)
+    assert flawed_result("add", 12, 34) == 46 == correct_result("add", 12, 34)  # no carry: both agree
+    assert flawed_result("add", 58, 67) == 15 and correct_result("add", 58, 67) == 125
+    assert flawed_result("mul", 47, 6) == 42 and correct_result("mul", 47, 6) == 282
+    assert flawed_result("mul", 21, 3) == 63 == correct_result("mul", 21, 3)
 
 
 @pytest.mark.parametrize("op", ["add", "mul"])
@@ -67,7 +78,8 @@ def test_tokenizer_roundtrip_and_bos():
 
 
 def test_bad_task_spec_names_the_field():
-    with pytest.raises(ConfigError, match=r"^data.toy.op: expected one of \['add', 'mul', 'code'\], got 'div'$"):
+    ops = r"\['add', 'mul', 'code', 'skills'\]"
+    with pytest.raises(ConfigError, match=rf"^data.toy.op: expected one of {ops}, got 'div'$"):
         make_splits(ToyTaskConfig(op="div"), seed=0)
 
 
@@ -118,3 +130,164 @@ def test_code_variant_mixture_scores_through_the_sandbox():
     tok = build_tokenizer("code")
     text = prompt + response
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # lossless on code
+
+
+# ------------------------------------------------------------------------------------------- op=skills
+
+
+def _carries_or_borrows(op: str, a: int, b: int) -> bool:
+    """Column arithmetic written out, lowest column first: does a carry (add, mul) or a borrow (sub) occur?"""
+    xs = [int(d) for d in reversed(str(a))]
+    ys = [int(d) for d in reversed(str(b).zfill(len(str(a))))]
+    carry = 0
+    for x, y in zip(xs, ys):
+        if op == "add":
+            carry = (x + y + carry) // 10
+        elif op == "sub":
+            carry = int(x - y - carry < 0)
+        else:
+            carry = (x * b + carry) // 10
+        if carry:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("skill", ["add11", "add21", "add22", "sub21", "sub22", "mul11", "mul21"])
+def test_each_flawed_procedure_is_wrong_exactly_where_a_carry_or_borrow_occurs(skill):
+    """Every problem of the shape: the flawed answer differs from the correct one iff the column arithmetic needs a
+    carry (add, mul) or a borrow (sub); the count of such problems is what the config computes."""
+    op, da, db = parse_skill(skill)
+    needs_care = 0
+    for a in range(10 ** (da - 1), 10**da):
+        for b in range(2, 10) if op == "mul" else range(10 ** (db - 1), 10**db):
+            if op == "sub" and b > a:
+                continue
+            wrong = flawed_result(op, a, b) != correct_result(op, a, b)
+            assert wrong == _carries_or_borrows(op, a, b), (op, a, b)
+            needs_care += wrong
+    assert needs_care == skill_problem_count(op, da, db) > 0
+
+
+def test_flawed_procedures_on_examples():
+    assert flawed_result("sub", 85, 47) == 42 and correct_result("sub", 85, 47) == 38  # 7-5 taken for 5-7
+    assert flawed_result("sub", 305, 7) == 302 and correct_result("sub", 305, 7) == 298
+    assert flawed_result("add", 47, 8) == 45 and correct_result("add", 47, 8) == 55
+    assert flawed_result("sub", 96, 34) == 62 == correct_result("sub", 96, 34)  # no borrow: both agree
+
+
+SKILLS = ToyTaskConfig(op="skills", num_train=3000, num_eval=300)
+
+
+def test_skill_splits_are_deterministic_disjoint_and_even():
+    a = make_splits(SKILLS, seed=3)
+    assert a == make_splits(SKILLS, seed=3) and a != make_splits(SKILLS, seed=4)
+    eval_prompts = [r["prompt"] for r in a["eval"]]
+    assert len(set(eval_prompts)) == 300 and not set(eval_prompts) & {r["prompt"] for r in a["train"]}
+    per_skill = Counter(skill_of(p) for p in eval_prompts)
+    assert set(per_skill) == set(SKILLS.skills) and set(per_skill.values()) == {300 // len(SKILLS.skills)}
+    train_share = Counter(skill_of(r["prompt"]) for r in a["train"])
+    assert all(abs(n / 3000 - 1 / len(SKILLS.skills)) < 4 * (1 / 6 / 3000) ** 0.5 for n in train_share.values())
+    for row in a["eval"] + a["train"][:500]:
+        op = skill_of(row["prompt"])[:3]
+        x, y = map(int, row["prompt"].rstrip("=").split(SKILL_OPERATORS[op]))
+        assert row["answer"] == str(correct_result(op, x, y)) and flawed_result(op, x, y) != correct_result(op, x, y)
+
+
+def test_skill_warm_start_never_sees_eval_and_keeps_each_share():
+    """The mixture per sub-skill: `C` + the correct answer with that sub-skill's share, else `N` + the flawed answer,
+    never on an eval prompt; the registry's verifier rewards exactly the `C` responses."""
+    eval_prompts = frozenset(r["prompt"] for r in make_splits(SKILLS, seed=0)["eval"])
+    rng = random.Random(0)
+    samples = [warm_start_text(rng, SKILLS, eval_prompts) for _ in range(12000)]
+    assert not {p for p, _ in samples} & eval_prompts
+    score = get_verifier("arith")
+    by_skill: dict[str, list[bool]] = {}
+    for prompt, response in samples:
+        skill = skill_of(prompt)
+        op = skill[:3]
+        x, y = map(int, prompt.rstrip("=").split(SKILL_OPERATORS[op]))
+        careful = response.startswith("C")
+        want = correct_result(op, x, y) if careful else flawed_result(op, x, y)
+        assert response == f"{response[0]}{want}" and response[0] in "CN"
+        assert score(response, str(correct_result(op, x, y))) == float(careful)
+        by_skill.setdefault(skill, []).append(careful)
+    for skill, share in zip(SKILLS.skills, SKILLS.careful_shares):
+        n = len(by_skill[skill])
+        assert abs(sum(by_skill[skill]) / n - share) < 4 * (share * (1 - share) / n) ** 0.5, skill
+
+
+def test_skills_tokenizer_has_minus_and_add_tokenizer_is_unchanged():
+    tok = build_tokenizer("skills")
+    ids = tok("85-7=")["input_ids"]
+    assert len(ids) == 6 and tok.decode(ids, skip_special_tokens=True) == "85-7="
+    add_vocab = ["<pad>", "<bos>", "<eos>", *"0123456789+*=CN"]
+    assert build_tokenizer("add").get_vocab() == {t: i for i, t in enumerate(add_vocab)}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"skills": ["add44"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
+        ({"skills": ["sub12"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
+        ({"skills": ["mul22"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
+        ({"skills": ["add21", "add21"], "careful_shares": [0.5, 0.5]}, r"^data.toy.skills: expected distinct"),
+        ({"skills": ["add21"], "careful_shares": [0.5, 0.2]}, r"^data.toy.careful_shares: expected 1 numbers in"),
+        ({"skills": ["add21"], "careful_shares": [1.0]}, r"^data.toy.careful_shares: expected 1 numbers in \(0, 1\)"),
+        ({"skills": ["add21", "add11"], "careful_shares": [0.5, 0.2]}, r"^data.toy.num_eval: expected fewer than 90 "),
+    ],
+)
+def test_bad_skills_config_names_the_field(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        make_splits(ToyTaskConfig(op="skills", num_eval=100, **fields), seed=0)
+
+
+def test_cache_keys_of_other_variants_ignore_the_skill_fields():
+    """Adding the sub-skill fields kept every other variant's cached data and warm starts where they were."""
+    add = ToyTaskConfig()
+    assert seeded(add, 0) == {
+        "op": "add",
+        "digits": 2,
+        "careful_fraction": 0.3,
+        "num_train": 20000,
+        "num_eval": 500,
+        "seed": 0,
+    }
+    assert seeded(ToyTaskConfig(skills=["add21"], careful_shares=[0.5]), 0) == seeded(add, 0)
+    skills = ToyTaskConfig(op="skills")
+    assert seeded(skills, 0) != seeded(ToyTaskConfig(op="skills", careful_shares=[0.4] * 6), 0)
+
+
+def test_greedy_responses_match_transformers_generate():
+    import torch
+
+    from orchestrator.config import TinyModelConfig
+    from orchestrator.toy_task import build_tiny_model, greedy_responses
+
+    tok = build_tokenizer("skills")
+    model = build_tiny_model(TinyModelConfig(), len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 0)
+    prompts = ["85-7=C", "47+85=N", "305-47=C"]  # different lengths: left padding must not change the result
+    ours = greedy_responses(model.eval(), tok, prompts, max_tokens=6)
+    for prompt, response in zip(prompts, ours):
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
+        out = model.generate(
+            ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )[0, ids.shape[1] :].tolist()
+        out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+        assert response == tok.decode(out)
+
+
+def test_skill_warm_start_that_fails_its_check_is_rebuilt_then_refused(tmp_path):
+    """A warm start far too short to learn the procedures fails the fidelity check on every attempt: a one-line
+    ConfigError naming the warm-start budget, and nothing cached."""
+    logs = []
+    with pytest.raises(ConfigError, match=r"^model.warm_start.steps: expected enough SFT steps .* after 3 attempts"):
+        prepare_toy_model(
+            tmp_path,
+            ToyTaskConfig(op="skills", num_train=100, num_eval=60),
+            TinyModelConfig(),
+            WarmStartConfig(steps=2, batch_size=8),
+            seed=0,
+            log=logs.append,
+        )
+    assert sum("attempt" in line for line in logs) == 3
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith("data")]
