@@ -31,7 +31,9 @@ toy task's eval split is disjoint from its RL split), c = the gcd of the strateg
 arms also around every extrapolation phase (`schedule.eval_around_projection`: an eval before the phase, and one
 after it when it projected; the job's own periodic eval at a cycle boundary would re-evaluate the post-projection
 weights, so RL-Extra arms set `trainer.eval_every` only when c < m). The default budget is 8 × the latest step at
-which a strategy's first projection can be evaluated (m, or 2m for `auto`, which never projects in cycle 1).
+which a strategy's first projection can be evaluated (m: `auto` gates its first cycle on the cycle's two halves).
+Lookahead (SFPO) repositions inside every real step: it is evaluated on the same cadence as GRPO, not around each
+phase.
 Compute seconds (wall_ratio, the plot's time axis) count RL steps (`time/step_s`) and extrapolation phases (each
 record's `time_s`), not evals nor actor start-up.
 
@@ -81,7 +83,7 @@ from savings import (
 )
 
 # The arms. GRPO is plain RL. Each strategy row is (name, overrides): one row per strategy setting, tuning picks each
-# row's lr and then one row. The lead adds the `schedule.strategy` rows (SFPO-style lookahead, rank-1 trend) here.
+# row's lr and then one row.
 GRPO = "grpo"
 GRPO_OVERRIDES = ["schedule=rl"]
 STRATEGIES = {
@@ -103,12 +105,30 @@ STRATEGIES = {
         "schedule.selection=top_elements",
         "schedule.selection_fraction=0.05",
     ],
+    # AlphaRL / RELEX: every matrix moved along the rank-1 direction of its cycle update, stretched by β = 4
+    "rank1-m5n15": [
+        "schedule=rl_extra",
+        "schedule.strategy=rank1",
+        "schedule.m=5",
+        "schedule.n=15",
+        "schedule.beta_mode=schedule",
+    ],
+    # SFPO: 3 fast steps per rollout batch, reposition W ← S + 0.8 (W − S), one slow correction (its defaults)
+    "lookahead-k3": [
+        "schedule=rl_extra",
+        "schedule.strategy=lookahead",
+        "schedule.m=1",
+        "schedule.beta_mode=fixed",
+        "schedule.lookahead_steps=3",
+        "schedule.lookahead_alpha=0.8",
+    ],
 }
-EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after each row's own: every phase is evaluated
+EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after a skipping row's own: every phase is evaluated
 # What the protocol sets for every run: a --task override may not touch these.
 PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir") + tuple(
     f"trainer.{k}" for k in ("total_steps", "eval_every", "eval_prompts", "output_dir", "resume", "save_final")
 )
+DEFAULT_EVAL_EVERY = 5  # the cadence when no chosen strategy skips steps (lookahead alone)
 BUDGET_FACTOR = 8  # budget >= this × the latest first-projection step: the largest ratio the protocol can measure
 MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
@@ -164,7 +184,7 @@ class Plan:
     """The settings, what they imply per strategy, and where they fall short of the protocol."""
 
     settings: Settings
-    cycles: dict[str, int]  # strategy → its cycle length m
+    cycles: dict[str, int]  # strategy → its cycle length m (the strategies whose phases stand for skipped steps)
     deviations: list[str]  # reported with the result, not refused: small settings test the machinery
     cache_dir: Path  # warm starts and toy data (content-keyed: not a setting)
 
@@ -174,8 +194,18 @@ def task_overrides(task: tuple[str, ...]) -> list[str]:
     return [word if "=" in word else f"data={word}" for word in task]
 
 
+def skips_steps(row: list[str]) -> bool:
+    """Whether a strategy row's phases stand for skipped steps (extrapolate, rank1). Lookahead's reposition is part of
+    every real step (SFPO counts rollouts, as we do): it is evaluated on the common cadence, like GRPO, and not
+    around each of its phases (that would be two evals a step)."""
+    return "schedule.strategy=lookahead" not in row
+
+
 def arm_overrides(settings: Settings, arm: str) -> list[str]:
-    return GRPO_OVERRIDES if arm == GRPO else [*settings.strategies[arm], *EXTRA_OVERRIDES]
+    if arm == GRPO:
+        return GRPO_OVERRIDES
+    row = settings.strategies[arm]
+    return [*row, *EXTRA_OVERRIDES] if skips_steps(row) else row
 
 
 def compose_arm(task: tuple[str, ...], overrides: list[str]):
@@ -186,9 +216,9 @@ def compose_arm(task: tuple[str, ...], overrides: list[str]):
 
 
 def first_projection_step(schedule) -> int:
-    """The earliest real step at which a strategy's projection can be evaluated: the end of cycle 1, or of cycle 2
-    for `auto` (its gate needs the previous cycle's displacement)."""
-    return schedule.m * (2 if schedule.beta_mode == "auto" else 1)
+    """The earliest real step at which a strategy's projection can be evaluated: the end of cycle 1, for every β mode
+    (`auto` gates the first cycle on the drift share of its two halves)."""
+    return schedule.m
 
 
 def code_version() -> str:
@@ -228,13 +258,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
     cfgs = {}
     for arm in (GRPO, *args.strategies):
         try:
-            cfgs[arm] = compose_arm(task, GRPO_OVERRIDES if arm == GRPO else [*STRATEGIES[arm], *EXTRA_OVERRIDES])
+            row = STRATEGIES[arm] if arm != GRPO else []
+            cfgs[arm] = compose_arm(
+                task, GRPO_OVERRIDES if arm == GRPO else [*row, *EXTRA_OVERRIDES] if skips_steps(row) else row
+            )
         except Exception as exc:
             line = describe_config_error(exc, JobConfig)
             if line is None:
                 raise
             raise BenchError(f"{'--task' if arm == GRPO else f'strategy {arm}'}: {line}") from None
-    cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies}
+    # the skipping strategies' cycle lengths set the common eval cadence (lookahead's m = 1 would mean an eval a step)
+    cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies if skips_steps(STRATEGIES[arm])}
     latest_first = max(first_projection_step(cfgs[arm].schedule) for arm in args.strategies)
     steps = args.steps or BUDGET_FACTOR * latest_first
     data = cfgs[GRPO].data
@@ -246,7 +280,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         grpo_lrs=tuple(sorted(args.grpo_lrs)),
         strategy_lrs=tuple(sorted(args.strategy_lrs)),
         steps=steps,
-        eval_every=math.gcd(*cycles.values()),
+        eval_every=math.gcd(*cycles.values()) if cycles else DEFAULT_EVAL_EVERY,
         eval_prompts=min(args.eval_prompts, data.toy.num_eval) if data.source == "toy" else args.eval_prompts,
         max_extensions=args.max_extensions,
         unstable_drop=args.unstable_drop,
@@ -265,14 +299,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def estimate(plan: Plan) -> tuple[int, float]:
     """(runs, seconds) of a session before any lr a bracket adds (COST_S; warm starts not included). GRPO at each
-    strategy's lr on the report seeds is counted, though it is GRPO-best's run when the lrs agree."""
+    strategy's lr on the report seeds is counted, though it is GRPO-best's run when the lrs agree. A lookahead step
+    is counted as two RL steps and a phase (its fast and slow learner passes share one rollout)."""
     s, c, n = plan.settings, COST_S, plan.settings.steps
     grpo_s = c["setup"] + n * c["step"] + (n / s.eval_every + 1) * c["eval"]
-    extra_s = sum(grpo_s + (n / m) * (c["phase"] + c["eval"]) for m in plan.cycles.values())  # + an eval per phase
-    runs = len(s.tune_seeds) * (len(s.grpo_lrs) + len(s.strategy_lrs) * len(plan.cycles))
-    runs += len(s.seeds) * (1 + 2 * len(plan.cycles))
-    seconds = len(s.tune_seeds) * (len(s.grpo_lrs) * grpo_s + len(s.strategy_lrs) * extra_s)
-    seconds += len(s.seeds) * ((1 + len(plan.cycles)) * grpo_s + extra_s)
+    per_strategy = [
+        grpo_s + (n / plan.cycles[arm]) * (c["phase"] + c["eval"])  # + an eval per phase
+        if arm in plan.cycles
+        else grpo_s + n * (c["step"] + c["phase"])
+        for arm in s.strategies
+    ]
+    k = len(per_strategy)
+    runs = len(s.tune_seeds) * (len(s.grpo_lrs) + len(s.strategy_lrs) * k) + len(s.seeds) * (1 + 2 * k)
+    seconds = len(s.tune_seeds) * (len(s.grpo_lrs) * grpo_s + len(s.strategy_lrs) * sum(per_strategy))
+    seconds += len(s.seeds) * ((1 + k) * grpo_s + sum(per_strategy))
     return runs, seconds
 
 
@@ -426,7 +466,7 @@ class Runs:
     def overrides(self, arm: str, lr: float, seed: int, name: str) -> list[str]:
         s = self.settings
         # RL-Extra arms are evaluated around every phase; periodic evals only fill in between their cycle boundaries
-        eval_every = s.eval_every if arm == GRPO or s.eval_every < self.plan.cycles[arm] else 0
+        eval_every = s.eval_every if arm not in self.plan.cycles or s.eval_every < self.plan.cycles[arm] else 0
         return [
             *task_overrides(s.task),
             *arm_overrides(s, arm),

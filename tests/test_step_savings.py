@@ -228,21 +228,26 @@ def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, sa
 
 
 def test_the_default_plan_follows_the_protocol(tmp_path):
-    """Budget 8 × the latest first projection (`auto` forfeits cycle 1: step 10 at m = 5), an eval every m on 500
-    prompts; RL-Extra arms are evaluated around their phases instead of by the job's periodic eval."""
-    from step_savings import Runs, Store, make_plan, parse_args
+    """Budget 8 × the latest first projection (step 5 at m = 5: `auto` gates cycle 1 on its halves), an eval every m
+    on 500 prompts; skipping arms are evaluated around their phases instead of by the job's periodic eval, lookahead
+    (a reposition inside every step) on GRPO's cadence."""
+    from step_savings import STRATEGIES, Runs, Store, make_plan, parse_args
 
     plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db")]))
     s = plan.settings
-    assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (80, 5, 500, [])
+    assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (40, 5, 500, [])
     assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
+    assert set(s.strategies) == set(STRATEGIES) and set(plan.cycles) == set(STRATEGIES) - {"lookahead-k3"}
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
     grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
     extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
+    lookahead = runs.overrides("lookahead-k3", 1e-4, 1, "lookahead-run")
     assert "trainer.eval_every=5" in grpo and "schedule=rl" in grpo and "learner.lr=0.0002" in grpo
     assert "trainer.eval_every=0" in extra and extra.index("schedule.eval_around_projection=true") > extra.index(
         "schedule.beta_mode=auto"
     )
+    assert "trainer.eval_every=5" in lookahead and "schedule.strategy=lookahead" in lookahead
+    assert not any(o.startswith("schedule.eval_around_projection") for o in lookahead)
 
 
 def settings_for(seeds: tuple[int, ...]):
