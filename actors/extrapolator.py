@@ -149,6 +149,7 @@ class ExtrapolatorActor:
         verifier: str,
         reward_timeout_s: float,
         bucket_mb: float,
+        weight_sync: str,
     ):
         """
         validation: (prompt ids, answers) of the fixed validation batch, or None when no scoring is needed.
@@ -163,6 +164,7 @@ class ExtrapolatorActor:
         self.sampling = sampling
         self.verifier = verifier
         self.bucket_mb = bucket_mb
+        self.weight_sync = weight_sync  # rollout.weight_sync; a collective one uses the job's weight group as it is
         self.scorer = ScoringPool(max_workers=1, timeout_s=reward_timeout_s) if validation else None
 
     def state(self) -> dict:
@@ -202,7 +204,7 @@ class ExtrapolatorActor:
         `weight_version` is what they hold after this phase."""
         start = time.perf_counter()
         cfg, policy = self.cfg, self.policy
-        self.groups = ActorGroups.of(rollouts, learners, weight_version, self.bucket_mb)
+        self.groups = ActorGroups.of(rollouts, learners, weight_version, self.bucket_mb, self.weight_sync)
         self.groups.call_learners("extra_begin_phase")  # what a failed phase is restored to
         beta_max = policy.beta_max
         per_rank = self.groups.call_learners(
