@@ -124,7 +124,8 @@ class LearnerActor:
     """One rank. Call `setup()` on every rank at once (it joins the process group)."""
 
     def __init__(self, spec: LearnerSpec, rank: int, master_addr: str, master_port: int):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if not spec.learner.num_gpus:  # DeepSpeed picks its accelerator at import; a GPU rank keeps CUDA
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.spec = spec
         self.rank = rank
         os.environ.update(

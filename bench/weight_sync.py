@@ -33,7 +33,7 @@ def copy_baseline_s(model_path: str, repeats: int) -> float:
     import torch
     from safetensors.torch import load_file
 
-    src = load_file(str(Path(model_path) / "model.safetensors"))
+    src = {k: v.clone() for k, v in load_file(str(Path(model_path) / "model.safetensors")).items()}  # not mmap
     dst = {k: torch.empty_like(v) for k, v in src.items()}
     times = []
     for _ in range(repeats + 1):  # the first warms the destination pages

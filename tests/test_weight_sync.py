@@ -34,6 +34,27 @@ from orchestrator.messages import SamplingConfig
 # ------------------------------------------------------------------------------------------------- unit
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.weight_sync=nccl"], "rollout.weight_sync: expected one of ['object_store', 'collective']"),
+        (["rollout.weight_sync_timeout_s=0"], "rollout.weight_sync_timeout_s: expected a number > 0"),
+        (
+            ["rollout.weight_sync=collective", "rollout.num_gpus=1"],
+            "rollout.weight_sync: collective needs the learners and the engines on the same kind of device",
+        ),
+    ],
+)
+def test_bad_weight_sync_settings_fail_with_one_line(overrides, message):
+    from orchestrator.config import ConfigError, validate
+    from tests.helpers import compose_cfg
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(overrides))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert validate(compose_cfg(["rollout.weight_sync=collective"])).rollout.weight_sync == "collective"
+
+
 def _named(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     named = [("model.embed_tokens.weight", torch.randn(37, 16, generator=gen))]
