@@ -4,14 +4,16 @@
 `collective_rpc`. It takes buckets [(checkpoint name, tensor), ...] from either transport (actors/weight_sync.py):
 as an argument (object store) or from its weight group (collective), and loads each bucket in one of two ways:
 
-- **Direct** (`DirectLoader`), where the model allows it (tensor parallel size 1, unquantized linear layers): every
-  tensor is copied straight into its vLLM parameter (q/k/v and gate/up as row blocks of the fused qkv_proj /
-  gate_up_proj). On CPU vLLM keeps no usable `.weight` for a linear layer: it packs the weight into a oneDNN handle
-  of its own (an opaque blocked layout that no Python code can write) and leaves an empty `[0]` parameter. There the
-  layer's fused weight is assembled in a staging buffer (one per bucket, reused) and packed again by the layer's own
-  `quant_method.process_weights_after_loading`, exactly as vLLM packs it at start-up; layers that keep a packed copy
-  next to their weight (the output head, the embedding) are re-packed from it the same way, and a head tied to the
-  embedding is re-packed whenever the embedding changes. On GPU the parameters are plain tensors: copying is all.
+- **Direct** (`DirectLoader`), where the model allows it (a model class whose loading is plain copies, tensor
+  parallel size 1, unquantized linear layers): every tensor is copied straight into its vLLM parameter (q/k/v and
+  gate/up as row blocks of the fused qkv_proj / gate_up_proj). On CPU vLLM keeps no usable `.weight` for a linear
+  layer: it packs the weight into a oneDNN handle of its own (a blocked layout in memory that no Python code can
+  reach) and leaves an empty `[0]` parameter. There the layer's fused weight is assembled in a staging buffer (one
+  bucket's worth, reused) and packed again by the layer's own `quant_method.process_weights_after_loading`, exactly
+  as vLLM packs it at start-up. The output head keeps a packed copy next to its weight and is re-packed the same way,
+  also when it is tied to the embedding and only the embedding arrived. The pack is the floor of a CPU sync: oneDNN
+  reads the weight transposed, ~2 GB/s on one engine thread (about 5x a copy of the same bytes); the layer-wise
+  reload pays ~40 % more on top, re-creating every layer. On GPU the parameters are plain tensors: copying is all.
 - **Layer-wise reload** (vLLM's `reload_weights`), for anything else: a name the direct loader cannot place, tensor
   parallelism, quantized layers. It re-creates each layer, loads it through vLLM's weight loaders and re-packs it;
   an output head tied to the embedding is left stale by it and re-packed here afterwards.
@@ -28,6 +30,14 @@ import torch
 
 from actors.weight_sync import WeightGroup, from_transport, join_store
 
+# vLLM model classes whose own `load_weights` only copies checkpoint tensors into place (q/k/v and gate/up as row
+# blocks of the fused layers, nothing transposed or permuted), so that the direct load does what it does. Qwen2 is
+# tested here (tests/test_weight_sync.py, tests/test_rollout.py); Qwen3 and Llama load through the same
+# AutoWeightsLoader path with the same stacked-parameter table (vLLM 0.32). Any other class takes the layer-wise
+# reload: a loader that transforms a tensor of unchanged shape (GPT-2's transposed Conv1D weights, say) would
+# otherwise be copied wrong without any error.
+DIRECT_LOAD_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
+
 
 class DirectLoader:
     """Copies checkpoint-format tensors into a vLLM model's parameters in place (tensor parallel size 1).
@@ -38,7 +48,7 @@ class DirectLoader:
     def __init__(self, model: torch.nn.Module):
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
-        self.model = model
+        self.supported = type(model).__name__ in DIRECT_LOAD_ARCHITECTURES
         self.modules = dict(model.named_modules())
         # q_proj → (qkv_proj, 0), k_proj → (qkv_proj, 1), ...: the model's own table of fused layers
         fused = getattr(model, "packed_modules_mapping", None) or {}
@@ -66,6 +76,8 @@ class DirectLoader:
 
     def target(self, name: str, tensor) -> tuple[str, str, int, int] | None:
         """(module name, parameter name, first row, rows) that `name` is written to, or None if it has no place."""
+        if tensor.dim() == 0:
+            return None
         mod_name, _, param_name = name.rpartition(".")
         parent, _, leaf = mod_name.rpartition(".")
         if leaf in self.part_of:
@@ -78,10 +90,9 @@ class DirectLoader:
                 return None
             first, rows = sum(sizes[:index]), sizes[index]
         else:
-            first, rows = 0, tensor.shape[0] if tensor.dim() else 0
+            first, rows = 0, tensor.shape[0]
         module = self.modules.get(mod_name)
-        param = module._parameters.get(param_name) if module is not None else None
-        if param is None or tensor.dim() == 0:
+        if module is None or module._parameters.get(param_name) is None:
             return None
         shape = self.full_shape(mod_name, param_name)
         # rows beyond the checkpoint's (a vocabulary padded by vLLM) keep what vLLM's first load put there (zeros)
@@ -90,6 +101,8 @@ class DirectLoader:
         return mod_name, param_name, first, rows
 
     def targets(self, bucket) -> list | None:
+        if not self.supported:
+            return None
         found = [self.target(name, tensor) for name, tensor in bucket]
         if any(t is None for t in found):
             return None

@@ -3,12 +3,14 @@
 The sync is the job's real path (`ActorGroups.sync_weights`) on real actors: every learner rank gathers full weights,
 rank 0 sends layer-aligned buckets to every engine, through Ray's object store or over the collective weight group
 (gloo here), and each engine loads them through its worker extension and resets its prefix cache. For each learner
-layout (world size × ZeRO stage) one set of actors is started and both transports are timed on it, side by side,
-plus main's old path (object store + vLLM's layer-wise reload) once as the "before". Each row is the median of
-`--repeats` syncs after one warm-up sync, split into export (gather + pack on rank 0), load (into vLLM, slowest
-engine) and transport (the rest: the wire, Ray, waiting).
+layout (world size × ZeRO stage) one set of actors is started and both transports are timed on it, side by side and
+interleaved sync by sync, plus main's old path (object store + vLLM's layer-wise reload) once as the "before". Each
+row is the median of `--repeats` syncs after a warm-up round (odd: the median sync's own split is reported), split into
+export (gather + pack on rank 0), load (into vLLM, slowest engine) and transport (the rest: the wire, Ray, waiting;
+with the collective's double buffering the stages overlap, so its transport can read 0).
 
-The baseline is `copy_` of the same tensors into preallocated buffers in one process: the least any sync must pay.
+The baseline is `copy_` of the same tensors into preallocated buffers in one process, timed once per round in the
+driver (interleaved like the rest): the least any sync must pay.
 Headline: sync ÷ copy of the configured default transport at world size 1, ZeRO-2 (the default job's learner), on
 the `--shape` model (default `100m`: a 96M-parameter tied Qwen2 built in code, see bench/common.py).
 
@@ -29,19 +31,24 @@ from common import RESULTS, build_model_dir, emit, start_ray
 MODES = ("object_store", "collective")
 
 
-def copy_baseline_s(model_path: str, repeats: int) -> float:
-    import torch
-    from safetensors.torch import load_file
+class CopyBaseline:
+    """`copy_` of the model's tensors into preallocated buffers in this process: the least any sync must pay."""
 
-    src = {k: v.clone() for k, v in load_file(str(Path(model_path) / "model.safetensors")).items()}  # not mmap
-    dst = {k: torch.empty_like(v) for k, v in src.items()}
-    times = []
-    for _ in range(repeats + 1):  # the first warms the destination pages
+    def __init__(self, model_path: str):
+        import torch
+        from safetensors.torch import load_file
+
+        self.src = {k: v.clone() for k, v in load_file(str(Path(model_path) / "model.safetensors")).items()}
+        self.dst = {k: torch.empty_like(v) for k, v in self.src.items()}
+        self.times: list[float] = []
+        self.once()  # touches the destination pages
+
+    def once(self) -> float:
         start = time.perf_counter()
-        for k, v in src.items():
-            dst[k].copy_(v)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        for k, v in self.src.items():
+            self.dst[k].copy_(v)
+        self.times.append(time.perf_counter() - start)
+        return self.times[-1]
 
 
 def set_direct_load(ray, groups, direct: bool) -> None:
@@ -54,17 +61,9 @@ def set_direct_load(ray, groups, direct: bool) -> None:
     )
 
 
-def time_syncs(groups, mode: str, repeats: int, bucket_mb: float) -> dict:
-    groups.weight_sync = mode
-    groups.sync_weights(bucket_mb)  # warm-up
-    runs = [groups.sync_weights(bucket_mb) for _ in range(repeats)]
-    return {k: statistics.median(r[k] for r in runs) for k in ("total_s", "export_s", "transport_s", "load_s")} | {
-        "tensors": runs[-1]["tensors"]
-    }
-
-
-def measure_layout(path: str, world_size: int, zero_stage: int, args, with_before: bool) -> list[dict]:
-    """Start one learner group and `args.engines` engines; time each transport (and main's path) on them."""
+def measure_layout(path: str, world_size: int, zero_stage: int, args, with_before: bool, copy) -> list[dict]:
+    """Start one learner group and `args.engines` engines; time each variant (transport, load path) on them,
+    interleaved sync by sync so that a change in the machine's load hits every variant alike."""
     import ray
 
     from actors.learner import LearnerSpec
@@ -79,19 +78,25 @@ def measure_layout(path: str, world_size: int, zero_stage: int, args, with_befor
     cfg = JobConfig(learner=learner, rollout=rollout)
     spec = LearnerSpec(path, learner, AlgoConfig(), samples_per_rank=1, seed=0)
     groups = start_actor_groups(cfg, spec, [RolloutSpec(path, rollout, seed=i) for i in range(args.engines)])
-    rows = []
+    variants = [(mode, "direct") for mode in MODES] + ([("object_store", "reload (main)")] if with_before else [])
+    runs: dict[tuple, list] = {v: [] for v in variants}
     try:
-        for mode in MODES:
-            rows.append({"mode": mode, "load": "direct"} | time_syncs(groups, mode, args.repeats, args.bucket_mb))
-        if with_before:
-            set_direct_load(ray, groups, False)
-            rows.append(
-                {"mode": "object_store", "load": "reload (main)"}
-                | time_syncs(groups, "object_store", args.repeats, args.bucket_mb)
-            )
+        for repeat in range(args.repeats + 1):  # the first round warms every variant up
+            copy.once()
+            for mode, load in variants:
+                groups.weight_sync = mode
+                set_direct_load(ray, groups, load == "direct")
+                info = groups.sync_weights(args.bucket_mb)
+                if repeat:
+                    runs[mode, load].append(info)
     finally:
         groups.shutdown()
-    return [{"world_size": world_size, "zero_stage": zero_stage} | r for r in rows]
+    rows = []
+    for (mode, load), infos in runs.items():
+        median = sorted(infos, key=lambda r: r["total_s"])[len(infos) // 2]  # its split adds up to its total
+        parts = {k: median[k] for k in ("total_s", "export_s", "transport_s", "load_s", "tensors")}
+        rows.append({"world_size": world_size, "zero_stage": zero_stage, "mode": mode, "load": load} | parts)
+    return rows
 
 
 def main():
@@ -110,12 +115,16 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path, n_params = build_model_dir(args.shape, Path(tmp))
-        copy_s = copy_baseline_s(path, args.repeats)
-        print(f"{args.shape}: {n_params / 1e6:.1f}M parameters, in-memory copy {copy_s * 1e3:.1f} ms")
+        copy = CopyBaseline(path)
+        print(f"{args.shape}: {n_params / 1e6:.1f}M parameters")
         ray = start_ray()
         try:
             for i, (world_size, zero_stage) in enumerate(layouts):
-                for row in measure_layout(path, world_size, zero_stage, args, with_before=i == 0):
+                layout_rows = measure_layout(path, world_size, zero_stage, args, with_before=i == 0, copy=copy)
+                copy_s = statistics.median(copy.times[-args.repeats :])  # the copies of this layout's rounds
+                print(f"world {world_size} ZeRO-{zero_stage}: in-memory copy {copy_s * 1e3:.1f} ms")
+                for row in layout_rows:
+                    row["copy_s"] = copy_s
                     row["ratio"] = row["total_s"] / copy_s
                     rows.append(row)
                     print(
@@ -125,7 +134,7 @@ def main():
                     )
         finally:
             ray.shutdown()
-    _plot(rows, copy_s, args.shape)
+    _plot(rows, args.shape)
     head = next(
         (r for r in rows if (r["world_size"], r["zero_stage"], r["mode"], r["load"]) == (1, 2, default_mode, "direct")),
         rows[0],
@@ -138,7 +147,7 @@ def main():
             "shape": args.shape,
             "params": n_params,
             "headline": {k: head[k] for k in ("world_size", "zero_stage", "mode", "load")},
-            "copy_s": round(copy_s, 5),
+            "copy_s": round(head["copy_s"], 5),
             "engines": args.engines,
             "repeats": args.repeats,
             "bucket_mb": args.bucket_mb,
@@ -148,7 +157,7 @@ def main():
     )
 
 
-def _plot(rows, copy_s: float, shape: str):
+def _plot(rows, shape: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,8 +171,8 @@ def _plot(rows, copy_s: float, shape: str):
         heights = [r[part] * 1e3 for r in rows]
         ax.bar(range(len(rows)), heights, 0.6, bottom=bottom, label=part.removesuffix("_s"))
         bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.axhline(copy_s * 1e3, color="k", ls="--", lw=1, label="in-memory copy")
-    ax.axhline(3 * copy_s * 1e3, color="r", ls=":", lw=1, label="goal: 3x copy")
+    ax.plot(range(len(rows)), [r["copy_s"] * 1e3 for r in rows], "k_", ms=20, label="in-memory copy")
+    ax.plot(range(len(rows)), [3 * r["copy_s"] * 1e3 for r in rows], "r_", ms=20, label="goal: 3x copy")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("ms per sync (median)")
     ax.legend(fontsize=7)
