@@ -19,9 +19,14 @@ Headline: copy time ÷ projection time on the master shards, worst stage (goal 0
     python bench/gpu_check.py                       # CUDA, the 100m shape (96M parameters), ZeRO 1, 2, 3
     python bench/gpu_check.py --device cpu          # the same on CPU with the tiny model (what CI runs)
 
-On the GPU machine (torch and transformers are there; no DeepSpeed, Hydra, Ray or vLLM) carry wheels for
-deepspeed (plus hjson, pydantic, pydantic-core, annotated-types, typing-inspection) and hydra-core, omegaconf and
-antlr4-python3-runtime (orchestrator/config.py imports Hydra).
+On the GPU machine torch, transformers, tokenizers and safetensors are there; DeepSpeed and Hydra are not
+(orchestrator/config.py imports Hydra; Ray and vLLM are not needed). Carry, as wheels for CPython 3.12: deepspeed
+0.19.8 and antlr4-python3-runtime 4.9.3 (PyPI has only their sdists: build them here, pure Python, with
+`pip wheel --no-deps --no-build-isolation -w .whl NAME==VERSION`), and, downloaded with `pip download --no-deps
+--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 -d .whl`, hjson 3.1.0,
+pydantic 2.14.4, pydantic-core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, hydra-core 1.3.8 and
+omegaconf 2.3.1 (the versions of this project's environment); there: `pip install --no-index --no-deps --target
+/tmp/site .whl/*.whl`, `PYTHONPATH=/tmp/site python3 bench/gpu_check.py`.
 """
 
 from __future__ import annotations
