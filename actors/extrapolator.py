@@ -214,6 +214,7 @@ class ExtrapolatorActor:
         verifier: str,
         reward_timeout_s: float,
         bucket_mb: float,
+        weight_sync: str,
     ):
         """validation: the validation batch, or None when no scoring is needed; bucket_mb: the weight sync's."""
         from verifiers.pool import ScoringPool
@@ -224,6 +225,7 @@ class ExtrapolatorActor:
         self.validation = validation
         self.verifier = verifier
         self.bucket_mb = bucket_mb
+        self.weight_sync = weight_sync  # rollout.weight_sync; a collective one uses the job's weight group as it is
         self.scorer = ScoringPool(max_workers=1, timeout_s=reward_timeout_s) if validation else None
 
     def state(self) -> dict:
@@ -269,7 +271,7 @@ class ExtrapolatorActor:
         step and the job's sync follow)."""
         start = time.perf_counter()
         cfg, policy = self.cfg, self.policy
-        self.groups = ActorGroups.of(rollouts, learners, weight_version, self.bucket_mb)
+        self.groups = ActorGroups.of(rollouts, learners, weight_version, self.bucket_mb, self.weight_sync)
         self.groups.call_learners("extra_begin_phase")  # what every candidate starts from
         selection = cfg.selection if cfg.strategy == "extrapolate" else "names"
         per_rank = self.groups.call_learners(

@@ -3,6 +3,9 @@
 `ActorGroups` splits a generation across the rollout engines and merges the results in prompt order, runs a train
 step or any method on every learner rank, and syncs the learners' weights to the engines under a version number
 (every result carries the version it was generated with; a mismatch is an error, never silently stale weights).
+The sync goes through Ray's object store or, with `weight_sync="collective"`, over a weight group: a process group
+of learner rank 0 and every engine worker (actors/weight_sync.py), built when the groups start
+(`connect_weight_group`) and built again whenever a rollout engine or the learner group is restarted.
 
 Restarts belong to the driver alone. The driver's groups carry factories (`orchestrator.cluster.start_actor_groups`
 builds them): a rollout engine found dead is restarted in its placement-group bundle, given the learners' weights at
@@ -37,11 +40,23 @@ class ActorGroups:
     learner_factory: Callable | None = None  # (rank, master_addr, port) -> a new learner rank in its bundle
     learner_rendezvous: Callable | None = None  # () -> (rank 0's node address, a free port there)
     log: Callable[[str], None] = console
+    weight_sync: str = "object_store"  # rollout.weight_sync: object_store | collective
+    weight_sync_timeout_s: float = 600.0
+    rollout_workers: int = 1  # vLLM workers per engine (its tensor_parallel_size): its ranks in the weight group
+    weight_group_ready: bool = False  # collective: learner rank 0 and every engine worker are in one weight group
 
     @classmethod
-    def of(cls, rollouts: list, learners: list, weight_version: int, bucket_mb: float) -> ActorGroups:
-        """Groups over existing handles, without factories: a dead actor fails the call (the owner restarts it)."""
-        return cls(list(rollouts), list(learners), weight_version=weight_version, bucket_mb=bucket_mb)
+    def of(cls, rollouts: list, learners: list, weight_version: int, bucket_mb: float, weight_sync: str) -> ActorGroups:
+        """Groups over existing handles, without factories: a dead actor fails the call (the owner restarts it).
+        With `weight_sync="collective"` the owner's weight group is used as it stands."""
+        return cls(
+            list(rollouts),
+            list(learners),
+            weight_version=weight_version,
+            bucket_mb=bucket_mb,
+            weight_sync=weight_sync,
+            weight_group_ready=weight_sync == "collective",
+        )
 
     # ----------------------------------------------------------------------------------------- rollout
 
@@ -91,8 +106,13 @@ class ActorGroups:
         return out
 
     def _push_current_weights(self, actor) -> None:
+        """A restarted engine gets the weights at the current version: through the object store to it alone, or
+        over the weight group (just rebuilt) to every engine (the others reload what they hold)."""
         import ray
 
+        if self.weight_sync == "collective":
+            self._sync_collective(self.weight_version)
+            return
         # every rank takes part: ZeRO-3 gathers are collectives
         refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
         ray.get(actor.update_weights.remote(refs[0], self.weight_version))
@@ -123,9 +143,11 @@ class ActorGroups:
             pass
         actor = self.rollout_factory(self.rollout_specs[i], i)
         ray.get(actor.ping.remote())
+        self.rollouts[i] = actor
+        if self.weight_sync == "collective":
+            self.connect_weight_group()
         if resync and self.weight_version > 0:
             self._push_current_weights(actor)
-        self.rollouts[i] = actor
         what = f"back at weight version {self.weight_version}" if resync else "back; it gets this sync's weights"
         self.log(f"cluster: rollout actor {i} is {what} ({time.perf_counter() - start:.1f} s)")
 
@@ -162,22 +184,85 @@ class ActorGroups:
         return torch.cat([(lp.double() * p.response_mask.double()).sum(-1) for lp, p in zip(logp, parts)])
 
     def sync_weights(self, bucket_mb: float | None = None) -> dict:
-        """Learners → rollout engines. Rank 0's buckets go straight from the object store to every engine;
-        the driver never holds the weights. Every rank takes part (ZeRO-3 gathers are collectives). An engine
-        found dead is restarted and loaded with these same buckets."""
-        import ray
-
+        """Learners → rollout engines at the next version. Every rank takes part (ZeRO-3 gathers are collectives);
+        rank 0's buckets reach the engines through the object store or over the weight group, never through the
+        driver. An engine found dead is restarted and given this sync's weights. Returns the version and the time
+        split: export (gather + pack on rank 0), load (into vLLM, slowest engine), transport (the rest)."""
         if bucket_mb is not None:
             self.bucket_mb = float(bucket_mb)
-        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
         version = self.weight_version + 1
+        start = time.perf_counter()
+        if self.weight_sync == "collective":
+            info = self._sync_collective(version)
+        else:
+            info = self._sync_object_store(version)
+        self.weight_version = version
+        total = time.perf_counter() - start
+        transport = max(0.0, total - info["export_s"] - info["load_s"])
+        return info | {"version": version, "total_s": total, "transport_s": transport, "mode": self.weight_sync}
+
+    def _sync_object_store(self, version: int) -> dict:
+        import ray
+
+        start = time.perf_counter()
+        refs = [learner.export_weights.remote(self.bucket_mb) for learner in self.learners]
+        ray.wait([refs[0]])  # rank 0's buckets are in the object store
+        export = time.perf_counter() - start
         results = self._call_rollouts(
             lambda r, i: r.update_weights.remote(refs[0], version), range(len(self.rollouts)), resync=False
         )
         ray.get(refs[1:])
-        self.weight_version = version
         loads = list(results.values())
-        return {"version": version, "tensors": loads[0]["tensors"], "load_s": max(r["time_s"] for r in loads)}
+        return {"tensors": loads[0]["tensors"], "export_s": export, "load_s": max(r["time_s"] for r in loads)}
+
+    def _sync_collective(self, version: int) -> dict:
+        """One broadcast over the weight group. When it fails: a dead learner rank is raised as such (the job
+        restarts the learner group); dead engines are restarted (which rebuilds the group) and the sync redone."""
+        while True:
+            try:
+                if not self.weight_group_ready:
+                    self.connect_weight_group()
+                return self._broadcast(version)
+            except Exception as exc:
+                self.weight_group_ready = False
+                self._raise_if_a_learner_died()
+                dead = self.dead_rollouts()
+                if not dead:
+                    raise
+                for i in dead:
+                    self.restart_rollout(i, exc, resync=False)
+
+    def _broadcast(self, version: int) -> dict:
+        import ray
+
+        learner_refs = [learner.broadcast_weights.remote(version, self.bucket_mb) for learner in self.learners]
+        rollout_refs = [r.receive_weights.remote(version) for r in self.rollouts]
+        refs = learner_refs + rollout_refs
+        ray.wait(refs, num_returns=len(refs))  # all settle: a failing rank aborts the group, so none waits long
+        sent = ray.get(learner_refs)[0]
+        loads = ray.get(rollout_refs)
+        return {"tensors": loads[0]["tensors"], "export_s": sent["pack_s"], "load_s": max(r["time_s"] for r in loads)}
+
+    def connect_weight_group(self) -> None:
+        """(Re)build the weight group: learner rank 0 hosts the rendezvous, every engine's workers join (each
+        drops the group it had). Called when the groups start and after any restart."""
+        import ray
+
+        world = 1 + len(self.rollouts) * self.rollout_workers
+        host, port = ray.get(self.learners[0].open_weight_group.remote(world, self.weight_sync_timeout_s))
+        joins = [self.learners[0].join_weight_group.remote()] + [
+            r.join_weight_group.remote(host, port, world, 1 + i * self.rollout_workers, self.weight_sync_timeout_s)
+            for i, r in enumerate(self.rollouts)
+        ]
+        ray.get(joins)
+        self.weight_group_ready = True
+
+    def _raise_if_a_learner_died(self) -> None:
+        """Ping every learner rank; a dead one raises its RayActorError (what the job's recovery looks for)."""
+        import ray
+
+        for learner in self.learners:
+            ray.get(learner.ping.remote(), timeout=60)
 
     def restart_learners(self) -> None:
         """Replace every learner rank (a collective group cannot lose one member): kill them all, start new
@@ -196,6 +281,8 @@ class ActorGroups:
         addr, port = self.learner_rendezvous()
         self.learners = [self.learner_factory(rank, addr, port) for rank in range(len(self.learners))]
         ray.get([learner.setup.remote() for learner in self.learners])
+        if self.weight_sync == "collective":
+            self.connect_weight_group()
         self.log(f"cluster: learner group restarted ({len(self.learners)} ranks, {time.perf_counter() - start:.1f} s)")
 
     def call_learners(self, method: str, *args, **kwargs) -> list:

@@ -5,8 +5,9 @@ nccl on GPU). The controller gives every rank an equal shard of the step's batch
 the log-probs under the current weights, applies the registered policy loss with micro-batching and
 gradient accumulation (DeepSpeed steps the optimizer at the accumulation boundary), and returns metrics.
 
-`export_weights` gathers full weights for the rollout sync (ZeRO-3 gathers module by module, so memory stays
-bounded) and returns them from rank 0 in buckets of about `bucket_mb` each.
+Weight sync (actors/weight_sync.py): every rank gathers full weights module by module (ZeRO-3 gathers are
+collectives, so memory stays bounded); rank 0 either returns them in buckets of about `bucket_mb` for the object
+store (`export_weights`) or broadcasts them to the rollout engines over its weight group (`broadcast_weights`).
 
 The class is plain Python so it can be used without Ray (tests, benchmarks); `orchestrator.cluster` wraps it
 with `ray.remote`.
@@ -20,6 +21,7 @@ import gc
 import os
 from dataclasses import dataclass
 
+from actors.weight_sync import WeightGroup, bucket_by_layer, host_store, plan_buckets, to_transport
 from orchestrator.checkpoints import HF_DIR
 from orchestrator.config import AlgoConfig, JobConfig, LearnerConfig
 from orchestrator.messages import TrainBatch, TrainMetrics
@@ -122,7 +124,8 @@ class LearnerActor:
     """One rank. Call `setup()` on every rank at once (it joins the process group)."""
 
     def __init__(self, spec: LearnerSpec, rank: int, master_addr: str, master_port: int):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if not spec.learner.num_gpus:  # DeepSpeed picks its accelerator at import; a GPU rank keeps CUDA
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.spec = spec
         self.rank = rank
         os.environ.update(
@@ -140,6 +143,8 @@ class LearnerActor:
         self.reference = None
         self.projector = None  # RL-Extra's ShardProjector, once extra_setup ran
         self.steps_done = 0
+        self.weight_group = None  # rank 0, collective sync: actors/weight_sync.py WeightGroup
+        self._weight_store = None  # (store, world size, timeout) of the group being built
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -288,42 +293,56 @@ class LearnerActor:
 
     # ------------------------------------------------------------------------------------ weight export
 
-    def named_full_parameters(self):
-        """Yields (name, full tensor on CPU) for every parameter, gathering ZeRO-3 partitions per module.
+    def _parameter_groups(self):
+        """Lists [(name, parameter)] per module, in export order: each module's own parameters; a tied weight
+        (embedding = output head) once, under its first name."""
+        seen: set[int] = set()
+        for mod_name, mod in self.engine.module.named_modules():
+            params = [
+                (f"{mod_name}.{n}" if mod_name else n, p)
+                for n, p in mod.named_parameters(recurse=False)
+                if id(p) not in seen
+            ]
+            seen.update(id(p) for _, p in params)
+            if params:
+                yield params
 
-        Every rank must iterate (the gather is a collective); only rank 0 keeps the tensors.
-        """
+    def parameter_meta(self):
+        """(name, meta tensor of the full shape and dtype) in export order; nothing is gathered."""
+        import torch
+
+        for params in self._parameter_groups():
+            for name, p in params:
+                yield name, torch.empty(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device="meta")
+
+    def full_parameters(self):
+        """Yields (name, full tensor on the learner's device) for every parameter, gathering ZeRO-3 partitions
+        module by module; a tensor is valid only until the next one is asked for (the gathered module is freed).
+
+        Every rank must iterate (the gather is a collective); ranks other than 0 get None."""
         import deepspeed
 
-        module = self.engine.module
-        seen: set[int] = set()  # tied weights (embedding = output head) are exported once, under the first name
-        for mod_name, mod in module.named_modules():
-            params = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) not in seen]
-            seen.update(id(p) for _, p in params)
-            if not params:
-                continue
+        for params in self._parameter_groups():
             ctx = (
                 deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
                 if self.spec.learner.zero_stage == 3
                 else contextlib.nullcontext()
             )
             with ctx:
-                for pname, p in params:
-                    name = f"{mod_name}.{pname}" if mod_name else pname
-                    # Under ZeRO-3 the gathered tensor is freed on exit, so copy; otherwise a CPU view is enough
-                    # (the caller serialises it before the next optimizer step).
-                    if self.rank != 0:
-                        yield name, None
-                    elif self.spec.learner.zero_stage == 3 or p.device.type != "cpu":
-                        yield name, p.detach().to("cpu", copy=True)
-                    else:
-                        yield name, p.detach()
+                for name, p in params:
+                    yield name, (p.detach() if self.rank == 0 else None)
+
+    def named_full_parameters(self):
+        """Like `full_parameters`, but the tensors stay valid: copies on CPU (views where they already are)."""
+        for name, t in self.full_parameters():
+            if t is None or (self.spec.learner.zero_stage != 3 and t.device.type == "cpu"):
+                yield name, t
+            else:
+                yield name, t.to("cpu", copy=True)
 
     def export_weights(self, bucket_mb: float = 64.0):
-        """Full weights for the rollout sync: rank 0 returns [[(name, tensor), ...], ...] buckets that end only
-        at layer edges (vLLM's layer-wise reload needs each layer in one call); other ranks return None."""
-        from actors.rollout import bucket_by_layer, to_transport
-
+        """Full weights for the object-store sync: rank 0 returns [[(name, array), ...], ...] buckets that end only
+        at layer edges (vLLM processes a layer once all its tensors have arrived); other ranks return None."""
         named = ((n, t) for n, t in self.named_full_parameters() if t is not None)
         buckets = bucket_by_layer(named, bucket_mb)
         if self.rank != 0:
@@ -345,6 +364,48 @@ class LearnerActor:
             if self.rank == 0:
                 out[name] = full.detach().to("cpu", copy=True)
         return out if self.rank == 0 else None
+
+    # ------------------------------------------------------------------------------------- weight group
+
+    def open_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: host the rendezvous of a new weight group (this rank and every engine worker) on a port the OS
+        picks; returns (this node's address, port). The previous group, if any, is dropped."""
+        self.close_weight_group()
+        self._weight_store = (host_store(world_size, timeout_s), world_size, timeout_s)
+        return os.environ["MASTER_ADDR"], self._weight_store[0].port
+
+    def join_weight_group(self) -> None:
+        """Rank 0: join the group `open_weight_group` hosts as its rank 0; returns once every engine joined."""
+        store, world_size, timeout_s = self._weight_store
+        self._weight_store = None  # the group keeps the store alive
+        self.weight_group = WeightGroup(store, 0, world_size, self.engine.device, timeout_s)
+
+    def close_weight_group(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.abort()
+        self.weight_group = None
+
+    def broadcast_weights(self, version: int, bucket_mb: float) -> dict | None:
+        """The collective sync: every rank gathers (ZeRO-3 collectives), rank 0 packs the buckets and broadcasts
+        them to its weight group. Returns rank 0's timings (gather + pack, total), None elsewhere."""
+        import time
+
+        start = time.perf_counter()
+        tensors = self.full_parameters()
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return None
+        try:
+            if self.weight_group is None:
+                raise RuntimeError("weight sync: learner rank 0 has no weight group (join_weight_group first)")
+            stats = self.weight_group.send(version, plan_buckets(self.parameter_meta(), bucket_mb), tensors)
+        except BaseException:
+            for _ in tensors:  # the other ranks' gathers go on to the end: meet them there
+                pass
+            self.weight_group = None  # aborted by send()
+            raise
+        return stats | {"total_s": time.perf_counter() - start}
 
     # ---------------------------------------------------------------------------------------- RL-Extra
 
@@ -450,6 +511,7 @@ class LearnerActor:
                 dist.barrier()
         except Exception:
             pass
+        self.close_weight_group()
         self.engine = None
         self.optimizer = None
         self.reference = None

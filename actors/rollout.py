@@ -6,107 +6,24 @@ Choices (measured in `shared/notes/vllm-cpu.md`):
 - Behaviour log-probs are vLLM's `processed_logprobs`, i.e. log_softmax(logits / T) (renormalised under
   top-p). The PPO ratio compares the learner's log-probs at the same temperature against these, so the
   loss sees the distribution the samples were actually drawn from.
-- Weight updates go through a worker extension (`worker_extension_cls`) that calls the worker's layer-wise
-  `reload_weights` (plain `load_weights` fails on CPU: linear weights are repacked at load time), then
-  re-processes tied output heads (left stale by the reload otherwise), one RPC per bucket. The prefix cache
-  is reset after each update: cached KV computed with old weights would otherwise be reused.
+- Weight updates go through a worker extension (`worker_extension_cls`, actors/vllm_weights.py) that writes each
+  bucket straight into vLLM's parameters (re-packing CPU linear layers), else through the worker's layer-wise
+  `reload_weights`. Buckets arrive either as this actor's argument (`update_weights`, object store) or over the
+  engine's weight group (`join_weight_group` once, then `receive_weights` per sync; actors/weight_sync.py). The
+  prefix cache is reset after each update: cached KV computed with old weights would otherwise be reused.
 - Every result carries the weight version it was generated with.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from orchestrator.config import RolloutConfig
 from orchestrator.messages import RolloutResult, SamplingConfig
 
-EXTENSION = "actors.rollout.WeightSyncExtension"
-
-_LAYER_INDEX = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
-def layer_key(name: str) -> str:
-    """The unit a weight update must not split: a decoder layer (`...layers.N`), else the top-level module.
-
-    vLLM's layer-wise reload fuses checkpoint tensors into kernel tensors (q/k/v → qkv_proj, gate/up →
-    gate_up_proj) and processes a layer as soon as one reload call ends; a layer whose tensors straddle two
-    calls is processed half-loaded and its other part is garbage. So buckets end only between layers.
-    """
-    m = _LAYER_INDEX.match(name)
-    return m.group(1) if m else name.rsplit(".", 1)[0]
-
-
-def to_transport(tensor):
-    """A tensor as a numpy array Ray can place in its object store without pickling (zero-copy on read).
-
-    numpy has no bfloat16: 16-bit float tensors travel as int16 views and carry their dtype name."""
-    import torch
-
-    t = tensor.detach().cpu().contiguous()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16).numpy(), str(t.dtype).removeprefix("torch.")
-    return t.numpy(), None
-
-
-def from_transport(array, dtype_name):
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():  # arrays from the object store are read-only; vLLM copies them anyway
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(array)
-    return t.view(getattr(torch, dtype_name)) if dtype_name else t
-
-
-def bucket_by_layer(named_tensors: Iterable, bucket_mb: float) -> list[list[tuple]]:
-    """Group (name, tensor) pairs into buckets of about `bucket_mb`, closing a bucket only at a layer edge."""
-    limit = int(bucket_mb * 2**20)
-    buckets: list[list[tuple]] = []
-    current: list[tuple] = []
-    size, key = 0, None
-    for name, tensor in named_tensors:
-        k = layer_key(name)
-        if current and k != key and size >= limit:
-            buckets.append(current)
-            current, size = [], 0
-        current.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        key = k
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-class WeightSyncExtension:
-    """Mixed into vLLM's worker class. Method names must not clash with the Worker's own."""
-
-    def rlextra_load_weights(self, named_tensors) -> int:
-        """Load a bucket [(name, tensor), ...] into the running model; returns how many were loaded."""
-        import torch
-
-        weights = [(n, from_transport(*t) if isinstance(t, tuple) else t) for n, t in named_tensors]
-        with torch.no_grad():
-            self.reload_weights(weights_iterator=iter(weights))
-            self.rlextra_refresh_tied_heads()
-        return len(weights)
-
-    def rlextra_refresh_tied_heads(self) -> None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-        model = self.model_runner.get_model()
-        for module in model.modules():
-            if isinstance(module, ParallelLMHead) and hasattr(module, "quant_method"):
-                module.quant_method.process_weights_after_loading(module)
-
-    def rlextra_state_dict(self) -> dict:
-        """Copies of the model's parameters (for tests): name -> tensor on CPU."""
-        model = self.model_runner.get_model()
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+EXTENSION = "actors.vllm_weights.WeightSyncExtension"
 
 
 @dataclass(frozen=True)
@@ -195,6 +112,24 @@ class RolloutActor:
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
         return {"version": self.weight_version, "tensors": loaded, "time_s": time.perf_counter() - start}
+
+    def join_weight_group(self, host: str, port: int, world_size: int, first_rank: int, timeout_s: float) -> list:
+        """Every worker of this engine joins a new weight group (ranks `first_rank`, ...); returns their ranks."""
+        args = (host, port, world_size, first_rank, timeout_s)
+        return self.llm.collective_rpc("rlextra_join_weight_group", args=args)
+
+    def receive_weights(self, version: int) -> dict:
+        """Receive the sync at `version` over the weight group, reset the prefix cache, bump the version."""
+        start = time.perf_counter()
+        per_worker = self.llm.collective_rpc("rlextra_receive_weights", args=(version,))
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        return {
+            "version": self.weight_version,
+            "tensors": per_worker[0]["tensors"],
+            "time_s": max(w["load_s"] for w in per_worker),
+            "total_s": time.perf_counter() - start,
+        }
 
     def state_dict(self) -> dict:
         return self.llm.collective_rpc("rlextra_state_dict")[0]

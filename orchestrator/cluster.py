@@ -12,7 +12,8 @@ Placement (all from `cluster.*`, documented in orchestrator/config.py ClusterCon
 The plan (which bundles, which strategy, which actor in which bundle) is a pure function, `plan_placement`.
 
 The groups come back as `actors.groups.ActorGroups` carrying the factories that restart an actor in its own bundle
-(a dead rollout engine is restarted there and re-synced; a dead learner rank restarts the learner group).
+(a dead rollout engine is restarted there and re-synced; a dead learner rank restarts the learner group), with the
+collective weight group already built when `rollout.weight_sync=collective`.
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ def start_actor_groups(
         learner_factory=start_learner if lc is not None else None,
         learner_rendezvous=rendezvous if lc is not None else None,
         log=log,
+        weight_sync=rc.weight_sync,
+        weight_sync_timeout_s=rc.weight_sync_timeout_s,
+        rollout_workers=rc.tensor_parallel_size,
     )
     try:
         groups.rollouts = [start_rollout(spec, i) for i, spec in enumerate(rollout_specs)]
@@ -245,6 +249,8 @@ def start_actor_groups(
             master_addr, port = rendezvous()
             groups.learners = [start_learner(rank, master_addr, port) for rank in range(world_size)]
         ray.get([rank.setup.remote() for rank in groups.learners] + [r.ping.remote() for r in groups.rollouts])
+        if lc is not None and rc.weight_sync == "collective":
+            groups.connect_weight_group()
     except Exception:
         groups.shutdown()
         raise

@@ -552,7 +552,13 @@ class RolloutConfig:
     top_p: float = number(1.0, gt=0, le=1)  # nucleus sampling for training samples
     max_tokens: int = integer(8, ge=1)  # response length cap
     omp_threads: int = integer(1, ge=1)  # OMP_NUM_THREADS for the engine on CPU (2 was erratic in-process)
-    bucket_mb: float = number(64, gt=0)  # weight sync bucket size (one RPC per bucket)
+    bucket_mb: float = number(64, gt=0)  # weight sync bucket size; buckets end at layer edges
+    # How the learners' weights reach the engines at every sync (actors/weight_sync.py). object_store: learner rank 0
+    # returns its buckets, Ray's object store carries them, each engine reads them through its own call.
+    # collective: learner rank 0 broadcasts the buckets over a process group of its own with every engine's workers
+    # (gloo on CPU, NCCL on GPU), double-buffered; set up when the actors start and again after any restart.
+    weight_sync: str = choice("object_store", ("object_store", "collective"))
+    weight_sync_timeout_s: float = number(600, gt=0)  # collective: a sync or group set-up waiting longer fails
 
 
 @dataclass
@@ -739,6 +745,11 @@ class JobConfig:
             raise ConfigError(
                 f"rollout.max_model_len: expected >= data.max_prompt_tokens + rollout.max_tokens "
                 f"({d.max_prompt_tokens + r.max_tokens}), got {r.max_model_len}"
+            )
+        if r.weight_sync == "collective" and bool(r.num_gpus) != bool(lr.num_gpus):
+            raise ConfigError(
+                "rollout.weight_sync: collective needs the learners and the engines on the same kind of device "
+                f"(NCCL on GPUs, gloo on CPUs), got rollout.num_gpus={r.num_gpus}, learner.num_gpus={lr.num_gpus}"
             )
         if tr.prompts_per_step % r.num_actors:
             raise ConfigError(

@@ -306,7 +306,7 @@ def checkpoint_buckets(path: str, bucket_mb: float):
     decoder-layer edges (what the engine's layer-wise reload needs). Only one bucket is in memory at a time."""
     from safetensors import safe_open
 
-    from actors.rollout import layer_key
+    from actors.weight_sync import layer_key
 
     tensors = read_safetensors_checkpoint(path).tensors
     layers: dict[str, list[str]] = {}
@@ -366,7 +366,7 @@ class RolloutEngines:
     def _reload(self, path: str) -> None:
         import ray
 
-        from actors.rollout import to_transport
+        from actors.weight_sync import to_transport
 
         version = self.groups.weight_version + 1
         for bucket in checkpoint_buckets(path, self.cfg.rollout.bucket_mb):

@@ -59,7 +59,7 @@ class RLExtraSchedule:
         self.actor = (
             ray.remote(ExtrapolatorActor)
             .options(num_cpus=0, max_concurrency=1)
-            .remote(cfg, validation, verifier, reward_timeout_s, groups.bucket_mb)
+            .remote(cfg, validation, verifier, reward_timeout_s, groups.bucket_mb, groups.weight_sync)
         )
         tracker.log_json({"projected": self.selected, "not_projected": self.skipped}, "rl_extra/tensors.json")
 

@@ -105,7 +105,7 @@ def test_dead_rollout_actor_is_restarted_and_resynced(
 
 
 def _weights(ray, learner) -> dict:
-    from actors.rollout import from_transport
+    from actors.weight_sync import from_transport
 
     buckets = ray.get(learner.export_weights.remote(64.0))
     return {name: from_transport(*t).clone() for bucket in buckets for name, t in bucket}

@@ -142,13 +142,16 @@ def test_code_task_job_runs_the_sandboxed_verifier(ray_session, cache_dir, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beta, rolled_back", [(None, 0), (1e45, 2)])
+@pytest.mark.parametrize(
+    "beta, rolled_back, weight_sync", [(None, 0, "object_store"), (1e45, 2, "object_store"), (None, 0, "collective")]
+)
 def test_rl_extra_schedule_projects_and_logs_nested_phases(
-    ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back
+    ray_session, cache_dir, tmp_path, monkeypatch, beta, rolled_back, weight_sync
 ):
     """schedule=rl_extra: 2 cycles of (m=2 real, n=3 virtual) steps and a last real step (no projection after
     the job's last step), each phase a nested MLflow run. β = 1e45 overflows fp32 (an injected fault): the
-    guard must roll both projections back."""
+    guard must roll both projections back. With the collective sync, the extrapolator actor's syncs go over the
+    job's weight group."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import run_job
@@ -163,6 +166,7 @@ def test_rl_extra_schedule_projects_and_logs_nested_phases(
         f"schedule.beta={'null' if beta is None else beta}",
         "trainer.eval_every=0",
         "trainer.save_final=false",
+        f"rollout.weight_sync={weight_sync}",
     ]
     summary = run_job(compose_cfg(overrides), str(tmp_path / "out"))
     assert summary["rl_steps"] == 5

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
-from actors.rollout import from_transport
+from actors.weight_sync import from_transport
 from orchestrator.algorithms import policy_loss
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig

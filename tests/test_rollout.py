@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.rollout import RolloutActor, RolloutSpec, bucket_by_layer, layer_key
+from actors.rollout import RolloutActor, RolloutSpec
+from actors.weight_sync import bucket_by_layer, layer_key
 from orchestrator.config import RolloutConfig
 from orchestrator.messages import SamplingConfig
 

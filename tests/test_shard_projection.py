@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from actors.learner import LearnerSpec, forward_response_logits, response_logits_to_logp
-from actors.rollout import from_transport
+from actors.weight_sync import from_transport
 from linearity.rank1 import power_iteration, start_vectors
 from linearity.trend import TrendAccumulator, drift_partial_sums, drift_share, steady_displacement
 from orchestrator.batches import shard_batch

@@ -20,7 +20,7 @@ import torch
 
 import actors.extrapolator as extrapolator
 from actors.groups import ActorGroups
-from actors.rollout import from_transport
+from actors.weight_sync import from_transport
 from linearity.validation import PairedGain
 from orchestrator.batches import shard_batch
 from orchestrator.config import AlgoConfig, LearnerConfig, RolloutConfig, ScheduleConfig, ToyTaskConfig, check_fields
@@ -85,7 +85,7 @@ def _assert_same(got: dict, want: dict, what: str) -> None:
 def _cycle(ray, learners, rollouts, strategy: str, batch, steps: int = 2) -> tuple[int, dict]:
     """A cycle up to its phase: snapshot, `steps` real steps (lookahead: fast steps), the engines synced to the
     weights of not moving. Returns (the engines' weight version, those weights)."""
-    groups = ActorGroups.of(rollouts, learners, ray.get(rollouts[0].get_weight_version.remote()), 64.0)
+    groups = ActorGroups.of(rollouts, learners, ray.get(rollouts[0].get_weight_version.remote()), 64.0, "object_store")
     ray.get([a.extra_snapshot.remote() for a in learners])
     if strategy == "lookahead":  # the engines hold S, the learners move on with the fast steps
         version = groups.sync_weights()["version"]
@@ -125,7 +125,7 @@ def test_a_candidate_identical_to_not_moving_is_not_kept(ray_session, live):
     learners, rollouts, validation, batch = live
     _setup(ray, learners, "extrapolate")
     actor = extrapolator.ExtrapolatorActor(
-        _schedule("extrapolate", beta_mode="adaptive"), validation, "arith", 10.0, 64.0
+        _schedule("extrapolate", beta_mode="adaptive"), validation, "arith", 10.0, 64.0, "object_store"
     )
     version, baseline = _cycle(ray, learners, rollouts, "extrapolate", batch, steps=0)
     record = actor.extrapolate(1, learners, rollouts, version)
@@ -143,7 +143,7 @@ def test_guards_roll_back_to_the_weights_of_not_moving(ray_session, live, strate
 
     # validation-margin guard: the real validation runs; its verdict (the injected fault) is a reward collapse
     cfg = _schedule(strategy, beta_mode="fixed", beta=fixed_beta, guard_margin=0.05)
-    actor = extrapolator.ExtrapolatorActor(cfg, validation, "arith", 10.0, 64.0)
+    actor = extrapolator.ExtrapolatorActor(cfg, validation, "arith", 10.0, 64.0, "object_store")
     beta_max = actor.policy.beta_max
     version, baseline = _cycle(ray, learners, rollouts, strategy, batch)
     verdicts = []
@@ -174,7 +174,7 @@ def test_guards_roll_back_to_the_weights_of_not_moving(ray_session, live, strate
     else:
         cfg = _schedule(strategy, beta_mode="fixed", beta=1e300)
     version, baseline = _cycle(ray, learners, rollouts, strategy, batch)
-    actor = extrapolator.ExtrapolatorActor(cfg, None, "arith", 10.0, 64.0)
+    actor = extrapolator.ExtrapolatorActor(cfg, None, "arith", 10.0, 64.0, "object_store")
     record = actor.extrapolate(2, learners, rollouts, version)
     assert record.outcome == "rolled_back" and "non-finite" in record.reasons[0]
     _assert_same(_full(ray, learners), baseline, "weights of not moving")
