@@ -5,6 +5,7 @@ The training job writes, per saved RL step:
     <output_dir>/checkpoints/rl_step_<N>/
         hf/                      the model as a Hugging Face save_pretrained directory (rank 0)
         rlextra_state.json       the job's position: step counters, data position, schedule, RNG, MLflow run
+        rollout_in_flight.json   trainer.off_policy_steps=1: the next step's scored batch, already generated
         ...                      DeepSpeed's per-rank model and optimizer state, RL-Extra anchors per rank
 
 `rlextra_state.json` is written last, atomically: a checkpoint without it is incomplete and never resumed from.
@@ -28,6 +29,7 @@ from pathlib import Path
 CHECKPOINTS_DIR = "checkpoints"
 HF_DIR = "hf"
 STATE_FILE = "rlextra_state.json"
+IN_FLIGHT_FILE = "rollout_in_flight.json"
 
 _TAG = re.compile(r"rl_step_(\d+)")
 # Step-numbered folders of other trainers too (verl's global_step_N, HF Trainer's checkpoint-N), for the tools

@@ -499,6 +499,10 @@ class TrainerConfig:
     total_steps: int = integer(150, ge=0)  # real RL steps (each = one optimizer step on one rollout batch)
     prompts_per_step: int = integer(32, ge=1)  # prompts per RL step
     samples_per_prompt: int = integer(8, ge=1)  # responses per prompt (the GRPO group size)
+    # 0: strictly on-policy (generate, then learn). 1: the engines generate batch t+1 on the weights of step t-1
+    # while the learners train on batch t (one step stale; the loss's old_logp is the behaviour log-prob);
+    # the pipeline drains before an RL-Extra projection
+    off_policy_steps: int = integer(0, ge=0, le=1)
     eval_every: int = integer(20, ge=0)  # evaluate the held-out split every N steps (and before/after); 0 = only those
     eval_prompts: int = integer(500, ge=1)  # at most this many eval prompts
     eval_samples: int = integer(4, ge=1)  # k for Avg@k / Pass@k (sampled at rollout.temperature); greedy too

@@ -111,11 +111,15 @@ class RLExtraSchedule:
         if step % self.m == 0:
             self.tracker.end_phase(self.phase_run)
             self.phase_run = None
-            # No projection after the job's last real step: nothing would re-ground it (cycle 1 + m of the paper).
-            if step != self.total_steps:
+            if self.projects_after(step):
                 out.update(self.extrapolate(step))
                 out["virtual_step"] = self.virtual_step
         return out
+
+    def projects_after(self, step: int) -> bool:
+        """Does an extrapolation phase follow real step `step`? At each cycle's end, but not after the job's last
+        real step: nothing would re-ground it (cycle 1 + m of the paper)."""
+        return step % self.m == 0 and step != self.total_steps
 
     def extrapolate(self, step: int) -> dict:
         s, groups = self.cfg, self.groups
