@@ -1,15 +1,15 @@
 """Rollout engine tokens/s against its OpenMP threads and wait policy: the in-process vLLM engine of a RolloutActor.
 
 Each setting is an engine in its own Ray actor process (OpenMP reads OMP_NUM_THREADS and OMP_WAIT_POLICY once, at
-start), started with the actor environment the job uses (`orchestrator.cluster.rollout_actor_env`) plus the setting.
+start), started with the actor environment the job uses (`orchestrator.cluster.rollout_actor_env`) but the setting.
 Settings run in the order A B C C B A (drift in the machine's load hits each alike); each takes one warm-up call
 and `--repeats` timed calls of the job's batch (32 prompts x 8 samples, <= 32 tokens) on the 15M-parameter model
 of bench/vs_trl.py; tokens/s counts generated tokens over the call's wall time (Ray round trip included).
 
     python bench/engine_threads.py [--repeats 3] [--settings 1,2,2p]
 
-Settings: `N` = OMP_NUM_THREADS=N (libgomp's default wait: a worker spins ~300k iterations after each parallel
-region before sleeping); `Np` = the same with OMP_WAIT_POLICY=PASSIVE (workers sleep at once).
+Settings: `N` = OMP_NUM_THREADS=N with libgomp's default wait (a worker spins ~300k iterations after each parallel
+region before sleeping); `Np` = the same with OMP_WAIT_POLICY=PASSIVE, the job's actor default (workers sleep at once).
 Headline: median tokens/s of the best setting ÷ that of 1 thread.
 """
 
@@ -44,8 +44,8 @@ def setting_env(setting: str) -> dict:
     from orchestrator.cluster import rollout_actor_env
 
     env = rollout_actor_env(int(setting.rstrip("p")))
-    if setting.endswith("p"):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if not setting.endswith("p"):
+        env.pop("OMP_WAIT_POLICY")  # libgomp's default
     return env
 
 
