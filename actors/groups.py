@@ -1,7 +1,8 @@
 """A job's live actor groups: the rollout engines and the learner ranks, and what is done to each group as a whole.
 
-`ActorGroups` splits a generation across the rollout engines and merges the results in prompt order, runs a train
-step or any method on every learner rank, and syncs the learners' weights to the engines under a version number
+`ActorGroups` splits a generation across the rollout engines and merges the results in prompt order (at once, or
+submitted to run while the driver does something else: `submit_generate`), runs a train step or any method on every
+learner rank, and syncs the learners' weights to the engines under a version number
 (every result carries the version it was generated with; a mismatch is an error, never silently stale weights).
 
 Restarts belong to the driver alone. The driver's groups carry factories (`orchestrator.cluster.start_actor_groups`

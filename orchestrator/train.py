@@ -10,8 +10,10 @@ scored in parallel worker processes) → advantages (GRPO by default) → one op
 With `schedule=rl_extra` (the default) every m-th step ends with an extrapolation phase (orchestrator/rl_extra.py).
 
 Choices:
-- Strictly on-policy: one optimizer step per rollout batch, and the behaviour log-probs from vLLM are the
-  PPO `old_logp` (the learner recomputes the current ones at the same temperature).
+- One optimizer step per rollout batch, and the behaviour log-probs from vLLM are the PPO `old_logp` (the learner
+  recomputes the current ones at the same temperature). Strictly on-policy by default; `trainer.off_policy_steps=1`
+  generates batch t+1 while batch t trains (one step stale; drained before an RL-Extra projection; a checkpoint keeps
+  the batch in flight, so resume and learner recovery train on the same batch).
 - Evaluation on the held-out split reports greedy accuracy and Avg@k / Pass@k (k samples at the training
   temperature): on the toy task greedy picks the majority procedure, so Avg@k is the smooth signal.
 - Everything is seeded; prompts are drawn by a checkpointable cursor; the learning rate advances by real step.
