@@ -186,7 +186,7 @@ class Job:
         """RL step `step`'s prompts (the cursor's next ones) as token ids, their answers, and its sampling (seeded by
         the step, so a batch is the same whenever it is generated)."""
         cfg, tr = self.cfg, self.cfg.trainer
-        rows = self.train_ds.select(self.cursor.next(tr.prompts_per_step))
+        rows = self.train_ds[self.cursor.next(tr.prompts_per_step)]  # {column: values}: no indices mapping to build
         sampling = self.sampling(tr.samples_per_prompt, seed=cfg.seed * 100003 + step)
         return [self.encode(p) for p in rows["prompt"]], list(rows["answer"]), sampling
 
