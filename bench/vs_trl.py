@@ -17,14 +17,17 @@ A step's time is the wall time between consecutive optimizer-step ends (TRL: a t
 timestamps of each step's MLflow metrics), so logging counts on both sides. Phase split, per step (medians):
 rlextra's own time/rollout_s, reward_s, learn_s, sync_s; TRL's generation (`_generate_single_turn`: transformers
 `generate`), reward (`_calculate_rewards`) and optimization (the rest of the step: log-probs, loss, backward, the
-optimizer), timed by wrapping those two methods. `--off-policy 1` adds a third side: rlextra with
-`trainer.off_policy_steps=1` (rollout of step t+1 overlapped with learning on step t), order A B C C B A.
+optimizer), timed by wrapping those two methods. Both report each step's mean response length (`response_tokens`):
+the work depends on it (at 15M the untrained model's responses average ~15 tokens at step 1 and reach the 32-token
+cap after the first update), so equal lengths on both sides are what makes it equal work. `--off-policy 1` adds a
+third side, rlextra with `trainer.off_policy_steps=1` (step t+1's rollout overlapped with step t's learning), in the
+order A B C C B A.
 
     python bench/vs_trl.py                                  # both sizes (~15 min on this 2-core machine)
     python bench/vs_trl.py --sizes toy --steps 4 --warmup 2
     python bench/vs_trl.py --off-policy 1
 
-Headline: TRL seconds per step ÷ rlextra seconds per step at the largest size run (goal >= 1.2).
+Headline: TRL seconds per step ÷ rlextra seconds per step at the last size run (15m by default; goal >= 1.2).
 TRL is pinned in pyproject's `dev` extra; it pulls nothing beyond what the project already pins.
 """
 
@@ -128,6 +131,10 @@ def run_trl(size: str, steps: int, workdir: str) -> dict:
             rest = wall - phase["generation_s"] - phase["reward_s"]
             records.append({"step_s": wall, **phase, "optimization_s": rest})
 
+        def on_log(self, args, state, control, logs=None, **kwargs):  # after on_step_end, for the same step
+            if records and logs and "completions/mean_length" in logs:
+                records[-1]["response_tokens"] = logs["completions/mean_length"]
+
     micro = cfg.learner.micro_batch_size
     args = GRPOConfig(
         output_dir=workdir,
@@ -193,14 +200,15 @@ def run_rlextra(size: str, steps: int, workdir: str, off_policy: int) -> dict:
     run_id = summary["mlflow_run_id"]
     history = {
         name: {m.step: m for m in client.get_metric_history(run_id, name)}
-        for name in ("time/step_s", *PHASES["rlextra"])
+        for name in ("time/step_s", "train/response_length", *PHASES["rlextra"])
     }
     ends = sorted(history["time/step_s"].values(), key=lambda m: m.step)
     records = []
     for i, m in enumerate(ends):
         # the first step has no previous end: its own time/step_s stands for its wall time
         wall = m.value if i == 0 else (m.timestamp - ends[i - 1].timestamp) / 1000
-        records.append({"step_s": wall, **{k: history[k][m.step].value for k in PHASES["rlextra"]}})
+        phases = {k: history[k][m.step].value for k in PHASES["rlextra"]}
+        records.append({"step_s": wall, **phases, "response_tokens": history["train/response_length"][m.step].value})
     side = "rlextra" if not off_policy else "rlextra_off_policy"
     return {"side": side, "steps": records, "model_path": summary["model_path"]}
 

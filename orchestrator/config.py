@@ -394,7 +394,9 @@ class RolloutConfig:
     temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
     top_p: float = number(1.0, gt=0, le=1)  # nucleus sampling for training samples
     max_tokens: int = integer(8, ge=1)  # response length cap
-    omp_threads: int = integer(1, ge=1)  # OMP_NUM_THREADS for the engine on CPU (2 was erratic in-process)
+    # OMP_NUM_THREADS for the engine on CPU. Actors' OpenMP threads wait passively (orchestrator/cluster.py): with
+    # libgomp's spinning default, 2 threads were erratic on a shared node (a descheduled thread stalls its team)
+    omp_threads: int = integer(1, ge=1)
     bucket_mb: float = number(64, gt=0)  # weight sync bucket size (one RPC per bucket)
 
 
