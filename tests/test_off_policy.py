@@ -155,7 +155,7 @@ def test_resume_trains_on_the_saved_batch_in_flight(ray_session, cache_dir, tmp_
 
     out = tmp_path / "resumed"  # the same job, found stopped after its step-2 checkpoint
     shutil.copytree(saved, out / "checkpoints" / "rl_step_2")
-    resumed_overrides = [o.replace(str(ref_out), str(out)) for o in overrides if not o.startswith("tracking.")]
+    resumed_overrides = [o.replace(str(ref_out), str(out)) for o in overrides if not o.startswith("tracking.track")]
     resumed_overrides.append(f"tracking.tracking_uri=sqlite:///{ref_out / 'mlflow.db'}")  # the same MLflow run
     summary = run_job(compose_cfg(resumed_overrides), str(out))
     assert summary["resumed_from_step"] == 2
