@@ -11,6 +11,10 @@ DeepSpeed learner rank on a local Ray.
 Sizes: `toy` is the embedded default model (0.5M parameters, responses <= 8 tokens); `15m` is the tiny Qwen2 at
 hidden 512, 8 layers, 8 heads (15M parameters, no warm start, responses <= 32 tokens).
 
+Both sides run with OMP_WAIT_POLICY=PASSIVE (rlextra's actors' default, orchestrator/cluster.py): with libgomp's
+spinning default a 2-thread torch process on a shared 2-core machine slows down up to ~7x, which would measure the
+machine's other tenants rather than either trainer.
+
 Each run is its own process, in the order A B B A per size (TRL, rlextra, rlextra, TRL), so a drift in the machine's
 load hits both sides; the step times after `--warmup` steps are pooled per side and their medians compared.
 A step's time is the wall time between consecutive optimizer-step ends (TRL: a trainer callback; rlextra: the
@@ -221,6 +225,7 @@ def run_side(side: str, size: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"vs_trl-{side}-") as tmp:
         out = os.path.join(tmp, "result.json")
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # what rlextra's actors use; TRL gets it too (see the docstring)
         cmd = [sys.executable, __file__, "--side", side, "--sizes", size, "--steps", str(steps), "--out", out]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
