@@ -161,9 +161,9 @@ class RolloutActor:
             tensor_parallel_size=rc.tensor_parallel_size,
             enable_prefix_caching=True,
         )
-        if rc.kv_cache_mb is None:
+        if rc.kv_cache_mb is None and not rc.num_gpus:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(spec.model_path, rc)
-        elif rc.kv_cache_mb > 0:
+        elif rc.kv_cache_mb:
             kwargs["kv_cache_memory_bytes"] = rc.kv_cache_mb * 2**20
         else:
             kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
