@@ -1,7 +1,8 @@
 """A job's live actor groups: the rollout engines and the learner ranks, and what is done to each group as a whole.
 
-`ActorGroups` splits a generation across the rollout engines and merges the results in prompt order, runs a train
-step or any method on every learner rank, and syncs the learners' weights to the engines under a version number
+`ActorGroups` splits a generation across the rollout engines and merges the results in prompt order (at once, or
+submitted to run while the driver does something else: `submit_generate`), runs a train step or any method on every
+learner rank, and syncs the learners' weights to the engines under a version number
 (every result carries the version it was generated with; a mismatch is an error, never silently stale weights).
 The sync goes through Ray's object store or, with `weight_sync="collective"`, over a weight group: a process group
 of learner rank 0 and every engine worker (actors/weight_sync.py), built when the groups start
@@ -61,32 +62,23 @@ class ActorGroups:
     # ----------------------------------------------------------------------------------------- rollout
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> RolloutResult:
-        """Split prompts evenly across the rollout actors; results come back in prompt order."""
+        """Split prompts evenly across the rollout actors; results come back in prompt order. A dead engine is
+        restarted at the current weight version and its share generated again."""
         k = len(self.rollouts)
-        chunks = [prompt_ids[i::k] for i in range(k)]
-        index = [list(range(i, len(prompt_ids), k)) for i in range(k)]
+        chunks, index = _split(prompt_ids, k)
         used = [i for i in range(k) if chunks[i]]
         by_actor = self._call_rollouts(lambda r, i: r.generate.remote(chunks[i], sampling), used, resync=True)
-        merged = RolloutResult([], [], [], [], [], [], self.weight_version, 0.0)
-        rows = []
-        for i in used:
-            part, idx = by_actor[i], index[i]
-            if part.weight_version != self.weight_version:
-                raise RuntimeError(
-                    f"rollout actor returned weight version {part.weight_version}, expected {self.weight_version}"
-                )
-            for j in range(len(part.response_ids)):
-                rows.append((idx[part.prompt_index[j]], j, part, j))
-            merged.gen_time_s = max(merged.gen_time_s, part.gen_time_s)
-        rows.sort(key=lambda r: (r[0], r[1]))
-        for prompt_i, _, part, j in rows:
-            merged.prompt_index.append(prompt_i)
-            merged.prompt_ids.append(part.prompt_ids[j])
-            merged.response_ids.append(part.response_ids[j])
-            merged.response_text.append(part.response_text[j])
-            merged.logprobs.append(part.logprobs[j])
-            merged.finished.append(part.finished[j])
-        return merged
+        return _merge(by_actor, index, self.weight_version)
+
+    def submit_generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> PendingRollout:
+        """Start a generation on the weights the engines hold now and return at once (the driver learns meanwhile).
+
+        `PendingRollout.result()` waits for it; a dead engine fails it (RayActorError): the caller drops the batch
+        and generates it again after the next sync, which restarts the engine."""
+        k = len(self.rollouts)
+        chunks, index = _split(prompt_ids, k)
+        refs = {i: self.rollouts[i].generate.remote(chunks[i], sampling) for i in range(k) if chunks[i]}
+        return PendingRollout(refs, index, self.weight_version)
 
     def _call_rollouts(self, submit: Callable, indices: Iterable[int], resync: bool) -> dict:
         """Run `submit(actor, i)` on the given rollout actors; an actor found dead is restarted (and, with
@@ -309,3 +301,47 @@ class ActorGroups:
                 remove_placement_group(pg)
             except Exception:
                 pass
+
+
+@dataclass
+class PendingRollout:
+    """A generation in flight: Ray refs per engine, the prompt index of each engine's share, and the weight version
+    the engines held when it was submitted (the version every part must report)."""
+
+    refs: dict  # engine index -> ObjectRef[RolloutResult]
+    index: list[list[int]]  # engine index -> positions of its prompts in the batch
+    weight_version: int
+
+    def result(self) -> RolloutResult:
+        import ray
+
+        return _merge({i: ray.get(ref) for i, ref in self.refs.items()}, self.index, self.weight_version)
+
+
+def _split(prompt_ids: list[list[int]], k: int) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Round-robin shares of the prompts for k engines, and each share's positions in the batch."""
+    return [prompt_ids[i::k] for i in range(k)], [list(range(i, len(prompt_ids), k)) for i in range(k)]
+
+
+def _merge(by_actor: dict, index: list[list[int]], weight_version: int) -> RolloutResult:
+    """The engines' parts back in prompt order (a prompt's samples stay adjacent); every part must have been
+    generated with `weight_version`."""
+    merged = RolloutResult([], [], [], [], [], [], weight_version, 0.0)
+    rows = []
+    for i, part in by_actor.items():
+        if part.weight_version != weight_version:
+            raise RuntimeError(
+                f"rollout actor returned weight version {part.weight_version}, expected {weight_version}"
+            )
+        for j in range(len(part.response_ids)):
+            rows.append((index[i][part.prompt_index[j]], j, part, j))
+        merged.gen_time_s = max(merged.gen_time_s, part.gen_time_s)
+    rows.sort(key=lambda r: (r[0], r[1]))
+    for prompt_i, _, part, j in rows:
+        merged.prompt_index.append(prompt_i)
+        merged.prompt_ids.append(part.prompt_ids[j])
+        merged.response_ids.append(part.response_ids[j])
+        merged.response_text.append(part.response_text[j])
+        merged.logprobs.append(part.logprobs[j])
+        merged.finished.append(part.finished[j])
+    return merged

@@ -26,6 +26,25 @@ from orchestrator.messages import RolloutResult, SamplingConfig
 EXTENSION = "actors.vllm_weights.WeightSyncExtension"
 
 
+KV_BLOCK_TOKENS = 128  # vLLM's KV block on CPU (16 on GPU): a sequence holds whole blocks
+
+
+def kv_cache_bytes(model_path: str, rc: RolloutConfig) -> int:
+    """KV cache room for `max_num_seqs` sequences of `max_model_len` tokens each, in whole blocks.
+
+    Smaller and the engine admits only as many sequences as fit and runs a step's batch in waves: at 15M parameters
+    the former fixed 64 MiB held 16 of 256 sequences (measured: generation ~1.4x slower than with 512 MiB)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    dtype = rc.dtype if rc.dtype != "auto" else str(getattr(c, "dtype", None) or "float32").removeprefix("torch.")
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)  # K and V
+    blocks = -(-rc.max_model_len // KV_BLOCK_TOKENS)
+    return rc.max_num_seqs * blocks * KV_BLOCK_TOKENS * per_token
+
+
 @dataclass(frozen=True)
 class RolloutSpec:
     """What one rollout engine is built from (crosses the Ray boundary): the engine settings as configured, the
@@ -61,7 +80,9 @@ class RolloutActor:
         )
         if rc.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
-        if rc.kv_cache_mb > 0:
+        if rc.kv_cache_mb is None and not rc.num_gpus:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(spec.model_path, rc)
+        elif rc.kv_cache_mb:
             kwargs["kv_cache_memory_bytes"] = rc.kv_cache_mb * 2**20
         else:
             kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization

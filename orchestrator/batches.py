@@ -1,8 +1,35 @@
-"""One RL step's data: its shards for the learner ranks, and its metrics (`TrainBatch.from_rollout` pads it)."""
+"""One RL step's data: a scored rollout (`TrainBatch.from_rollout` pads it), its shards for the learner ranks, and
+its metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass
+
 from orchestrator.messages import RolloutResult, TrainBatch, TrainMetrics
+
+
+@dataclass
+class ScoredRollout:
+    """The samples of RL step `step`, with their rewards and what producing them cost the driver.
+
+    With `trainer.off_policy_steps=1` this is generated while the previous step learns and held by the driver until
+    its own step; a checkpoint keeps it (`to_json`) so that a resumed job trains on the very same batch."""
+
+    step: int
+    result: RolloutResult  # result.weight_version: the weights that sampled it (the behaviour policy)
+    rewards: list[float]
+    rollout_s: float  # the driver's wait for the engines
+    reward_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ScoredRollout:
+        d = json.loads(text)
+        return cls(**{**d, "result": RolloutResult(**d["result"])})
 
 
 def shard_batch(batch: TrainBatch, world_size: int) -> list[TrainBatch]:

@@ -5,6 +5,7 @@ The training job writes, per saved RL step:
     <output_dir>/checkpoints/rl_step_<N>/
         hf/                      the model as a Hugging Face save_pretrained directory (rank 0)
         rlextra_state.json       the job's position: step counters, data position, schedule, RNG, MLflow run
+        rollout_in_flight.json   trainer.off_policy_steps=1: the next step's scored batch, already generated
         ...                      DeepSpeed's per-rank model and optimizer state, RL-Extra anchors per rank
 
 Every rank writes into `.tmp-rl_step_<N>/` (the staging folder), the driver writes `rlextra_state.json` there last,
@@ -43,6 +44,7 @@ STATE_FILE = "rlextra_state.json"
 # What resuming reads from the state file (orchestrator/train.py's restore).
 STATE_KEYS = ("rl_step", "data_position", "weight_version", "mlflow_run_id", "eval_before", "python_rng")
 STAGING_PREFIX = ".tmp-"
+IN_FLIGHT_FILE = "rollout_in_flight.json"
 
 _TAG = re.compile(r"rl_step_(\d+)")
 # Step-numbered folders of other trainers too (verl's global_step_N, HF Trainer's checkpoint-N), for the tools

@@ -542,7 +542,9 @@ class RolloutConfig:
     num_gpus: float = number(0, ge=0)  # GPUs per actor (1 on a GPU cluster; tensor_parallel_size with TP)
     dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # bfloat16 for real models
     max_model_len: int = integer(64, ge=2)  # prompt + response tokens
-    kv_cache_mb: int = integer(64, ge=0)  # KV cache size; 0 = let vLLM size it by gpu_memory_utilization
+    # KV cache size; null = on CPU room for max_num_seqs sequences of max_model_len tokens (from the model's shape:
+    # a smaller cache makes the engine run the batch in waves), on GPU as 0; 0 = vLLM sizes it by gpu_memory_utilization
+    kv_cache_mb: int | None = integer(None, ge=0)
     gpu_memory_utilization: float = number(0.5, gt=0, le=1)  # GPU share vLLM may take when kv_cache_mb = 0
     max_num_seqs: int = integer(256, ge=1)  # sequences per engine step
     max_num_batched_tokens: int | None = integer(None, ge=1)  # tokens per engine step; null = vLLM's default
@@ -551,7 +553,9 @@ class RolloutConfig:
     temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
     top_p: float = number(1.0, gt=0, le=1)  # nucleus sampling for training samples
     max_tokens: int = integer(8, ge=1)  # response length cap
-    omp_threads: int = integer(1, ge=1)  # OMP_NUM_THREADS for the engine on CPU (2 was erratic in-process)
+    # OMP_NUM_THREADS for the engine on CPU. Actors' OpenMP threads wait passively (orchestrator/cluster.py): with
+    # libgomp's spinning default, 2 threads were erratic on a shared node (a descheduled thread stalls its team)
+    omp_threads: int = integer(1, ge=1)
     bucket_mb: float = number(64, gt=0)  # weight sync bucket size; buckets end at layer edges
     # How the learners' weights reach the engines at every sync (actors/weight_sync.py). object_store: learner rank 0
     # returns its buckets, Ray's object store carries them, each engine reads them through its own call.
@@ -663,6 +667,10 @@ class TrainerConfig:
     total_steps: int = integer(150, ge=0)  # real RL steps (each = one optimizer step on one rollout batch)
     prompts_per_step: int = integer(32, ge=1)  # prompts per RL step
     samples_per_prompt: int = integer(8, ge=1)  # responses per prompt (the GRPO group size)
+    # 0: strictly on-policy (generate, then learn). 1: the engines generate batch t+1 on the weights of step t-1
+    # while the learners train on batch t (one step stale; the loss's old_logp is the behaviour log-prob);
+    # the pipeline drains before an RL-Extra projection
+    off_policy_steps: int = integer(0, ge=0, le=1)
     eval_every: int = integer(20, ge=0)  # evaluate the held-out split every N steps (and before/after); 0 = only those
     eval_prompts: int = integer(500, ge=1)  # at most this many eval prompts
     eval_samples: int = integer(4, ge=1)  # k for Avg@k / Pass@k (sampled at rollout.temperature); greedy too
@@ -757,6 +765,11 @@ class JobConfig:
                 f"got {tr.prompts_per_step}"
             )
         s = self.schedule
+        if tr.off_policy_steps and s.name == "rl_extra" and s.strategy == "lookahead":
+            raise ConfigError(
+                "trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead (its reposition and slow step "
+                f"work on the batch of their own step's weights), got {tr.off_policy_steps}"
+            )
         validating = s.name == "rl_extra" and s.needs_validation
         if validating and r.top_p != 1.0:
             raise ConfigError(

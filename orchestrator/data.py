@@ -409,11 +409,15 @@ class PromptCursor:
     size: int
     seed: int
     position: int = 0  # prompts consumed so far
+    # the current epoch's order, shuffled once per epoch (30 ms for 20,000 prompts: every step reshuffled it before)
+    _epoch_order: tuple[int, list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(self.size))
-        random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        return order
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = list(range(self.size))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def next(self, count: int) -> list[int]:
         out = []

@@ -59,19 +59,13 @@ class TrainBatch:
         B = len(result.response_ids)
         P = max(len(p) for p in result.prompt_ids)
         R = max(1, max(len(r) for r in result.response_ids))
-        prompts = torch.full((B, P), pad_id, dtype=torch.long)
-        responses = torch.full((B, R), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P + R), dtype=torch.long)
-        rmask = torch.zeros((B, R), dtype=torch.float32)
-        old_logp = torch.zeros((B, R), dtype=torch.float32)
-        for i, (p, r, lp) in enumerate(zip(result.prompt_ids, result.response_ids, result.logprobs)):
-            prompts[i, P - len(p) :] = torch.tensor(p)
-            attn[i, P - len(p) : P] = 1
-            if r:
-                responses[i, : len(r)] = torch.tensor(r)
-                attn[i, P : P + len(r)] = 1
-                rmask[i, : len(r)] = 1
-                old_logp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+        # Padded rows as Python lists, one tensor per field: one conversion instead of four small tensors a sample.
+        prompts = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in result.prompt_ids], dtype=torch.long)
+        responses = torch.tensor([list(r) + [pad_id] * (R - len(r)) for r in result.response_ids], dtype=torch.long)
+        prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in result.prompt_ids], dtype=torch.long)
+        rmask = torch.tensor([[1.0] * len(r) + [0.0] * (R - len(r)) for r in result.response_ids], dtype=torch.float32)
+        attn = torch.cat([prompt_mask, rmask.long()], dim=1)
+        old_logp = torch.tensor([list(lp) + [0.0] * (R - len(lp)) for lp in result.logprobs], dtype=torch.float32)
         adv = torch.as_tensor(advantages, dtype=torch.float32)
         if adv.dim() == 1:
             adv = adv[:, None].expand(B, R).clone()

@@ -130,12 +130,17 @@ class RLExtraSchedule:
                     self.lookahead_on = ray.get(self.actor.observe_entropy.remote(metrics["train/entropy"]))
                     if not self.lookahead_on:
                         self.log(f"rl_step {step}: entropy spike (z >= {self.cfg.entropy_z}): lookahead off for good")
-            # No projection after the job's last real step: nothing would re-ground it (cycle 1 + m of the paper).
-            elif step != self.total_steps:
+            elif self.projects_after(step):
                 eval_before = self.evaluate() if self.cfg.eval_around_projection else None
                 out.update(self.log_phase(step, self.run_phase(), eval_before))
             out["virtual_step"] = self.virtual_step
         return out
+
+    def projects_after(self, step: int) -> bool:
+        """Does a projection phase follow real step `step` (extrapolate, rank1)? At each cycle's end, but not after the
+        job's last real step: nothing would re-ground it (cycle 1 + m of the paper). Lookahead's phases are inside
+        its steps (`train`)."""
+        return not self.lookahead and step % self.m == 0 and step != self.total_steps
 
     def log_phase(self, step: int, rec: ExtrapolationRecord, eval_before: dict | None) -> dict:
         """Count, log (MLflow nested run, JSON artifact, console) and return the metrics of one phase."""

@@ -10,8 +10,10 @@ scored in parallel worker processes) → advantages (GRPO by default) → one op
 With `schedule=rl_extra` (the default) every m-th step ends with an extrapolation phase (orchestrator/rl_extra.py).
 
 Choices:
-- Strictly on-policy: one optimizer step per rollout batch, and the behaviour log-probs from vLLM are the
-  PPO `old_logp` (the learner recomputes the current ones at the same temperature).
+- One optimizer step per rollout batch, and the behaviour log-probs from vLLM are the PPO `old_logp` (the learner
+  recomputes the current ones at the same temperature). Strictly on-policy by default; `trainer.off_policy_steps=1`
+  generates batch t+1 while batch t trains (one step stale; drained before an RL-Extra projection; a checkpoint keeps
+  the batch in flight, so resume and learner recovery train on the same batch).
 - Evaluation on the held-out split reports greedy accuracy and Avg@k / Pass@k (k samples at the training
   temperature): on the toy task greedy picks the majority procedure, so Avg@k is the smooth signal.
 - Everything is seeded; prompts are drawn by a checkpointable cursor; the learning rate advances by real step.
@@ -31,13 +33,15 @@ import random
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from actors.groups import ActorGroups
-from orchestrator.batches import mean, shard_batch, step_metrics
+from orchestrator.batches import ScoredRollout, mean, shard_batch, step_metrics
 from orchestrator.checkpoints import (
     HF_DIR,
+    IN_FLIGHT_FILE,
     checkpoint_root,
     checkpoint_tag,
     complete_checkpoints,
@@ -49,7 +53,7 @@ from orchestrator.checkpoints import (
 from orchestrator.cli import hydra_cli
 from orchestrator.config import JobConfig, validate
 from orchestrator.console import console
-from orchestrator.messages import SamplingConfig, TrainBatch, ValidationBatch
+from orchestrator.messages import RolloutResult, SamplingConfig, TrainBatch, ValidationBatch
 from orchestrator.metrics import sample_metrics
 from orchestrator.rl_extra import RLExtraSchedule
 from orchestrator.tracking import Tracker
@@ -83,6 +87,7 @@ class Job:
         self.setup_time_s = 0.0
         # set up by run()
         self.extra: RLExtraSchedule | None = None
+        self.in_flight: ScoredRollout | None = None  # off_policy_steps=1: the next step's batch, generated early
         self.eval_before: dict | None = None
         self.step_times: list[float] = []
         self.learner_restarts = 0
@@ -190,52 +195,112 @@ class Job:
             "eval/response_length": sum(len(r) for r in sampled.response_ids) / len(sampled.response_ids),
         }
 
+    def next_prompts(self, step: int) -> tuple[list[list[int]], list[str], SamplingConfig]:
+        """RL step `step`'s prompts (the cursor's next ones) as token ids, their answers, and its sampling (seeded by
+        the step, so a batch is the same whenever it is generated)."""
+        cfg, tr = self.cfg, self.cfg.trainer
+        rows = self.train_ds[self.cursor.next(tr.prompts_per_step)]  # {column: values}: no indices mapping to build
+        sampling = self.sampling(tr.samples_per_prompt, seed=cfg.seed * 100003 + step)
+        return [self.encode(p) for p in rows["prompt"]], list(rows["answer"]), sampling
+
+    def score(self, step: int, result: RolloutResult, answers: list[str], rollout_s: float) -> ScoredRollout:
+        t = time.perf_counter()
+        refs = [answers[i] for i in result.prompt_index]
+        rewards = self.scorer.score_batch(self.cfg.data.verifier, result.response_text, refs)
+        return ScoredRollout(step, result, rewards, rollout_s, time.perf_counter() - t)
+
+    def rollout(self, step: int) -> ScoredRollout:
+        """Generate and score RL step `step`'s batch now, on the weights the engines hold (a dead engine is
+        restarted and its share generated again)."""
+        t = time.perf_counter()
+        prompt_ids, answers, sampling = self.next_prompts(step)
+        result = self.groups.generate(prompt_ids, sampling)
+        return self.score(step, result, answers, time.perf_counter() - t)
+
+    def prefetches(self, step: int) -> bool:
+        """Is step+1's batch generated while step `step` learns? With trainer.off_policy_steps=1, unless this is the
+        last step or an RL-Extra projection follows it: the batch after a projection is sampled from the projected
+        weights, never from the ones the projection replaced."""
+        if not self.cfg.trainer.off_policy_steps or step >= self.cfg.trainer.total_steps:
+            return False
+        return not (self.extra and self.extra.projects_after(step))
+
     def rollout_and_learn(self, step: int) -> dict:
-        """One real RL step: sample, score, compute advantages, one optimizer step, sync; returns its metrics."""
+        """One real RL step: its batch (generated now, or in flight since the previous step), advantages, one
+        optimizer step (meanwhile, with off_policy_steps=1, the engines generate the next batch), sync; returns its
+        metrics. The driver's waits are timed: time/step_s is their sum, the step's wall time."""
         import torch
 
         from orchestrator.algorithms import get_advantage_fn
 
-        cfg, tr = self.cfg, self.cfg.trainer
+        cfg = self.cfg
+        if self.in_flight is None:
+            batch = self.rollout(step)
+            produced = [batch]  # the batches this step waited for
+        else:
+            batch, produced, self.in_flight = self.in_flight, [], None
+        if batch.step != step:
+            raise RuntimeError(f"RL step {step} was handed the batch of step {batch.step}")
+        pending = None
+        if self.prefetches(step):
+            next_prompts, next_answers, next_sampling = self.next_prompts(step + 1)
+            pending = self.groups.submit_generate(next_prompts, next_sampling)
+
         times = {}
         t = time.perf_counter()
-        rows = self.train_ds.select(self.cursor.next(tr.prompts_per_step))
-        prompt_ids = [self.encode(p) for p in rows["prompt"]]
-        answers = list(rows["answer"])
-        result = self.groups.generate(prompt_ids, self.sampling(tr.samples_per_prompt, seed=cfg.seed * 100003 + step))
-        times["time/rollout_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        refs = [answers[i] for i in result.prompt_index]
-        rewards = self.scorer.score_batch(cfg.data.verifier, result.response_text, refs)
-        times["time/reward_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        batch = TrainBatch.from_rollout(result, torch.zeros(len(rewards)), self.pad_id, cfg.rollout.temperature)
-        batch.advantages = get_advantage_fn(cfg.algo.advantage)(
+        result, rewards = batch.result, batch.rewards
+        train = TrainBatch.from_rollout(result, torch.zeros(len(rewards)), self.pad_id, cfg.rollout.temperature)
+        train.advantages = get_advantage_fn(cfg.algo.advantage)(
             torch.tensor(rewards, dtype=torch.float32),
             torch.tensor(result.prompt_index, dtype=torch.long),
-            batch.response_mask,
+            train.response_mask,
             eps=cfg.algo.eps,
             gamma=cfg.algo.gamma,
         ).float()
-        shards = shard_batch(batch, cfg.learner.world_size)
+        learner_version = self.groups.weight_version
+        shards = shard_batch(train, cfg.learner.world_size)
         per_rank = self.extra.train(shards) if self.extra else self.groups.train_step(shards)
         times["time/learn_s"] = time.perf_counter() - t
+
+        if pending is not None:
+            self.in_flight = self.collect(step + 1, pending, next_answers)
+            produced += [self.in_flight] if self.in_flight else []
+        times["time/rollout_s"] = sum(b.rollout_s for b in produced)
+        times["time/reward_s"] = sum(b.reward_s for b in produced)
 
         t = time.perf_counter()
         sync = self.groups.sync_weights(cfg.rollout.bucket_mb)
         times["time/sync_s"] = time.perf_counter() - t
 
-        n_tokens = int(batch.response_mask.sum())
+        n_tokens = int(train.response_mask.sum())
         return {
             **step_metrics(result, rewards, per_rank, n_tokens, with_kl_ref=cfg.algo.kl_coef > 0),
-            "perf/tokens_per_s": n_tokens / max(times["time/rollout_s"], 1e-9),
+            "train/staleness": learner_version - result.weight_version,
+            "perf/tokens_per_s": n_tokens / max(result.gen_time_s, 1e-9),
             "perf/weight_version": sync["version"],
+            "perf/behaviour_version": result.weight_version,
             "cluster/rollout_restarts": self.groups.rollout_restarts,
             "time/step_s": sum(times.values()),
             **times,
         }
+
+    def collect(self, step: int, pending, answers: list[str]) -> ScoredRollout | None:
+        """Wait for the batch generated in flight for RL step `step` and score it. An engine that died meanwhile
+        loses the batch: its prompts go back to the cursor and it is generated again, on-policy, once the sync has
+        restarted the engine."""
+        from ray.exceptions import RayActorError
+
+        t = time.perf_counter()
+        try:
+            result = pending.result()
+        except RayActorError as exc:
+            self.cursor.position -= self.cfg.trainer.prompts_per_step
+            self.log(
+                f"a rollout engine died with RL step {step}'s batch in flight ({type(exc).__name__}); "
+                "it is generated again after the sync"
+            )
+            return None
+        return self.score(step, result, answers, time.perf_counter() - t)
 
     def step(self, step: int) -> dict:
         """One real RL step with its RL-Extra bookkeeping (anchor before, extrapolation phase after)."""
@@ -270,6 +335,9 @@ class Job:
             "world_size": self.cfg.learner.world_size,  # DeepSpeed's shards resume only on as many ranks
         }
         self.groups.call_learners("save_checkpoint", ckpt_root, os.path.basename(staging), {"rl_step": step})
+        if self.in_flight is not None:  # generated by the weights before this checkpoint's: kept, not regenerated
+            with open(os.path.join(staging, IN_FLIGHT_FILE), "w") as f:
+                f.write(self.in_flight.to_json())
         write_state(staging, state)
         final = publish_checkpoint(ckpt_root, tag)
         keep = self.cfg.trainer.keep_checkpoints
@@ -300,7 +368,9 @@ class Job:
         """Load a checkpoint into the live job; returns the next RL step."""
         root = checkpoint_root(self.output_dir)
         self.groups.call_learners("load_checkpoint", root, tag)
-        self.cursor.position = int(state["data_position"])
+        self.cursor.position = int(state["data_position"])  # past the batch in flight, if one was saved
+        in_flight = os.path.join(root, tag, IN_FLIGHT_FILE)
+        self.in_flight = ScoredRollout.from_json(Path(in_flight).read_text()) if os.path.exists(in_flight) else None
         self.groups.weight_version = int(state["weight_version"])
         self.groups.sync_weights(self.cfg.rollout.bucket_mb)  # the engines still hold the initial weights
         self.eval_before = state["eval_before"]
@@ -389,6 +459,7 @@ class Job:
             return self.restore(*found)
         self.log("no checkpoint yet: starting again from the initial weights")
         self.cursor.position = 0
+        self.in_flight = None
         self.step_times = []
         self.groups.sync_weights(self.cfg.rollout.bucket_mb)
         if self.extra:

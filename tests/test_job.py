@@ -315,6 +315,16 @@ def test_required_value_left_unset_is_named(tmp_path):
         validate(cfg)
 
 
+def test_lookahead_does_not_take_a_batch_in_flight():
+    from orchestrator.config import ConfigError, validate
+
+    lookahead = ["schedule=rl_extra", "schedule.strategy=lookahead", "schedule.m=1", "schedule.beta_mode=fixed"]
+    validate(compose_cfg([*lookahead, "trainer.off_policy_steps=0"]))
+    validate(compose_cfg(["schedule=rl_extra", "trainer.off_policy_steps=1"]))
+    with pytest.raises(ConfigError, match=r"^trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead"):
+        validate(compose_cfg([*lookahead, "trainer.off_policy_steps=1"]))
+
+
 def test_missing_data_file_names_the_file(tmp_path):
     from orchestrator.config import InputError
     from orchestrator.data import load_splits
