@@ -96,7 +96,7 @@ def run_trl(size: str, steps: int, workdir: str) -> dict:
     cfg = job_config(size)
     tr, rc = cfg.trainer, cfg.rollout
     model_path = resolve_model(cfg, log=lambda *_: None)
-    train, _ = load_splits(cfg)
+    train = load_splits(cfg, None, log=lambda *_: None).train  # the rows rlextra trains on, checked the same way
     order = PromptCursor(len(train), cfg.seed).next(tr.prompts_per_step * steps)  # rlextra's prompts, in order
     dataset = train.select(order)
 
