@@ -407,7 +407,9 @@ class Store:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per run read back otherwise
         with tempfile.TemporaryDirectory() as tmp:
             summary = json.loads(Path(self.client.download_artifacts(run_id, "summary.json", tmp)).read_text())
-        records = summary.get("extrapolations", [])
+        # Phases evaluated around them: extrapolate / rank1. Lookahead's run inside its steps (their seconds are in
+        # time/step_s already) and are not evaluated around, so they add no points and no seconds to the curve.
+        records = [r for r in summary.get("extrapolations", []) if r["eval_before"] is not None]
         phases = [
             Phase(
                 step=r["rl_step"],
