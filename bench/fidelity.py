@@ -62,7 +62,9 @@ def train(args, run_dir: Path, db: Path):
     ])  # fmt: skip
     start = time.perf_counter()
     summary = run_job(cfg, str(run_dir))
-    return cfg, summary, time.perf_counter() - start
+    from orchestrator.config import validate
+
+    return validate(cfg), summary, time.perf_counter() - start  # the typed config (the toy task's dataclass)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -72,12 +74,11 @@ class Evaluator:
     """Avg@k of a model pair (m0, m1, α) on fixed held-out prompts, one sampler for everything."""
 
     def __init__(self, cfg, tok, n_prompts: int, k: int, seed: int):
-        from orchestrator.data import toy_task_spec
         from orchestrator.toy_task import write_toy_dataset
 
         rows = [
             json.loads(line)
-            for line in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])
+            for line in open(write_toy_dataset(Path(cfg.model.cache_dir) / "data", cfg.data.toy, cfg.seed)["eval"])
         ]
         rows = rows[:n_prompts]
         self.prompts = [tok(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
@@ -343,12 +344,11 @@ def main():
         missing = sorted({0, args.steps, *args.t1} - set(ckpts))
         if missing:
             raise SystemExit(f"fidelity: the run left no checkpoint for step(s) {missing} (found {sorted(ckpts)})")
-        from orchestrator.data import toy_task_spec
         from orchestrator.toy_task import write_toy_dataset
 
         eval_rows = [
             json.loads(line)
-            for line in open(write_toy_dataset(ROOT / ".cache" / "rlextra" / "data", toy_task_spec(cfg))["eval"])
+            for line in open(write_toy_dataset(Path(cfg.model.cache_dir) / "data", cfg.data.toy, cfg.seed)["eval"])
         ]
         t = time.perf_counter()
         analysis = analyze_run(series, OUT / "analysis", {"weight_fraction": args.weight_fraction, "num_probes": 64,
