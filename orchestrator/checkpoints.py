@@ -145,17 +145,23 @@ def complete_checkpoints(root: str | os.PathLike) -> list[str]:
     return [d for step, d in sorted(t for t in tags if t[0] is not None) if is_complete(os.path.join(root, d))]
 
 
-def read_state(checkpoint_dir: str | os.PathLike) -> dict:
-    """A checkpoint's `rlextra_state.json` with every key resuming reads; InputError naming the file otherwise."""
-    path = Path(checkpoint_dir) / STATE_FILE
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object; InputError naming the file otherwise (unreadable, not JSON, not an object)."""
     try:
-        state = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except OSError as e:
         raise InputError(f"{path}: expected a readable file, found {e.strerror or e}") from None
     except ValueError:  # also a UnicodeDecodeError
         raise InputError(f"{path}: expected JSON, found unparsable text") from None
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """A checkpoint's `rlextra_state.json` with every key resuming reads; InputError naming the file otherwise."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    state = read_json_object(path)
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise InputError(f"{path}: expected the keys {', '.join(STATE_KEYS)}, found none of {', '.join(missing)}")

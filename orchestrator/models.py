@@ -8,11 +8,10 @@ and vLLM / transformers report a bad id themselves.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from orchestrator.checkpoints import SafetensorsError, read_safetensors_checkpoint
+from orchestrator.checkpoints import SafetensorsError, read_json_object, read_safetensors_checkpoint
 from orchestrator.cli import first_line
 from orchestrator.config import InputError
 
@@ -33,17 +32,9 @@ def read_model_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not Path(folder).is_dir():
         raise InputError(f"{folder}: expected a model folder (save_pretrained) or a hub id, found no such directory")
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{folder}: expected a config.json (a save_pretrained folder), found none") from None
-    except OSError as e:
-        raise InputError(f"{path}: expected a readable file, found {e.strerror or e}") from None
-    except ValueError:  # also a UnicodeDecodeError
-        raise InputError(f"{path}: expected JSON, found unparsable text") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    if not path.exists():
+        raise InputError(f"{folder}: expected a config.json (a save_pretrained folder), found none")
+    return read_json_object(path)
 
 
 def check_model_dir(folder: str | os.PathLike) -> None:
