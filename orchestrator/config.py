@@ -174,6 +174,9 @@ class ModelConfig:
 
 TOY_OPS = ("add", "mul", "code", "skills")
 SKILL_OPERATORS = {"add": "+", "sub": "-", "mul": "*"}  # the operations a `skills` sub-skill may use
+# op=skills: sub-skill i announces its careful procedure with CAREFUL_MARKERS[i] and its flawed one with
+# FLAWED_MARKERS[i] (distinct behaviours are distinct words in a real model), so at most this many sub-skills
+SKILL_CAREFUL_MARKERS, SKILL_FLAWED_MARKERS = "CDEFGHIJ", "NOPQRSTU"
 SKILL_NAME = re.compile(r"^(add|sub|mul)([1-3])([1-3])$")  # <op><digits of a><digits of b>, e.g. add21 = 47+8
 
 
@@ -227,12 +230,13 @@ class ToyTaskConfig:
     # add21 = 47+8. Only problems that need the careful procedure are drawn (a carry, or a borrow in sub), so the
     # flawed one is always wrong; eval prompts are spread evenly over the sub-skills.
     skills: list[str] = listed(lambda: ["add22", "sub22", "add21", "sub21", "add32", "sub32"])
-    # skills: each sub-skill's share of careful-procedure solutions in the warm start (in the order of `skills`);
-    # spread out so that RL lifts them one after another instead of all at once
-    careful_shares: list[float] = listed(lambda: [0.5, 0.3, 0.2, 0.12, 0.07, 0.04])
-    # skills: the warm start is cached only once every sub-skill's careful and flawed procedure is carried out
-    # (greedy, mode token given) on at least this share of held-out problems; else it is rebuilt (see toy_task.py)
-    min_fidelity: float = number(0.9, ge=0, le=1)
+    # skills: each sub-skill's probability of choosing the careful procedure in the warm start (in the order of
+    # `skills`); spread out so that RL lifts them one after another instead of all at once. Both procedures are
+    # taught equally well whatever the share (toy_task.skill_warm_start_example)
+    careful_shares: list[float] = listed(lambda: [0.4, 0.2, 0.1, 0.05, 0.025, 0.0125])
+    # skills: the warm start is cached only once every sub-skill's careful procedure is carried out (greedy, mode
+    # token given) on at least this share of held-out problems; else it is rebuilt (see toy_task.py)
+    min_fidelity: float = number(0.8, ge=0, le=1)
 
     def cache_fields(self) -> dict:
         """The fields this variant's data and warm start are built from (the cache keys hash them): the sub-skill
@@ -272,10 +276,11 @@ class ToyTaskConfig:
     def _check_skills(self, prefix: str) -> None:
         names, shares = list(self.skills), list(self.careful_shares)
         bad = next((n for n in names if parse_skill(n) is None), None)
-        if not names or bad is not None or len(set(names)) != len(names):
+        if not names or bad is not None or len(set(names)) != len(names) or len(names) > len(SKILL_CAREFUL_MARKERS):
             raise ConfigError(
-                f"{_join(prefix, 'skills')}: expected distinct names <op><digits of a><digits of b> with op add, sub "
-                f"or mul, digits 1-3, b no longer than a (mul: 1-digit b), e.g. add21; got {names!r}"
+                f"{_join(prefix, 'skills')}: expected 1-{len(SKILL_CAREFUL_MARKERS)} distinct names "
+                f"<op><digits of a><digits of b> with op add, sub or mul, digits 1-3, b no longer than a (mul: 1-digit "
+                f"b), e.g. add21; got {names!r}"
             )
         if len(shares) != len(names) or not all(isinstance(x, (int, float)) and 0 < x < 1 for x in shares):
             raise ConfigError(

@@ -14,13 +14,19 @@ would. The warm-started model samples ``C`` with probability ≈ ``careful_fract
 right, so its sampled accuracy starts around 30–45 % and RL shifts the mix toward ``C``.
 
 That one behaviour flips in one jump. ``op=skills`` imitates RLVR on a reasoning model, where many behaviours
-improve at different rates over hundreds of steps: a mixture of *sub-skills* (``add22`` = 47+85, ``sub21`` = 85-7,
-...), each with its own flawed procedure (add / mul drop carries, sub takes each column's smaller digit from its
-larger one) and its own share of careful solutions in the warm start (``careful_shares``, spread from common to
-rare). Only problems that need the careful procedure are drawn, so the flawed one is always wrong and a sub-skill's
-accuracy is its share of ``C`` times how well ``C`` is carried out. RL lifts the common sub-skills first and the
-rare ones later, so the aggregate rises gradually instead of in one step. The warm start of every sub-skill is
-checked before it is cached (see ``prepare_toy_model``).
+improve at different rates over many steps: a mixture of *sub-skills* (``add22`` = 47+85, ``sub21`` = 85-7, ...),
+each with its own flawed procedure (add / mul drop carries, sub takes each column's smaller digit from its larger
+one), its own pair of mode tokens (sub-skill i announces its procedures with ``CDEFGHIJ``[i] / ``NOPQRSTU``[i]:
+distinct behaviours are distinct words, so lifting one sub-skill's choice does not lift them all; with one shared
+``C`` the whole mixture flipped within ~30 GRPO steps) and its own probability of choosing the careful procedure in
+the warm start (``careful_shares``, spread from common to rare). The warm start teaches both procedures of every
+sub-skill equally often and the choice through a soft target on the mode token, so a sub-skill that rarely
+*chooses* the careful procedure still carries it out well, as a real model does with a behaviour it rarely uses.
+Only problems that need the careful procedure are drawn, so the flawed one is always wrong and a sub-skill's
+accuracy is its share of careful choices times how well it is carried out. RL lifts the common sub-skills first
+and the rare ones later, so the aggregate rises in stages rather than in one step; a large lr damages the
+procedures (GRPO gets worse above a stable lr). Every sub-skill's careful procedure is checked before the warm
+start is cached (see ``prepare_toy_model``); measured curves: ``bench/task_curves.py``.
 
 Everything is generated deterministically from a seed and handed to the rest of the system through
 ``datasets`` and ``save_pretrained`` directories, exactly as a real model and dataset would be.
@@ -36,6 +42,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from orchestrator.config import (
+    SKILL_CAREFUL_MARKERS,
+    SKILL_FLAWED_MARKERS,
     SKILL_OPERATORS,
     ConfigError,
     TinyModelConfig,
@@ -46,11 +54,12 @@ from orchestrator.config import (
 )
 
 TOKENIZER_VERSION = 3  # bump when build_tokenizer changes (part of the warm-start cache key)
+SKILLS_WARM_START_VERSION = 3  # op=skills: bump when its warm-start recipe changes (3: per-skill markers, soft mode)
 
 # Character vocabulary. Special tokens first so their ids are stable.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 CHARS = list("0123456789+*=CN")
-SKILL_CHARS = CHARS + ["-"]  # op=skills also subtracts
+SKILL_CHARS = CHARS + ["-"] + [m for m in SKILL_CAREFUL_MARKERS + SKILL_FLAWED_MARKERS if m not in CHARS]
 CODE_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # printable ASCII for the code variant
 OPERATORS = {"add": "+", "mul": "*"}
 
@@ -166,19 +175,36 @@ def code_warm_start_example(rng: random.Random, spec: ToyTaskConfig) -> tuple[st
     return task["prompt"], f"```python\n{solution}```", task["answer"]
 
 
+def skill_markers(index: int) -> tuple[str, str]:
+    """op=skills: the (careful, flawed) mode tokens of the sub-skill at `index` in `skills`: its own pair, as
+    distinct reasoning behaviours are distinct words, so RL lifting one sub-skill's choice does not lift them all."""
+    return SKILL_CAREFUL_MARKERS[index], SKILL_FLAWED_MARKERS[index]
+
+
+def skill_warm_start_example(
+    rng: random.Random, spec: ToyTaskConfig, exclude: frozenset[str] = frozenset()
+) -> tuple[str, str, float, int]:
+    """op=skills: (prompt, response without eos, the sub-skill's careful share, its index). The procedure is drawn
+    50/50, so every sub-skill's careful and flawed procedure is learnt equally well, however rare its careful share;
+    the share is taught on the mode token alone (a soft target, see `train_warm_start`). A real model that rarely
+    *chooses* a behaviour still knows how to carry it out -- RL re-weights the choice."""
+    i = rng.randrange(len(spec.skills))
+    prompt, answer, a, b = skill_problem(rng, spec.skills[i])
+    while prompt in exclude:
+        prompt, answer, a, b = skill_problem(rng, spec.skills[i])
+    careful, flawed = skill_markers(i)
+    if rng.random() < 0.5:
+        return prompt, f"{careful}{answer}", spec.careful_shares[i], i
+    return prompt, f"{flawed}{flawed_result(parse_skill(spec.skills[i])[0], a, b)}", spec.careful_shares[i], i
+
+
 def warm_start_text(rng: random.Random, spec: ToyTaskConfig, exclude: frozenset[str] = frozenset()) -> tuple[str, str]:
     """One supervised example from the mixture: (prompt, response without eos); op=skills never draws a prompt
     in `exclude` (the eval split)."""
     if spec.op == "code":
         return code_warm_start_example(rng, spec)[:2]
     if spec.op == "skills":
-        i = rng.randrange(len(spec.skills))
-        prompt, answer, a, b = skill_problem(rng, spec.skills[i])
-        while prompt in exclude:
-            prompt, answer, a, b = skill_problem(rng, spec.skills[i])
-        if rng.random() < spec.careful_shares[i]:
-            return prompt, f"C{answer}"
-        return prompt, f"N{flawed_result(parse_skill(spec.skills[i])[0], a, b)}"
+        return skill_warm_start_example(rng, spec, exclude)[:2]
     prompt, _, a, b = make_problem(rng, spec)
     if rng.random() < spec.careful_fraction:
         return prompt, f"C{correct_result(spec.op, a, b)}"
@@ -273,6 +299,22 @@ def _encode_batch(tok, pairs: list[tuple[str, str]]):
     return input_ids, attn, loss_mask
 
 
+def _with_soft_mode_target(nll, logits, mask, mode_ids, shares):
+    """op=skills: replace the loss at each row's mode token (its first response token) by the cross-entropy against
+    (careful share, 1 - share) over the row's (careful, flawed) markers, so the warm start *chooses* the careful
+    procedure with the sub-skill's share while both procedures are trained equally.
+    nll, mask: [B, T-1]; logits: [B, T-1, V]; mode_ids: [B, 2] token ids (careful, flawed); shares: [B]."""
+    import torch
+
+    first = mask.argmax(dim=1)  # [B] position predicting the mode token
+    rows = torch.arange(mask.size(0))
+    logp = torch.log_softmax(logits[rows, first], dim=-1).gather(1, mode_ids)  # [B, 2]
+    soft = -(shares * logp[:, 0] + (1 - shares) * logp[:, 1])
+    out = nll.clone()
+    out[rows, first] = soft
+    return out
+
+
 def train_warm_start(
     model, tok, task: ToyTaskConfig, ws: WarmStartConfig, seed: int, attempt: int = 0, log=print
 ) -> None:
@@ -288,14 +330,23 @@ def train_warm_start(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / max(1, ws.steps))
     )
     model.train()
+    if task.op == "skills":
+        marker_ids = torch.tensor([tok.convert_tokens_to_ids(list(skill_markers(i))) for i in range(len(task.skills))])
     for step in range(ws.steps):
-        pairs = [warm_start_text(rng, task, exclude) for _ in range(ws.batch_size)]
+        if task.op == "skills":
+            examples = [skill_warm_start_example(rng, task, exclude) for _ in range(ws.batch_size)]
+            pairs, shares = [(p, r) for p, r, _, _ in examples], [s for _, _, s, _ in examples]
+            mode_ids = marker_ids[[i for _, _, _, i in examples]]
+        else:
+            pairs, shares = [warm_start_text(rng, task, exclude) for _ in range(ws.batch_size)], None
         input_ids, attn, loss_mask = _encode_batch(tok, pairs)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
         target, mask = input_ids[:, 1:], loss_mask[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
         )
+        if shares is not None:
+            nll = _with_soft_mode_target(nll.view_as(mask), logits, mask, mode_ids, torch.tensor(shares)).reshape(-1)
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -342,15 +393,16 @@ def procedure_fidelity(model, tok, task: ToyTaskConfig, seed: int, per_skill: in
     rng = random.Random(f"fidelity-{seed}")
     exclude = {r["prompt"] for r in make_splits(task, seed)["eval"]}
     result = {}
-    for skill in task.skills:
+    for index, skill in enumerate(task.skills):
         op = parse_skill(skill)[0]
+        careful_marker, flawed_marker = skill_markers(index)
         problems = []
         while len(problems) < per_skill:
             prompt, answer, a, b = skill_problem(rng, skill)
             if prompt not in exclude:
                 problems.append((prompt, answer, str(flawed_result(op, a, b))))
-        careful = greedy_responses(model, tok, [p + "C" for p, _, _ in problems])
-        flawed = greedy_responses(model, tok, [p + "N" for p, _, _ in problems])
+        careful = greedy_responses(model, tok, [p + careful_marker for p, _, _ in problems])
+        flawed = greedy_responses(model, tok, [p + flawed_marker for p, _, _ in problems])
         result[skill] = {
             "careful": sum(r == ans for r, (_, ans, _) in zip(careful, problems)) / per_skill,
             "flawed": sum(r == bad for r, (_, _, bad) in zip(flawed, problems)) / per_skill,
@@ -383,7 +435,8 @@ def prepare_toy_model(
 
     check_fields(task, "data.toy")
     parts = {"task": seeded(task, seed), "model": seeded(model_spec, seed), "warm_start": seeded(ws, seed)}
-    out = Path(cache_dir) / f"toy-{variant_name(task)}-{cache_key(*parts.values(), TOKENIZER_VERSION)}"
+    recipe = [SKILLS_WARM_START_VERSION] if task.op == "skills" else []
+    out = Path(cache_dir) / f"toy-{variant_name(task)}-{cache_key(*parts.values(), TOKENIZER_VERSION, *recipe)}"
     if (out / "config.json").exists() and (out / "rlextra_toy.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,13 +454,15 @@ def prepare_toy_model(
         if task.op != "skills":
             break
         fidelity = procedure_fidelity(model, tok, task, seed)
-        worst_skill, worst = min(fidelity.items(), key=lambda kv: min(kv[1].values()))
-        if min(worst.values()) >= task.min_fidelity:
+        # Only the careful procedure bounds a sub-skill's accuracy: a flawed answer is wrong whether or not the
+        # flawed procedure is carried out exactly (only problems that need the careful one are drawn).
+        worst_skill, worst = min(fidelity.items(), key=lambda kv: kv[1]["careful"])
+        if worst["careful"] >= task.min_fidelity:
             parts.update(fidelity=fidelity, attempts=attempt + 1)
             break
         failed = (
-            f"{worst_skill} carried out on {worst['careful']:.2f} (careful) / {worst['flawed']:.2f} (flawed) of "
-            f"held-out problems, below data.toy.min_fidelity {task.min_fidelity}"
+            f"{worst_skill}'s careful procedure carried out on {worst['careful']:.2f} of held-out problems, "
+            f"below data.toy.min_fidelity {task.min_fidelity}"
         )
         log(f"warm start attempt {attempt + 1}/{WARM_START_ATTEMPTS}: {failed}")
     else:

@@ -23,7 +23,9 @@ from orchestrator.toy_task import (
     make_splits,
     prepare_toy_model,
     seeded,
+    skill_markers,
     skill_of,
+    skill_warm_start_example,
     warm_start_text,
     write_toy_dataset,
 )
@@ -193,27 +195,70 @@ def test_skill_splits_are_deterministic_disjoint_and_even():
         assert row["answer"] == str(correct_result(op, x, y)) and flawed_result(op, x, y) != correct_result(op, x, y)
 
 
-def test_skill_warm_start_never_sees_eval_and_keeps_each_share():
-    """The mixture per sub-skill: `C` + the correct answer with that sub-skill's share, else `N` + the flawed answer,
-    never on an eval prompt; the registry's verifier rewards exactly the `C` responses."""
+def test_skill_warm_start_never_sees_eval_and_teaches_both_procedures_equally():
+    """Per sub-skill: `C` + the correct answer or `N` + the flawed answer, half each whatever the careful share (so a
+    rare share does not leave the careful procedure unlearnt), never on an eval prompt, carrying the sub-skill's
+    share for the mode token's soft target; the registry's verifier rewards exactly the `C` responses."""
     eval_prompts = frozenset(r["prompt"] for r in make_splits(SKILLS, seed=0)["eval"])
     rng = random.Random(0)
-    samples = [warm_start_text(rng, SKILLS, eval_prompts) for _ in range(12000)]
-    assert not {p for p, _ in samples} & eval_prompts
+    samples = [skill_warm_start_example(rng, SKILLS, eval_prompts) for _ in range(12000)]
+    assert not {p for p, _, _, _ in samples} & eval_prompts
     score = get_verifier("arith")
     by_skill: dict[str, list[bool]] = {}
-    for prompt, response in samples:
+    for prompt, response, share, index in samples:
         skill = skill_of(prompt)
         op = skill[:3]
+        assert SKILLS.skills[index] == skill and share == SKILLS.careful_shares[index]
+        careful_marker, flawed_marker = skill_markers(index)
         x, y = map(int, prompt.rstrip("=").split(SKILL_OPERATORS[op]))
-        careful = response.startswith("C")
+        careful = response[0] == careful_marker
         want = correct_result(op, x, y) if careful else flawed_result(op, x, y)
-        assert response == f"{response[0]}{want}" and response[0] in "CN"
+        assert response == f"{response[0]}{want}" and response[0] in (careful_marker, flawed_marker)
         assert score(response, str(correct_result(op, x, y))) == float(careful)
         by_skill.setdefault(skill, []).append(careful)
-    for skill, share in zip(SKILLS.skills, SKILLS.careful_shares):
+    assert len({skill_markers(i) for i in range(8)}) == 8 and not set("".join(skill_markers(0))) & set("0123456789-+")
+    for skill in SKILLS.skills:
         n = len(by_skill[skill])
-        assert abs(sum(by_skill[skill]) / n - share) < 4 * (share * (1 - share) / n) ** 0.5, skill
+        assert abs(sum(by_skill[skill]) / n - 0.5) < 4 * (0.25 / n) ** 0.5, skill
+
+
+def test_soft_mode_target_replaces_only_the_mode_token_loss():
+    """Reference on random tensors: at each row's first response position the loss becomes
+    -(s log p(C) + (1 - s) log p(N)); every other position keeps its cross-entropy. Its minimum over the mode logits
+    is p(C) = s among {C, N}, which is how the warm start chooses C with the sub-skill's share."""
+    import torch
+
+    from orchestrator.toy_task import _with_soft_mode_target
+
+    torch.manual_seed(0)
+    b, t, v = 3, 6, 7
+    mode_ids = torch.tensor([[4, 5], [2, 6], [4, 5]])
+    logits, nll = torch.randn(b, t, v), torch.rand(b, t)
+    mask = torch.zeros(b, t)
+    firsts = [1, 3, 0]
+    for row, first in enumerate(firsts):
+        mask[row, first:] = 1
+    shares = torch.tensor([0.5, 0.1, 0.9])
+    out = _with_soft_mode_target(nll, logits, mask, mode_ids, shares)
+    for row, first in enumerate(firsts):
+        logp = torch.log_softmax(logits[row, first], -1)
+        careful, flawed = mode_ids[row]
+        want = -(shares[row] * logp[careful] + (1 - shares[row]) * logp[flawed])
+        assert torch.allclose(out[row, first], want, atol=1e-6)
+        keep = torch.ones(t, dtype=torch.bool)
+        keep[first] = False
+        assert torch.equal(out[row, keep], nll[row, keep])
+
+    mode_logits = torch.zeros(1, 1, v, requires_grad=True)
+    opt = torch.optim.SGD([mode_logits], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        _with_soft_mode_target(
+            torch.zeros(1, 1), mode_logits, torch.ones(1, 1), mode_ids[:1], torch.tensor([0.2])
+        ).sum().backward()
+        opt.step()
+    p = torch.softmax(mode_logits[0, 0, mode_ids[0]], -1)
+    assert abs(p[0].item() - 0.2) < 1e-3
 
 
 def test_skills_tokenizer_has_minus_and_add_tokenizer_is_unchanged():
@@ -227,10 +272,14 @@ def test_skills_tokenizer_has_minus_and_add_tokenizer_is_unchanged():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"skills": ["add44"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
-        ({"skills": ["sub12"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
-        ({"skills": ["mul22"], "careful_shares": [0.5]}, r"^data.toy.skills: expected distinct names"),
-        ({"skills": ["add21", "add21"], "careful_shares": [0.5, 0.5]}, r"^data.toy.skills: expected distinct"),
+        ({"skills": ["add44"], "careful_shares": [0.5]}, r"^data.toy.skills: expected 1-8 distinct names"),
+        ({"skills": ["sub12"], "careful_shares": [0.5]}, r"^data.toy.skills: expected 1-8 distinct names"),
+        ({"skills": ["mul22"], "careful_shares": [0.5]}, r"^data.toy.skills: expected 1-8 distinct names"),
+        ({"skills": ["add21", "add21"], "careful_shares": [0.5, 0.5]}, r"^data.toy.skills: expected 1-8 distinct"),
+        (
+            {"skills": ["add21", "sub21", "add22", "sub22", "add31", "sub31", "add32", "sub32", "add33"]},
+            r"^data.toy.skills: expected 1-8 distinct",
+        ),
         ({"skills": ["add21"], "careful_shares": [0.5, 0.2]}, r"^data.toy.careful_shares: expected 1 numbers in"),
         ({"skills": ["add21"], "careful_shares": [1.0]}, r"^data.toy.careful_shares: expected 1 numbers in \(0, 1\)"),
         ({"skills": ["add21", "add11"], "careful_shares": [0.5, 0.2]}, r"^data.toy.num_eval: expected fewer than 90 "),
