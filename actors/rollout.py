@@ -100,6 +100,7 @@ class RolloutActor:
             temperature=sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
             max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
             logprobs=0,
             seed=sampling.seed,
             skip_special_tokens=True,

@@ -21,11 +21,11 @@ A step's time is the wall time between consecutive optimizer-step ends (TRL: a t
 timestamps of each step's MLflow metrics), so logging counts on both sides. Phase split, per step (medians):
 rlextra's own time/rollout_s, reward_s, learn_s, sync_s; TRL's generation (`_generate_single_turn`: transformers
 `generate`), reward (`_calculate_rewards`) and optimization (the rest of the step: log-probs, loss, backward, the
-optimizer), timed by wrapping those two methods. Both report each step's mean response length (`response_tokens`):
-the work depends on it (at 15M the untrained model's responses average ~15 tokens at step 1 and reach the 32-token
-cap after the first update), so equal lengths on both sides are what makes it equal work. `--off-policy 1` adds a
-third side, rlextra with `trainer.off_policy_steps=1` (step t+1's rollout overlapped with step t's learning), in the
-order A B C C B A.
+optimizer), timed by wrapping those two methods. The work depends on the response length, and left free it
+diverges by chance between the sides (see `job_config`), so every response is exactly the cap long on both sides
+(`rollout.min_tokens` = `max_tokens`; TRL's `min_new_tokens`); both report each step's mean (`response_tokens`).
+`--off-policy 1` adds a third side, rlextra with `trainer.off_policy_steps=1` (step t+1's rollout overlapped with
+step t's learning), in the order A B C C B A.
 
     python bench/vs_trl.py                                  # both sizes (~15 min on this 2-core machine)
     python bench/vs_trl.py --sizes toy --steps 4 --warmup 2
@@ -70,6 +70,7 @@ COMMON = [
     "rollout.top_p=1.0",
     f"model.cache_dir={ROOT / '.cache' / 'rlextra'}",
 ]
+
 PHASES = {
     "rlextra": ("time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s"),
     "trl": ("generation_s", "reward_s", "optimization_s"),
@@ -77,9 +78,16 @@ PHASES = {
 
 
 def job_config(size: str, extra: list[str] = ()):
+    """The size's config with every response exactly max_tokens long (EOS masked until then: vLLM min_tokens; TRL
+    gets HF's min_new_tokens). Left free, lengths diverge by chance: the untrained 15M model's responses average ~14
+    tokens; a step that happens to draw a few rewarded samples (a random string that contains the answer is more often
+    a long one) makes one lr-sized Adam sign step, and from then on the responses run to the cap (rlextra's side,
+    measured: 14.4 -> 31.2 -> 32 tokens after 2 rewarded samples of 256 at step 1; Adam's momentum keeps moving the
+    weights while later steps' gradients are 0), while a side that drew none stays at ~14."""
     from orchestrator.config import compose, validate
 
-    return validate(compose(COMMON + SIZES[size] + list(extra)))
+    cfg = validate(compose(COMMON + SIZES[size] + list(extra)))
+    return validate(compose(COMMON + SIZES[size] + [f"rollout.min_tokens={cfg.rollout.max_tokens}", *extra]))
 
 
 # ------------------------------------------------------------------------------------------------------ TRL
@@ -146,6 +154,7 @@ def run_trl(size: str, steps: int, workdir: str) -> dict:
         gradient_accumulation_steps=cfg.batch_size // micro,
         num_generations=tr.samples_per_prompt,
         max_completion_length=rc.max_tokens,
+        generation_kwargs={"min_new_tokens": rc.min_tokens},
         temperature=rc.temperature,
         top_p=rc.top_p,
         top_k=0,
@@ -306,6 +315,7 @@ def main():
                 if args.off_policy
                 else {}
             ),
+            "equal_work": "every response max_tokens long on both sides (rollout.min_tokens / min_new_tokens)",
             "sizes": results,
             "order": order,
             "warmup": args.warmup,

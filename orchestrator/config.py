@@ -558,6 +558,10 @@ class RolloutConfig:
     temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
     top_p: float = number(1.0, gt=0, le=1)  # nucleus sampling for training samples
     max_tokens: int = integer(8, ge=1)  # response length cap
+    # responses shorter than this cannot end (vLLM masks EOS until then; HF's min_new_tokens). For benchmarks at
+    # equal work (bench/vs_trl.py: every response max_tokens long on both sides): the learner does not mask EOS, so
+    # the recorded behaviour log-probs of a masked step differ from the learner's
+    min_tokens: int = integer(0, ge=0)
     # OMP_NUM_THREADS for the engine on CPU. Actors' OpenMP threads wait passively (orchestrator/cluster.py): with
     # libgomp's spinning default, 2 threads were erratic on a shared node (a descheduled thread stalls its team)
     omp_threads: int = integer(1, ge=1)
@@ -568,6 +572,13 @@ class RolloutConfig:
     # (gloo on CPU, NCCL on GPU), double-buffered; set up when the actors start and again after any restart.
     weight_sync: str = choice("object_store", ("object_store", "collective"))
     weight_sync_timeout_s: float = number(600, gt=0)  # collective: a sync or group set-up waiting longer fails
+
+    def check(self, prefix: str) -> None:
+        if self.min_tokens > self.max_tokens:
+            raise ConfigError(
+                f"{_join(prefix, 'min_tokens')}: expected at most rollout.max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens}"
+            )
 
 
 @dataclass

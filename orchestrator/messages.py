@@ -16,6 +16,7 @@ class SamplingConfig:
     top_p: float = 1.0
     max_tokens: int = 16
     seed: int | None = None
+    min_tokens: int = 0  # EOS masked before this many tokens (RolloutConfig.min_tokens)
 
 
 @dataclass

@@ -178,6 +178,7 @@ class Job:
             top_p=rc.top_p,
             max_tokens=rc.max_tokens,
             seed=seed,
+            min_tokens=rc.min_tokens,
         )
 
     def evaluate(self) -> dict:

@@ -325,6 +325,14 @@ def test_lookahead_does_not_take_a_batch_in_flight():
         validate(compose_cfg([*lookahead, "trainer.off_policy_steps=1"]))
 
 
+def test_min_tokens_above_max_tokens_is_refused():
+    from orchestrator.config import ConfigError, validate
+
+    validate(compose_cfg(["rollout.max_tokens=8", "rollout.min_tokens=8"]))
+    with pytest.raises(ConfigError, match=r"^rollout.min_tokens: expected at most rollout.max_tokens \(8\), got 9$"):
+        validate(compose_cfg(["rollout.max_tokens=8", "rollout.min_tokens=9"]))
+
+
 def test_missing_data_file_names_the_file(tmp_path):
     from orchestrator.config import InputError
     from orchestrator.data import load_splits

@@ -68,6 +68,18 @@ def test_sampled_logprobs_match_transformers(rollout, hf, ray_session):
             assert text == tok.decode(rids, skip_special_tokens=True)
 
 
+def test_min_tokens_makes_every_response_that_long(rollout, hf, ray_session):
+    """rollout.min_tokens (vLLM masks EOS until then): the toy's answers end after 3-4 tokens; with min_tokens =
+    max_tokens every response is exactly max_tokens long (the equal-work setting of bench/vs_trl.py)."""
+    tok, _ = hf
+    free = ray_session.get(rollout.generate.remote(_prompts(tok), SamplingConfig(n=4, max_tokens=10, seed=3)))
+    assert max(len(r) for r in free.response_ids) < 10
+    fixed = ray_session.get(
+        rollout.generate.remote(_prompts(tok), SamplingConfig(n=4, max_tokens=10, min_tokens=10, seed=3))
+    )
+    assert [len(r) for r in fixed.response_ids] == [10] * 16
+
+
 def test_greedy_matches_transformers_argmax(rollout, hf, ray_session):
     tok, model = hf
     prompts = _prompts(tok)
