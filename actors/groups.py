@@ -67,7 +67,7 @@ class ActorGroups:
         k = len(self.rollouts)
         chunks, index = _split(prompt_ids, k)
         used = [i for i in range(k) if chunks[i]]
-        by_actor = self._call_rollouts(lambda r, i: r.generate.remote(chunks[i], sampling), used, resync=True)
+        by_actor = self._call_rollouts(lambda r, i: r.generate.remote(chunks[i], sampling, index[i]), used, resync=True)
         return _merge(by_actor, index, self.weight_version)
 
     def submit_generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> PendingRollout:
@@ -77,7 +77,7 @@ class ActorGroups:
         and generates it again after the next sync, which restarts the engine."""
         k = len(self.rollouts)
         chunks, index = _split(prompt_ids, k)
-        refs = {i: self.rollouts[i].generate.remote(chunks[i], sampling) for i in range(k) if chunks[i]}
+        refs = {i: self.rollouts[i].generate.remote(chunks[i], sampling, index[i]) for i in range(k) if chunks[i]}
         return PendingRollout(refs, index, self.weight_version)
 
     def _call_rollouts(self, submit: Callable, indices: Iterable[int], resync: bool) -> dict:

@@ -80,6 +80,30 @@ def test_min_tokens_makes_every_response_that_long(rollout, hf, ray_session):
     assert [len(r) for r in fixed.response_ids] == [10] * 16
 
 
+def test_a_seeded_batch_draws_each_prompt_independently_and_reproducibly(rollout, hf, ray_session):
+    """vLLM seeds each request with SamplingParams.seed: one seed for a whole batch gave every copy of a prompt the
+    same sample. Each prompt now has its own seed (prompt_seed): 64 copies of one prompt, one sample each, draw both
+    procedures (the warm start picks C about a third of the time), and the same seeded call repeats exactly."""
+    tok, _ = hf
+    batch = [tok("58+67=")["input_ids"]] * 64
+    sampling = SamplingConfig(n=1, temperature=1.0, max_tokens=6, seed=11)
+    first = ray_session.get(rollout.generate.remote(batch, sampling))
+    modes = {text[:1] for text in first.response_text}
+    assert {"C", "N"} <= modes, modes
+    again = ray_session.get(rollout.generate.remote(batch, sampling))
+    assert again.response_ids == first.response_ids
+    shifted = ray_session.get(rollout.generate.remote(batch[:2], sampling, [1, 0]))  # positions, as a group passes
+    assert shifted.response_ids == [first.response_ids[1], first.response_ids[0]]
+
+
+def test_prompt_seeds_keep_every_prompts_samples_apart():
+    from actors.rollout import SEED_SPACING, prompt_seed
+
+    seeds = [prompt_seed(seed, position) for seed in range(50) for position in range(200)]
+    assert all(s % SEED_SPACING == 0 and 0 < s < 2**63 for s in seeds)
+    assert len(set(seeds)) == len(seeds)  # so seed + i (i < n <= SEED_SPACING) never meets another prompt's
+
+
 def test_greedy_matches_transformers_argmax(rollout, hf, ray_session):
     tok, model = hf
     prompts = _prompts(tok)
