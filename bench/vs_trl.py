@@ -70,7 +70,6 @@ COMMON = [
     "rollout.top_p=1.0",
     f"model.cache_dir={ROOT / '.cache' / 'rlextra'}",
 ]
-
 PHASES = {
     "rlextra": ("time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s"),
     "trl": ("generation_s", "reward_s", "optimization_s"),
