@@ -299,7 +299,7 @@ def _encode_batch(tok, pairs: list[tuple[str, str]]):
     return input_ids, attn, loss_mask
 
 
-def _with_soft_mode_target(nll, logits, mask, mode_ids, shares):
+def with_soft_mode_target(nll, logits, mask, mode_ids, shares):
     """op=skills: replace the loss at each row's mode token (its first response token) by the cross-entropy against
     (careful share, 1 - share) over the row's (careful, flawed) markers, so the warm start *chooses* the careful
     procedure with the sub-skill's share while both procedures are trained equally.
@@ -346,7 +346,7 @@ def train_warm_start(
             logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
         )
         if shares is not None:
-            nll = _with_soft_mode_target(nll.view_as(mask), logits, mask, mode_ids, torch.tensor(shares)).reshape(-1)
+            nll = with_soft_mode_target(nll.view_as(mask), logits, mask, mode_ids, torch.tensor(shares)).reshape(-1)
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -228,7 +228,7 @@ def test_soft_mode_target_replaces_only_the_mode_token_loss():
     is p(C) = s among {C, N}, which is how the warm start chooses C with the sub-skill's share."""
     import torch
 
-    from orchestrator.toy_task import _with_soft_mode_target
+    from orchestrator.toy_task import with_soft_mode_target
 
     torch.manual_seed(0)
     b, t, v = 3, 6, 7
@@ -239,7 +239,7 @@ def test_soft_mode_target_replaces_only_the_mode_token_loss():
     for row, first in enumerate(firsts):
         mask[row, first:] = 1
     shares = torch.tensor([0.5, 0.1, 0.9])
-    out = _with_soft_mode_target(nll, logits, mask, mode_ids, shares)
+    out = with_soft_mode_target(nll, logits, mask, mode_ids, shares)
     for row, first in enumerate(firsts):
         logp = torch.log_softmax(logits[row, first], -1)
         careful, flawed = mode_ids[row]
@@ -253,7 +253,7 @@ def test_soft_mode_target_replaces_only_the_mode_token_loss():
     opt = torch.optim.SGD([mode_logits], lr=1.0)
     for _ in range(500):
         opt.zero_grad()
-        _with_soft_mode_target(
+        with_soft_mode_target(
             torch.zeros(1, 1), mode_logits, torch.ones(1, 1), mode_ids[:1], torch.tensor([0.2])
         ).sum().backward()
         opt.step()
