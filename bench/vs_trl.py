@@ -85,8 +85,7 @@ def job_config(size: str, extra: list[str] = ()):
     weights while later steps' gradients are 0), while a side that drew none stays at ~14."""
     from orchestrator.config import compose, validate
 
-    cfg = validate(compose(COMMON + SIZES[size] + list(extra)))
-    return validate(compose(COMMON + SIZES[size] + [f"rollout.min_tokens={cfg.rollout.max_tokens}", *extra]))
+    return validate(compose(COMMON + SIZES[size] + ["rollout.min_tokens=${rollout.max_tokens}", *extra]))
 
 
 # ------------------------------------------------------------------------------------------------------ TRL

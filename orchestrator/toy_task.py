@@ -198,13 +198,11 @@ def skill_warm_start_example(
     return prompt, f"{flawed}{flawed_result(parse_skill(spec.skills[i])[0], a, b)}", spec.careful_shares[i], i
 
 
-def warm_start_text(rng: random.Random, spec: ToyTaskConfig, exclude: frozenset[str] = frozenset()) -> tuple[str, str]:
-    """One supervised example from the mixture: (prompt, response without eos); op=skills never draws a prompt
-    in `exclude` (the eval split)."""
+def warm_start_text(rng: random.Random, spec: ToyTaskConfig) -> tuple[str, str]:
+    """One supervised example from the add / mul / code mixture: (prompt, response without eos). op=skills draws
+    through `skill_warm_start_example`, which also carries the mode token's target."""
     if spec.op == "code":
         return code_warm_start_example(rng, spec)[:2]
-    if spec.op == "skills":
-        return skill_warm_start_example(rng, spec, exclude)[:2]
     prompt, _, a, b = make_problem(rng, spec)
     if rng.random() < spec.careful_fraction:
         return prompt, f"C{correct_result(spec.op, a, b)}"
@@ -338,7 +336,7 @@ def train_warm_start(
             pairs, shares = [(p, r) for p, r, _, _ in examples], [s for _, _, s, _ in examples]
             mode_ids = marker_ids[[i for _, _, _, i in examples]]
         else:
-            pairs, shares = [warm_start_text(rng, task, exclude) for _ in range(ws.batch_size)], None
+            pairs, shares = [warm_start_text(rng, task) for _ in range(ws.batch_size)], None
         input_ids, attn, loss_mask = _encode_batch(tok, pairs)
         logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
         target, mask = input_ids[:, 1:], loss_mask[:, 1:]
