@@ -18,6 +18,7 @@ accuracy) and whether it is interior to the grid (a larger lr does worse); the w
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import tempfile
@@ -29,16 +30,17 @@ EXPERIMENT = "bench-task-curves"
 MONITOR = ["schedule=rl_extra", "schedule.beta_mode=schedule", "schedule.m=10", "schedule.n=0"]
 
 
-def run_one(data: str, lr: str, seed: int, steps: int, eval_every: int, out_dir: str, db) -> dict:
+def run_one(data: str, overrides: list[str], lr: str, seed: int, steps: int, eval_every: int, out_dir: str, db) -> dict:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import compose
     from orchestrator.train import run_job
 
-    name = run_name(data, lr, seed, steps)
+    name = run_name(data, overrides, lr, seed, steps)
     cfg = compose(
         [
             f"data={data}",
+            *overrides,
             f"seed={seed}",
             f"learner.lr={lr}",
             f"trainer.total_steps={steps}",
@@ -57,8 +59,10 @@ def run_one(data: str, lr: str, seed: int, steps: int, eval_every: int, out_dir:
     return collect(MlflowClient(tracking_uri=f"sqlite:///{db}"), summary["mlflow_run_id"])
 
 
-def run_name(data: str, lr: str, seed: int, steps: int) -> str:
-    return f"{data}-lr{lr}-seed{seed}-steps{steps}"
+def run_name(data: str, overrides: list[str], lr: str, seed: int, steps: int) -> str:
+    """A run's name in the store; a variant (`--set`) adds a digest of its overrides, so variants never mix."""
+    variant = "-" + hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8] if overrides else ""
+    return f"{data}{variant}-lr{lr}-seed{seed}-steps{steps}"
 
 
 def collect(client, run_id: str) -> dict:
@@ -137,30 +141,36 @@ def seed_list(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="toy_skills", help="the data group (task) to measure")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides of a task variant (data.toy.num_train=5000)")
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3", help="GRPO learning rates")
     ap.add_argument("--seeds", default="0,1", help="seeds of the lr grid (each its own warm start)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--warm-seeds", default="", help="more seeds whose warm start is only evaluated, e.g. 2-9")
     ap.add_argument("--report-only", action="store_true", help="report the runs already in the store")
+    ap.add_argument("--reuse", action="store_true", help="train only the runs the store does not hold yet")
     args = ap.parse_args()
     lrs, seeds, warm_seeds = args.lrs.split(","), seed_list(args.seeds), seed_list(args.warm_seeds)
-    grid = {(lr, s): run_name(args.data, lr, s, args.steps) for lr in lrs for s in seeds}
-    warm_only = {s: run_name(args.data, lrs[0], s, 0) for s in warm_seeds if s not in seeds}
+    grid = {(lr, s): run_name(args.data, args.set, lr, s, args.steps) for lr in lrs for s in seeds}
+    warm_only = {s: run_name(args.data, args.set, lrs[0], s, 0) for s in warm_seeds if s not in seeds}
     db = RESULTS / "task_curves.db"
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         found = from_db(db, [*grid.values(), *warm_only.values()])
     else:
-        found = {}
+        found = from_db(db, [*grid.values(), *warm_only.values()]) if args.reuse else {}
         ray = start_ray()
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 for (lr, s), name in grid.items():
-                    found[name] = run_one(args.data, lr, s, args.steps, args.eval_every, tmp, db)
+                    if name in found:
+                        continue
+                    found[name] = run_one(args.data, args.set, lr, s, args.steps, args.eval_every, tmp, db)
                     print(f"{name}: {[round(v, 3) for _, v in found[name]['curve']]}", flush=True)
                 for s, name in warm_only.items():
-                    found[name] = run_one(args.data, lrs[0], s, 0, args.eval_every, tmp, db)
+                    if name in found:
+                        continue
+                    found[name] = run_one(args.data, args.set, lrs[0], s, 0, args.eval_every, tmp, db)
         finally:
             ray.shutdown()
     missing = [n for n in [*grid.values(), *warm_only.values()] if n not in found]
@@ -185,6 +195,7 @@ def main() -> None:
             "metric": f"steps for GRPO at its best lr to reach 90% of its rise on {args.data}",
             "value": per_lr[best_lr]["step_to_90pct_of_rise"],
             "goal": ">= 150 steps, best lr interior to the grid, every seed's warm start usable",
+            "overrides": args.set,
             "best_lr": best_lr,
             "best_lr_interior": interior,
             "final_by_lr": {lr: per_lr[lr]["final"] for lr in lrs},

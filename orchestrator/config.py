@@ -229,11 +229,13 @@ class ToyTaskConfig:
     # skills: the sub-skills, `<op><digits of a><digits of b>` with op add | sub (a >= b) | mul (b in 2..9), e.g.
     # add21 = 47+8. Only problems that need the careful procedure are drawn (a carry, or a borrow in sub), so the
     # flawed one is always wrong; eval prompts are spread evenly over the sub-skills.
-    skills: list[str] = listed(lambda: ["add22", "sub22", "add21", "sub21", "add32", "sub32"])
+    skills: list[str] = listed(lambda: ["add22", "sub22", "add21", "sub21", "add32", "sub32", "add31", "sub31"])
     # skills: each sub-skill's probability of choosing the careful procedure in the warm start (in the order of
-    # `skills`); spread out so that RL lifts them one after another instead of all at once. Both procedures are
-    # taught equally well whatever the share (toy_task.skill_warm_start_example)
-    careful_shares: list[float] = listed(lambda: [0.4, 0.2, 0.1, 0.05, 0.025, 0.0125])
+    # `skills`); spread out so that RL lifts them one after another instead of all at once: the rarest are chosen so
+    # seldom that GRPO samples a rewarded answer for them only every few steps (exploration-bound, as a behaviour a
+    # reasoning model rarely shows). Both procedures are taught equally well whatever the share
+    # (toy_task.skill_warm_start_example)
+    careful_shares: list[float] = listed(lambda: [0.3, 0.1, 0.03, 0.01, 0.005, 0.003, 0.002, 0.001])
     # skills: the warm start is cached only once every sub-skill's careful procedure is carried out (greedy, mode
     # token given) on at least this share of held-out problems; else it is rebuilt (see toy_task.py)
     min_fidelity: float = number(0.8, ge=0, le=1)
