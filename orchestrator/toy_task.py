@@ -19,14 +19,15 @@ each with its own flawed procedure (add / mul drop carries, sub takes each colum
 one), its own pair of mode tokens (sub-skill i announces its procedures with ``CDEFGHIJ``[i] / ``NOPQRSTU``[i]:
 distinct behaviours are distinct words, so lifting one sub-skill's choice does not lift them all; with one shared
 ``C`` the whole mixture flipped within ~30 GRPO steps) and its own probability of choosing the careful procedure in
-the warm start (``careful_shares``, spread from common to rare). The warm start teaches both procedures of every
-sub-skill equally often and the choice through a soft target on the mode token, so a sub-skill that rarely
-*chooses* the careful procedure still carries it out well, as a real model does with a behaviour it rarely uses.
-Only problems that need the careful procedure are drawn, so the flawed one is always wrong and a sub-skill's
-accuracy is its share of careful choices times how well it is carried out. RL lifts the common sub-skills first
-and the rare ones later, so the aggregate rises in stages rather than in one step; a large lr damages the
-procedures (GRPO gets worse above a stable lr). Every sub-skill's careful procedure is checked before the warm
-start is cached (see ``prepare_toy_model``); measured curves: ``bench/task_curves.py``.
+the warm start (``careful_shares``, 0.3 down to 0.001: the rarest so seldom chosen that GRPO samples a rewarded
+answer for them only every few steps, as for a behaviour a reasoning model rarely shows). The warm start teaches
+both procedures of every sub-skill equally often and the choice through a soft target on the mode token, so a
+sub-skill that rarely *chooses* the careful procedure still carries it out well, as a real model does with a
+behaviour it rarely uses. Only problems that need the careful procedure are drawn, so the flawed one is always wrong
+and a sub-skill's accuracy is its share of careful choices times how well it is carried out. RL lifts the common
+sub-skills first and the rare ones later, when it finds them, so the aggregate rises over 100+ steps rather than in
+one jump; a large lr damages the procedures (GRPO gets worse above a stable lr). Every sub-skill's careful procedure
+is checked before the warm start is cached (see ``prepare_toy_model``); measured curves: ``bench/task_curves.py``.
 
 Everything is generated deterministically from a seed and handed to the rest of the system through
 ``datasets`` and ``save_pretrained`` directories, exactly as a real model and dataset would be.

@@ -177,18 +177,21 @@ def test_flawed_procedures_on_examples():
     assert flawed_result("sub", 96, 34) == 62 == correct_result("sub", 96, 34)  # no borrow: both agree
 
 
-SKILLS = ToyTaskConfig(op="skills", num_train=3000, num_eval=300)
+SKILLS = ToyTaskConfig(op="skills", num_train=3000, num_eval=320)  # 40 eval prompts per sub-skill
 
 
 def test_skill_splits_are_deterministic_disjoint_and_even():
     a = make_splits(SKILLS, seed=3)
     assert a == make_splits(SKILLS, seed=3) and a != make_splits(SKILLS, seed=4)
     eval_prompts = [r["prompt"] for r in a["eval"]]
-    assert len(set(eval_prompts)) == 300 and not set(eval_prompts) & {r["prompt"] for r in a["train"]}
+    assert len(set(eval_prompts)) == 320 and not set(eval_prompts) & {r["prompt"] for r in a["train"]}
     per_skill = Counter(skill_of(p) for p in eval_prompts)
-    assert set(per_skill) == set(SKILLS.skills) and set(per_skill.values()) == {300 // len(SKILLS.skills)}
+    assert set(per_skill) == set(SKILLS.skills) and set(per_skill.values()) == {320 // len(SKILLS.skills)}
     train_share = Counter(skill_of(r["prompt"]) for r in a["train"])
-    assert all(abs(n / 3000 - 1 / len(SKILLS.skills)) < 4 * (1 / 6 / 3000) ** 0.5 for n in train_share.values())
+    assert all(
+        abs(n / 3000 - 1 / len(SKILLS.skills)) < 4 * (1 / len(SKILLS.skills) / 3000) ** 0.5
+        for n in train_share.values()
+    )
     for row in a["eval"] + a["train"][:500]:
         op = skill_of(row["prompt"])[:3]
         x, y = map(int, row["prompt"].rstrip("=").split(SKILL_OPERATORS[op]))
