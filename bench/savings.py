@@ -84,8 +84,9 @@ class Bound:
 
 
 def finite_or_none(x: float | None) -> float | None:
-    """JSON has no infinity: an infinite or missing number is null."""
-    return None if x is None or not math.isfinite(x) else round(x, 4)
+    """JSON has no infinity: an infinite or missing number is null. Four significant digits (not decimals: an lr of
+    5e-05 must not read 0.0001)."""
+    return None if x is None or not math.isfinite(x) else float(f"{x:.4g}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from savings import (  # noqa: E402  (bench/ is not a package: it is put on the 
     area_ratio,
     bracket,
     build_curve,
+    finite_or_none,
     first_hit,
     gain_area,
     grow_grid,
@@ -41,6 +42,13 @@ def curve(*step_acc: tuple[int, float]) -> list[Point]:
 
 
 # ------------------------------------------------------------------------------------------- target, hits
+
+
+def test_json_numbers_keep_four_significant_digits_and_infinity_is_null():
+    """An lr grid of 5e-05 and 1e-04 must stay two lrs in the report (rounding to decimals merged them)."""
+    assert finite_or_none(5e-05) == 5e-05 and finite_or_none(1.6e-3) == 1.6e-3
+    assert finite_or_none(0.876543) == 0.8765 and finite_or_none(123.456) == 123.5
+    assert finite_or_none(INF) is None and finite_or_none(-INF) is None and finite_or_none(None) is None
 
 
 def test_target_is_ninety_percent_of_the_way_from_the_warm_start_to_grpo_best():
