@@ -86,7 +86,9 @@ class Bound:
 def finite_or_none(x: float | None) -> float | None:
     """JSON has no infinity: an infinite or missing number is null. Four significant digits (not decimals: an lr of
     5e-05 must not read 0.0001)."""
-    return None if x is None or not math.isfinite(x) else float(f"{x:.4g}")
+    if x is None or not math.isfinite(x):
+        return None
+    return x if isinstance(x, int) else float(f"{x:.4g}")
 
 
 @dataclass(frozen=True)
