@@ -11,8 +11,12 @@ its own rise (how gradual it is) and the monitor's median readings; GRPO's best 
 accuracy) and whether it is interior to the grid (a larger lr does worse); the warm-start accuracy per seed
 (step 0 of each run, plus `--warm-seeds` evaluated without training).
 
-    python bench/task_curves.py [--data toy_skills] [--lrs 3e-5,1e-4,3e-4,1e-3] [--seeds 0,1] [--steps 200]
-                                [--warm-seeds 0-9] [--report-only]
+    python bench/task_curves.py [--data toy_skills] [--lrs 5e-5,1e-4,2e-4,4e-4,8e-4] [--seeds 0,1] [--steps 200]
+                                [--warm-seeds 0-9] [--set data.toy.careful_shares=[...] ...] [--reuse] [--report-only]
+
+`--set` measures a variant of the task (config overrides; its runs are named with a digest of them, so variants never
+mix in the store); `--reuse` trains only the runs the store does not hold yet (matched by that name: the code that
+made a reused run is not checked, so use it within one session of experiments).
 """
 
 from __future__ import annotations
@@ -142,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="toy_skills", help="the data group (task) to measure")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides of a task variant (data.toy.num_train=5000)")
-    ap.add_argument("--lrs", default="3e-5,1e-4,3e-4,1e-3", help="GRPO learning rates")
+    ap.add_argument("--lrs", default="5e-5,1e-4,2e-4,4e-4,8e-4", help="GRPO learning rates")
     ap.add_argument("--seeds", default="0,1", help="seeds of the lr grid (each its own warm start)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
