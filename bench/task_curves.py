@@ -159,25 +159,21 @@ def main() -> None:
     warm_only = {s: run_name(args.data, args.set, lrs[0], s, 0) for s in warm_seeds if s not in seeds}
     db = RESULTS / "task_curves.db"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        found = from_db(db, [*grid.values(), *warm_only.values()])
-    else:
-        found = from_db(db, [*grid.values(), *warm_only.values()]) if args.reuse else {}
+    # every run this report needs: name -> (lr, seed, steps); warm-only runs evaluate the warm start and stop
+    jobs = {name: (lr, s, args.steps) for (lr, s), name in grid.items()}
+    jobs.update({name: (lrs[0], s, 0) for s, name in warm_only.items()})
+    found = from_db(db, list(jobs)) if args.report_only or args.reuse else {}
+    if not args.report_only:
         ray = start_ray()
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                for (lr, s), name in grid.items():
-                    if name in found:
-                        continue
-                    found[name] = run_one(args.data, args.set, lr, s, args.steps, args.eval_every, tmp, db)
-                    print(f"{name}: {[round(v, 3) for _, v in found[name]['curve']]}", flush=True)
-                for s, name in warm_only.items():
-                    if name in found:
-                        continue
-                    found[name] = run_one(args.data, args.set, lrs[0], s, 0, args.eval_every, tmp, db)
+                for name, (lr, s, steps) in jobs.items():
+                    if name not in found:
+                        found[name] = run_one(args.data, args.set, lr, s, steps, args.eval_every, tmp, db)
+                        print(f"{name}: {[round(v, 3) for _, v in found[name]['curve']]}", flush=True)
         finally:
             ray.shutdown()
-    missing = [n for n in [*grid.values(), *warm_only.values()] if n not in found]
+    missing = [n for n in jobs if n not in found]
     if missing:
         raise SystemExit(f"no finished run in {db} for {missing}; run without --report-only")
 

@@ -306,7 +306,7 @@ def test_cache_keys_of_other_variants_ignore_the_skill_fields():
     }
     assert seeded(ToyTaskConfig(skills=["add21"], careful_shares=[0.5]), 0) == seeded(add, 0)
     skills = ToyTaskConfig(op="skills")
-    assert seeded(skills, 0) != seeded(ToyTaskConfig(op="skills", careful_shares=[0.4] * len(SKILLS.skills)), 0)
+    assert seeded(skills, 0) != seeded(ToyTaskConfig(op="skills", careful_shares=[0.4] * len(skills.skills)), 0)
 
 
 def test_greedy_responses_match_transformers_generate():
