@@ -81,7 +81,7 @@ def _base_env(on_gpu: bool) -> dict:
     return env
 
 
-def rollout_actor_env(omp_threads: int = 1, on_gpu: bool = False) -> dict:
+def rollout_actor_env(omp_threads: int = 2, on_gpu: bool = False) -> dict:
     """Environment of a rollout actor: in-process vLLM engine, no torch.compile, few OMP threads."""
     return _base_env(on_gpu) | {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -564,9 +564,11 @@ class RolloutConfig:
     # equal work (bench/vs_trl.py: every response max_tokens long on both sides): the learner does not mask EOS, so
     # the recorded behaviour log-probs of a masked step differ from the learner's
     min_tokens: int = integer(0, ge=0)
-    # OMP_NUM_THREADS for the engine on CPU. Actors' OpenMP threads wait passively (orchestrator/cluster.py): with
-    # libgomp's spinning default, 2 threads were erratic on a shared node (a descheduled thread stalls its team)
-    omp_threads: int = integer(1, ge=1)
+    # OMP_NUM_THREADS for the engine on CPU: the engine generates while the learners wait (on-policy), so it gets
+    # the cores. Measured on 2 cores (bench/engine_threads.py, 15M model): 2 threads 1.39x the tokens/s of 1, and
+    # the weight sync's re-pack of the linear layers runs on them too. Actors' OpenMP threads wait passively
+    # (orchestrator/cluster.py): with libgomp's spinning default a descheduled thread stalls its team
+    omp_threads: int = integer(2, ge=1)
     bucket_mb: float = number(64, gt=0)  # weight sync bucket size; buckets end at layer edges
     # How the learners' weights reach the engines at every sync (actors/weight_sync.py). object_store: learner rank 0
     # returns its buckets, Ray's object store carries them, each engine reads them through its own call.
