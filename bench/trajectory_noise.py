@@ -18,15 +18,15 @@ Headline: the median over seeds of (max − min final Avg@k) ÷ one eval standar
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
+import sys
 import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
 from common import ROOT, emit
-from step_savings import code_version
+from step_savings import BenchError, OneLineParser, code_version, task_overrides
 
 
 def final_accuracy(task: list[str], lr: float, seed: int, steps: int, eval_prompts: int, out: str) -> float:
@@ -35,7 +35,7 @@ def final_accuracy(task: list[str], lr: float, seed: int, steps: int, eval_promp
 
     name = f"grpo-lr{lr:.4g}-seed{seed}"
     overrides = [
-        *(w if "=" in w else f"data={w}" for w in task),
+        *task_overrides(tuple(task)),
         "schedule=rl",
         f"learner.lr={lr:.6g}",
         f"seed={seed}",
@@ -55,7 +55,7 @@ def final_accuracy(task: list[str], lr: float, seed: int, steps: int, eval_promp
 
 
 def main() -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", nargs="+", default=["toy_skills"], help="a data preset name and/or overrides")
     ap.add_argument("--lr", type=float, default=4e-4, help="GRPO's lr (bench/step_savings.py's GRPO-best)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -95,4 +95,8 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as exc:  # bad input: one line, exit code 2
+        print(f"trajectory_noise: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
