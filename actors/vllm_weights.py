@@ -12,8 +12,10 @@ as an argument (object store) or from its weight group (collective), and loads e
   bucket's worth, reused) and packed again by the layer's own `quant_method.process_weights_after_loading`, exactly
   as vLLM packs it at start-up. The output head keeps a packed copy next to its weight and is re-packed the same way,
   also when it is tied to the embedding and only the embedding arrived. The pack is the floor of a CPU sync: oneDNN
-  reads the weight transposed, ~2 GB/s on one engine thread (about 5x a copy of the same bytes); the layer-wise
-  reload pays ~40 % more on top, re-creating every layer. On GPU the parameters are plain tensors: copying is all.
+  reads the weight transposed, ~2 GB/s on one thread and ~4-5 GB/s on the engine's two (`rollout.omp_threads`;
+  about 3x a copy of the same bytes); the layer-wise reload pays ~50 % more on top, re-creating every layer. vLLM's
+  plain `F.linear` path would need no pack, but the engine generates ~19 % slower on it (bench/weight_sync.py's row
+  in the README). On GPU the parameters are plain tensors: copying is all.
 - **Layer-wise reload** (vLLM's `reload_weights`), for anything else: a name the direct loader cannot place, tensor
   parallelism, quantized layers. It re-creates each layer, loads it through vLLM's weight loaders and re-packs it;
   an output head tied to the embedding is left stale by it and re-packed here afterwards.

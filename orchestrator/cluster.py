@@ -81,8 +81,8 @@ def _base_env(on_gpu: bool) -> dict:
     return env
 
 
-def rollout_actor_env(omp_threads: int = 2, on_gpu: bool = False) -> dict:
-    """Environment of a rollout actor: in-process vLLM engine, no torch.compile, few OMP threads."""
+def rollout_actor_env(omp_threads: int, on_gpu: bool = False) -> dict:
+    """Environment of a rollout actor: in-process vLLM engine, no torch.compile, `omp_threads` OpenMP threads."""
     return _base_env(on_gpu) | {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TORCH_COMPILE_DISABLE": "1",
