@@ -11,7 +11,11 @@ order, and evaluated once at the end on the same held-out prompts. The runs shar
 update; from there their samples differ. The eval's standard error is the binomial bound √(p(1 − p) / prompts) at
 the runs' mean final accuracy (an Avg@k over k samples a prompt varies no more than one sample).
 
-    python bench/trajectory_noise.py [--task toy_skills] [--lr 4e-4] [--seeds 1 2 3] [--steps 120] [--delta 0.01]
+    python bench/trajectory_noise.py [--task toy_skills] [--schedule schedule=rl] [--lr 4e-4] [--seeds 1 2 3]
+                                     [--steps 120] [--delta 0.01]
+
+`--schedule` runs another arm the same way (its overrides as in bench/step_savings.py's STRATEGIES rows): the
+spread of a strategy's own runs, to set beside GRPO's.
 
 Headline: the median over seeds of (max − min final Avg@k) ÷ one eval standard error.
 """
@@ -29,14 +33,16 @@ from common import ROOT, emit
 from step_savings import BenchError, OneLineParser, code_version, task_overrides
 
 
-def final_accuracy(task: list[str], lr: float, seed: int, steps: int, eval_prompts: int, out: str) -> float:
+def final_accuracy(
+    task: list[str], schedule: list[str], lr: float, seed: int, steps: int, eval_prompts: int, out: str
+) -> float:
     from orchestrator.config import compose
     from orchestrator.train import run_job
 
-    name = f"grpo-lr{lr:.4g}-seed{seed}"
+    name = f"lr{lr:.4g}-seed{seed}"
     overrides = [
         *task_overrides(tuple(task)),
-        "schedule=rl",
+        *schedule,
         f"learner.lr={lr:.6g}",
         f"seed={seed}",
         f"trainer.total_steps={steps}",
@@ -57,6 +63,12 @@ def final_accuracy(task: list[str], lr: float, seed: int, steps: int, eval_promp
 def main() -> dict:
     ap = OneLineParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", nargs="+", default=["toy_skills"], help="a data preset name and/or overrides")
+    ap.add_argument(
+        "--schedule",
+        nargs="+",
+        default=["schedule=rl"],
+        help="the arm's schedule overrides (default GRPO; e.g. bench/step_savings.py's auto-m5n15-top5 row)",
+    )
     ap.add_argument("--lr", type=float, default=4e-4, help="GRPO's lr (bench/step_savings.py's GRPO-best)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=120)
@@ -71,13 +83,15 @@ def main() -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         for seed in args.seeds:
-            finals[seed] = [final_accuracy(args.task, lr, seed, args.steps, args.eval_prompts, out) for lr in lrs]
+            finals[seed] = [
+                final_accuracy(args.task, args.schedule, lr, seed, args.steps, args.eval_prompts, out) for lr in lrs
+            ]
             print(f"seed {seed}: final Avg@k at lr {', '.join(f'{lr:.4g}' for lr in lrs)}: {finals[seed]}", flush=True)
     mean = statistics.fmean(a for accs in finals.values() for a in accs)
     se = math.sqrt(mean * (1 - mean) / args.eval_prompts)
     spreads = {seed: max(accs) - min(accs) for seed, accs in finals.items()}
     result = {
-        "metric": "grpo_final_spread_over_eval_se",
+        "metric": "final_spread_over_eval_se",
         "value": round(statistics.median(spreads.values()) / se, 2),
         "goal": None,
         "eval_se": round(se, 4),
@@ -85,6 +99,7 @@ def main() -> dict:
         "final_by_seed": finals,
         "lrs": [float(f"{lr:.4g}") for lr in lrs],
         "task": args.task,
+        "schedule": args.schedule,
         "steps": args.steps,
         "eval_prompts": args.eval_prompts,
         "code": code_version(),
