@@ -90,6 +90,21 @@ def _run(cmd, log: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
+def _start_and_kill_after(cmd, checkpoint: Path, log: Path) -> None:
+    """Run `cmd` until `checkpoint` holds its RL-Extra state, then SIGKILL the job and every process it started."""
+    marker = checkpoint / "rlextra_state.json"  # m = 3: rl_step_4 is one step into cycle 2 (steps 4-6)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            assert marker.exists(), log.read_text()[-4000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+            proc.wait()
+
+
 def _weights(hf_dir: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -103,22 +118,27 @@ def _weights(hf_dir: Path) -> dict:
 def test_killed_mid_cycle_and_resumed_equals_uninterrupted(toy_model_path, cache_dir, tmp_path, strategy):
     from mlflow.tracking import MlflowClient
 
+    # The uninterrupted reference runs beside the job that is killed (each starts a Ray of its own): their set-up,
+    # most of a 7-step job's time, overlaps.
     ref_out, ref_db = tmp_path / "ref", tmp_path / "ref.db"
-    _run(_command(cache_dir, tmp_path, ref_out, ref_db, strategy), tmp_path / "ref.log")
-
-    out, db = tmp_path / "killed", tmp_path / "killed.db"
-    cmd = _command(cache_dir, tmp_path, out, db, strategy)
-    marker = out / "checkpoints" / "rl_step_4" / "rlextra_state.json"  # m = 3: one step into cycle 2 (steps 4-6)
-    with open(tmp_path / "first.log", "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "ref.log", "w") as ref_log:
+        ref = subprocess.Popen(
+            _command(cache_dir, tmp_path, ref_out, ref_db, strategy),
+            cwd=ROOT,
+            env=_env(),
+            stdout=ref_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            deadline = time.time() + 600
-            while not marker.exists() and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.02)
-            assert marker.exists(), (tmp_path / "first.log").read_text()[-4000:]
+            out, db = tmp_path / "killed", tmp_path / "killed.db"
+            cmd = _command(cache_dir, tmp_path, out, db, strategy)
+            _start_and_kill_after(cmd, out / "checkpoints" / "rl_step_4", tmp_path / "first.log")
+            assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-4000:]
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
-            proc.wait()
+            if ref.poll() is None:
+                os.killpg(ref.pid, signal.SIGKILL)
+                ref.wait()
     assert not (out / "summary.json").exists(), "the job finished before it was killed: nothing was tested"
     assert not (out / "checkpoints" / "rl_step_6").exists()
 
