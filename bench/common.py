@@ -41,6 +41,20 @@ def build_model_dir(shape: str, out_dir: Path) -> tuple[str, int]:
     return str(path), n_params
 
 
+def run_overrides(name: str, out_dir: str, tracking_uri: str, cache_dir, experiment: str | None = None) -> list[str]:
+    """What every benchmark's training run shares: no progress bar, no final checkpoint, an output folder of its own,
+    an MLflow run named `name` (in `experiment`, if given) at `tracking_uri`, warm starts from `cache_dir`."""
+    return [
+        "trainer.progress=false",
+        "trainer.save_final=false",
+        f"trainer.output_dir={out_dir}/{name}",
+        f"tracking.tracking_uri={tracking_uri}",
+        *([f"tracking.experiment={experiment}"] if experiment else []),
+        f"tracking.run_name={name}",
+        f"model.cache_dir={cache_dir}",
+    ]
+
+
 def start_ray(num_cpus: int = 8):
     import ray
 

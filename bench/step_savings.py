@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import common
-from common import RESULTS, ROOT, emit
+from common import RESULTS, ROOT, emit, run_overrides
 from savings import (
     Bound,
     Cost,
@@ -477,14 +477,8 @@ class Runs:
             f"trainer.total_steps={s.steps}",
             f"trainer.eval_every={eval_every}",
             f"trainer.eval_prompts={s.eval_prompts}",
-            "trainer.progress=false",
-            "trainer.save_final=false",
             "trainer.resume=never",
-            f"trainer.output_dir={self.out_dir}/{name}",
-            f"tracking.tracking_uri={self.store.uri}",
-            f"tracking.experiment={EXPERIMENT}",
-            f"tracking.run_name={name}",
-            f"model.cache_dir={self.plan.cache_dir}",
+            *run_overrides(name, self.out_dir, self.store.uri, self.plan.cache_dir, EXPERIMENT),
         ]
 
     def train(self, arm: str, lr: float, seed: int) -> str:

@@ -28,7 +28,7 @@ import statistics
 import tempfile
 
 import common  # noqa: F401
-from common import RESULTS, ROOT, emit, start_ray
+from common import RESULTS, ROOT, emit, run_overrides, start_ray
 
 EXPERIMENT = "bench-task-curves"
 MONITOR = ["schedule=rl_extra", "schedule.beta_mode=schedule", "schedule.m=10", "schedule.n=0"]
@@ -49,13 +49,7 @@ def run_one(data: str, overrides: list[str], lr: str, seed: int, steps: int, eva
             f"learner.lr={lr}",
             f"trainer.total_steps={steps}",
             f"trainer.eval_every={eval_every}",
-            "trainer.progress=false",
-            "trainer.save_final=false",
-            f"trainer.output_dir={out_dir}/{name}",
-            f"tracking.tracking_uri=sqlite:///{db}",
-            f"tracking.experiment={EXPERIMENT}",
-            f"tracking.run_name={name}",
-            f"model.cache_dir={ROOT / '.cache' / 'rlextra'}",
+            *run_overrides(name, out_dir, f"sqlite:///{db}", ROOT / ".cache" / "rlextra", EXPERIMENT),
             *(MONITOR if steps else ["schedule=rl"]),
         ]
     )

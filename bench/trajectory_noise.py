@@ -29,7 +29,7 @@ import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
-from common import ROOT, emit
+from common import ROOT, emit, run_overrides
 from step_savings import BenchError, OneLineParser, code_version, task_overrides
 
 
@@ -48,13 +48,8 @@ def final_accuracy(
         f"trainer.total_steps={steps}",
         "trainer.eval_every=0",
         f"trainer.eval_prompts={eval_prompts}",
-        "trainer.progress=false",
-        "trainer.save_final=false",
         "trainer.resume=never",
-        f"trainer.output_dir={out}/{name}",
-        f"tracking.tracking_uri=sqlite:///{out}/mlflow.db",
-        f"tracking.run_name={name}",
-        f"model.cache_dir={ROOT / '.cache' / 'rlextra'}",
+        *run_overrides(name, out, f"sqlite:///{out}/mlflow.db", ROOT / ".cache" / "rlextra"),
     ]
     summary = run_job(compose(overrides), f"{out}/{name}")
     return summary["eval_accuracy_after"]
