@@ -8,6 +8,7 @@ partial trend); lookahead (SFPO) checkpointed between two of its steps (the entr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,19 +91,32 @@ def _run(cmd, log: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
+def _spawn(cmd, log_file) -> subprocess.Popen:
+    """The job in a session of its own, so that `_kill` reaches every process it starts."""
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the job's session: the driver and every Ray process it started (none left is fine)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _start_and_kill_after(cmd, checkpoint: Path, log: Path) -> None:
     """Run `cmd` until `checkpoint` holds its RL-Extra state, then SIGKILL the job and every process it started."""
     marker = checkpoint / "rlextra_state.json"  # m = 3: rl_step_4 is one step into cycle 2 (steps 4-6)
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _spawn(cmd, f)
         try:
             deadline = time.time() + 600
             while not marker.exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.02)
             assert marker.exists(), log.read_text()[-4000:]
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
-            proc.wait()
+            _kill(proc)
 
 
 def _weights(hf_dir: Path) -> dict:
@@ -122,23 +136,14 @@ def test_killed_mid_cycle_and_resumed_equals_uninterrupted(toy_model_path, cache
     # most of a 7-step job's time, overlaps.
     ref_out, ref_db = tmp_path / "ref", tmp_path / "ref.db"
     with open(tmp_path / "ref.log", "w") as ref_log:
-        ref = subprocess.Popen(
-            _command(cache_dir, tmp_path, ref_out, ref_db, strategy),
-            cwd=ROOT,
-            env=_env(),
-            stdout=ref_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        ref = _spawn(_command(cache_dir, tmp_path, ref_out, ref_db, strategy), ref_log)
         try:
             out, db = tmp_path / "killed", tmp_path / "killed.db"
             cmd = _command(cache_dir, tmp_path, out, db, strategy)
             _start_and_kill_after(cmd, out / "checkpoints" / "rl_step_4", tmp_path / "first.log")
             assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-4000:]
         finally:
-            if ref.poll() is None:
-                os.killpg(ref.pid, signal.SIGKILL)
-                ref.wait()
+            _kill(ref)
     assert not (out / "summary.json").exists(), "the job finished before it was killed: nothing was tested"
     assert not (out / "checkpoints" / "rl_step_6").exists()
 
