@@ -18,6 +18,9 @@ Choices, each a function below:
 - `gain_area`: area between the curve and the warm-start accuracy over [0, budget] real steps (trapezoids).
 - `is_unstable`: a non-finite loss, or a final accuracy more than `drop` below the run's best eval (the warm start
   included, so a run that ends well below where it started is unstable too).
+- `ends_below`: the issue's "never ends below GRPO" test: a run's final accuracy is below the reference's by more
+  than one eval standard error, √(p (1 − p) / prompts) at the reference's final p (an Avg@k over k samples per
+  prompt varies no more than one sample does, so this SE is an upper bound).
 - `bracket`: an lr grid's best stable lr is bracketed when the lr on each side of it in the grid is worse or
   unstable; otherwise the next lr to try lies one `factor` beyond the open edge of the grid. `grow_grid` adds such
   lrs one at a time until the best is bracketed or a limit is reached, and says why it stopped.
@@ -182,6 +185,16 @@ def gain_area(curve: Sequence[Point], warm_start: float) -> float:
 def area_ratio(candidate: float, reference: float) -> float | None:
     """candidate's gain area ÷ the reference's; None when the reference gained nothing (the ratio means nothing)."""
     return candidate / reference if reference > 0 else None
+
+
+def eval_se(acc: float, prompts: int) -> float:
+    """One standard error of an eval's accuracy `acc` over `prompts` prompts (binomial)."""
+    return math.sqrt(max(acc * (1.0 - acc), 0.0) / prompts)
+
+
+def ends_below(final: float, reference_final: float, prompts: int) -> bool:
+    """Does a run end below the reference by more than one eval standard error at the reference's accuracy?"""
+    return reference_final - final > eval_se(reference_final, prompts)
 
 
 def is_unstable(curve: Sequence[Point], drop: float, finite_loss: bool = True) -> bool:

@@ -23,7 +23,9 @@ The protocol (its arithmetic is bench/savings.py, unit-tested in tests/test_step
    An arm that never reaches the target is censored at the budget: its ratio is a bound (savings.ratio_bounds) and
    enters the median as one (`value` is the median of the lower ends, `value_upper` of the upper ends, `value_kind`
    says which). Beside it: `same_lr_ratio` (vs GRPO at the strategy's own lr: the paper's claim), `auc_ratio`
-   (gain areas over real steps), `final_acc_delta` (at the budget), `wall_ratio` (compute seconds to the target),
+   (gain areas over real steps), `final_acc_delta` (at the budget), `ends_below_grpo_best` (the report seeds where
+   it ends more than one eval standard error below GRPO-best: savings.ends_below), `wall_ratio` (compute seconds to
+   the target),
    `cycle_overhead_frac` (extrapolation-phase seconds ÷ RL-step seconds).
 
 Cadence and budget: every arm is evaluated every c real steps on the same held-out eval set (--eval-prompts; the
@@ -72,6 +74,7 @@ from savings import (
     Point,
     area_ratio,
     build_curve,
+    ends_below,
     finite_or_none,
     first_hit,
     gain_area,
@@ -581,10 +584,15 @@ def median_known(xs: list[float | None]) -> float | None:
 
 
 def strategy_row(
-    lr: float, targets: dict[int, float], grpo_best: dict[int, Run], same: dict[int, Run], mine: dict[int, Run]
+    lr: float,
+    targets: dict[int, float],
+    grpo_best: dict[int, Run],
+    same: dict[int, Run],
+    mine: dict[int, Run],
+    eval_prompts: int,
 ) -> dict:
     """One strategy on the report seeds against GRPO-best and GRPO at the strategy's lr: every number per seed, and
-    its median over the seeds."""
+    its median over the seeds; `ends_below_grpo_best`: the seeds where it ends more than one eval SE below."""
     per_seed = {}
     for seed, t in targets.items():
         g, q, r = grpo_best[seed], same[seed], mine[seed]
@@ -599,6 +607,7 @@ def strategy_row(
             "auc_ratio": area_ratio(gain_area(r.curve, g.warm_start), gain_area(g.curve, g.warm_start)),
             "final_acc_delta": r.final - g.final,
             "final_acc_delta_same_lr": r.final - q.final,
+            "ends_below_grpo_best": ends_below(r.final, g.final, eval_prompts),
         }
     projections = [p for r in mine.values() for p in r.projections]
     made = [p for p in projections if p["outcome"] == "made"]
@@ -612,6 +621,7 @@ def strategy_row(
         "auc_ratio": median_known(column("auc_ratio")),
         "final_acc_delta": statistics.median(column("final_acc_delta")),
         "final_acc_delta_same_lr": statistics.median(column("final_acc_delta_same_lr")),
+        "ends_below_grpo_best": [seed for seed, v in per_seed.items() if v["ends_below_grpo_best"]],
         "cycle_overhead_frac": sum(r.phase_s for r in mine.values()) / sum(r.step_s for r in mine.values()),
         "projections": {k: sum(p["outcome"] == k for p in projections) for k in ("made", "skipped", "rolled_back")},
         "acc_jump_per_projection": statistics.mean(p["acc_after"] - p["acc_before"] for p in made) if made else None,
@@ -646,15 +656,17 @@ def print_report(settings: Settings, grids: dict[str, Grid], grpo_best: dict[int
     )
     print(
         f"{'strategy':<22}{'lr':>8}  {'vs GRPO-best':>12}  {'per seed':<22}{'same lr':>9}  {'auc':>5}  "
-        f"{'final Δ':>7}  {'wall':>6}  {'overhead':>8}  made/skipped/rolled back"
+        f"{'final Δ':>7}  {'below':>5}  {'wall':>6}  {'overhead':>8}  made/skipped/rolled back"
     )
     for arm, row in rows.items():
         per_seed = " ".join(str(v["ratio"]) for v in row["per_seed"].values())
         auc = "-" if row["auc_ratio"] is None else f"{row['auc_ratio']:.2f}"
         p = row["projections"]
+        below = len(row["ends_below_grpo_best"])
         print(
             f"{('* ' if arm == chosen else '  ') + arm:<22}{row['lr']:>8.3g}  {str(row['ratio']):>12}  {per_seed:<22}"
-            f"{str(row['same_lr_ratio']):>9}  {auc:>5}  {row['final_acc_delta']:>+7.3f}  {str(row['wall_ratio']):>6}  "
+            f"{str(row['same_lr_ratio']):>9}  {auc:>5}  {row['final_acc_delta']:>+7.3f}  {below:>5}  "
+            f"{str(row['wall_ratio']):>6}  "
             f"{row['cycle_overhead_frac']:>8.1%}  {p['made']}/{p['skipped']}/{p['rolled_back']}",
             flush=True,
         )
@@ -749,7 +761,7 @@ def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
             continue
         mine = {seed: runs.get(arm, lr, seed) for seed in s.seeds}
         same = {seed: runs.get(GRPO, lr, seed) for seed in s.seeds}
-        rows[arm] = strategy_row(lr, targets, grpo_best, same, mine)
+        rows[arm] = strategy_row(lr, targets, grpo_best, same, mine, s.eval_prompts)
         arms[arm] = {"C0": (f"GRPO-best (lr {lr_best:.3g})", grpo_best), "C3": (f"{arm} (lr {lr:.3g})", mine)}
         if lr != lr_best:
             arms[arm]["C2"] = (f"GRPO at lr {lr:.3g}", same)
@@ -774,6 +786,7 @@ def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
             "same_lr_goal": 6,
             "auc_ratio": head.get("auc_ratio"),
             "final_acc_delta": head.get("final_acc_delta"),
+            "ends_below_grpo_best": head.get("ends_below_grpo_best"),
             "wall_ratio": pick("wall_ratio"),
             "wall_ratio_upper": pick("wall_ratio", "hi"),
             "cycle_overhead_frac": head.get("cycle_overhead_frac"),

@@ -26,6 +26,8 @@ from savings import (  # noqa: E402  (bench/ is not a package: it is put on the 
     area_ratio,
     bracket,
     build_curve,
+    ends_below,
+    eval_se,
     finite_or_none,
     first_hit,
     gain_area,
@@ -147,6 +149,14 @@ def test_gain_area_is_the_trapezoid_area_above_the_warm_start():
     assert gain_area(curve((0, 0.4), (10, 0.3)), 0.4) == pytest.approx(-0.5)
     assert area_ratio(4.0, 2.0) == 2.0
     assert area_ratio(4.0, 0.0) is None  # the reference gained nothing: no ratio
+
+
+def test_ending_below_grpo_means_more_than_one_eval_standard_error_at_grpos_final():
+    assert eval_se(0.96, 500) == pytest.approx(0.008764, abs=1e-6)  # √(0.96 · 0.04 / 500)
+    assert ends_below(0.957, 0.9745, 500)  # toy_skills seed 2: 0.0175 below, SE 0.0070
+    assert not ends_below(0.968, 0.9745, 500)  # 0.0065 below: within one SE
+    assert not ends_below(0.99, 0.9745, 500)  # above
+    assert not ends_below(1.0, 1.0, 500) and ends_below(0.99, 1.0, 500)  # p = 1: SE 0, any deficit counts
 
 
 def test_unstable_means_a_non_finite_loss_or_a_final_well_below_the_runs_best():
