@@ -101,17 +101,13 @@ class ExtrapolationPolicy:
             return False, f"median sampled R² {r2_median:.3f} < {self.cfg.monitor_r2} (monitor)"
         return True, ""
 
-    def betas(self, first_cycle: bool = False) -> list[float]:
-        """The coefficients to try this cycle: β > 1 (extrapolate, rank1), 0 < α ≤ 1 (lookahead). first_cycle: no
-        previous displacement; adaptive / auto scale the candidates to `first_cycle_beta` when it is set."""
+    def betas(self) -> list[float]:
+        """The coefficients to try this cycle: β > 1 (extrapolate, rank1), 0 < α ≤ 1 (lookahead)."""
         if self.cfg.beta_mode not in ("adaptive", "auto"):
             return [self.beta_max]
-        largest = self.beta_max
-        if first_cycle and self.cfg.first_cycle_beta is not None and not self.lookahead:
-            largest = min(largest, self.cfg.first_cycle_beta)
-        tried = [largest * f for f in self.cfg.candidates]
+        tried = [self.beta_max * f for f in self.cfg.candidates]
         keep = [b for b in tried if (0.0 < b <= 1.0 if self.lookahead else b > 1.0)]
-        return sorted({round(b, 6) for b in keep}) or [largest]
+        return sorted({round(b, 6) for b in keep}) or [self.beta_max]
 
     # ---------------------------------------------------------------------------------------- decisions
 
@@ -302,7 +298,7 @@ class ExtrapolatorActor:
                 base = self.groups.sequence_logp(batch)
             validation = (batch, prompt_index, rewards, base)
             record.val_reward_before = float(rewards.mean())
-        betas = policy.betas(first_cycle=math.isnan(cs.drift_share))
+        betas = policy.betas()
         level = cfg.validation_fpr / len(betas)  # Bonferroni: a phase keeps a null candidate with prob <= fpr
         tried: list[Candidate] = []
         stats = None

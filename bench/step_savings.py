@@ -108,16 +108,6 @@ STRATEGIES = {
         "schedule.selection=top_elements",
         "schedule.selection_fraction=0.05",
     ],
-    # the same, its first cycle (linearity evidence: the cycle's own two halves) capped at β = 2
-    "auto-first2-m5n15-top5": [
-        "schedule=rl_extra",
-        "schedule.m=5",
-        "schedule.n=15",
-        "schedule.beta_mode=auto",
-        "schedule.selection=top_elements",
-        "schedule.selection_fraction=0.05",
-        "schedule.first_cycle_beta=2",
-    ],
     # AlphaRL / RELEX: every matrix moved along the rank-1 direction of its cycle update, stretched by β = 4
     "rank1-m5n15": [
         "schedule=rl_extra",
@@ -136,8 +126,6 @@ STRATEGIES = {
         "schedule.lookahead_alpha=0.8",
     ],
 }
-# The default session's rows (the others run when named)
-DEFAULT_STRATEGIES = ["extra-m5n15-top5", "auto-m5n15-top5", "rank1-m5n15", "lookahead-k3"]
 EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after a skipping row's own: every phase is evaluated
 # What the protocol sets for every run: a --task override may not touch these.
 PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir") + tuple(
@@ -845,7 +833,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--task", nargs="+", default=["toy_add"], help="a data preset name and/or data/model overrides")
     ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
-    ap.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, help=f"rows of {list(STRATEGIES)}")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"rows of {list(STRATEGIES)}")
     ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
     ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="each strategy's")
     ap.add_argument("--steps", type=int, help="the budget in real steps (default: 8 x the latest first projection)")

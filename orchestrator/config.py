@@ -449,9 +449,6 @@ class ScheduleConfig:
     # adaptive/auto: fractions of the largest β to try (extrapolate / rank1: those giving β > 1; lookahead: α·f <= 1);
     # each is kept only if the validation test accepts it against not moving
     candidates: list[float] = listed(lambda: [0.5, 1.0])
-    # adaptive/auto, extrapolate / rank1: the largest β tried in a cycle with no previous displacement (the first),
-    # whose only linearity evidence is its own two halves (null: as every cycle)
-    first_cycle_beta: float | None = number(None, gt=1)
     # auto (extrapolate / rank1): minimum drift share, the cosine of consecutive displacements (the first cycle: of its
     # two halves)
     monitor_threshold: float = number(0.7, ge=-1, le=1)

@@ -58,17 +58,6 @@ def test_line_search_candidates():
     assert la.betas() == [0.4, 0.8]  # α candidates stay in (0, 1]: 1.2 would move past the fast weights
 
 
-def test_first_cycle_candidates_scale_to_first_cycle_beta():
-    p = policy(beta_mode="auto", m=5, n=15, first_cycle_beta=2.0)  # β_max 4, candidates 0.5 and 1
-    assert p.betas() == [2.0, 4.0] and p.betas(first_cycle=True) == [2.0]  # 0.5 · 2 = 1 is not a candidate
-    assert policy(beta_mode="auto", m=5, n=15).betas(first_cycle=True) == [2.0, 4.0]  # null: as every cycle
-    capped = policy(beta_mode="auto", m=5, n=5, first_cycle_beta=3.0)  # β_max 2
-    assert capped.betas(first_cycle=True) == [2.0]  # never above β_max
-    assert policy(beta_mode="fixed", beta=4.0, first_cycle_beta=2.0).betas(first_cycle=True) == [4.0]  # fixed: as set
-    with pytest.raises(ValueError, match="schedule.first_cycle_beta"):
-        policy(beta_mode="auto", first_cycle_beta=1.0)  # β = 1 is not moving
-
-
 def test_auto_gate_needs_drift_share_and_optional_r2():
     p = policy(beta_mode="auto", monitor_threshold=0.7)
     assert p.gate(0.8, math.nan, math.nan) == (True, "")

@@ -249,14 +249,13 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
     """Budget 8 × the latest first projection (step 5 at m = 5: `auto` gates cycle 1 on its halves), an eval every m
     on 500 prompts; skipping arms are evaluated around their phases instead of by the job's periodic eval, lookahead
     (a reposition inside every step) on GRPO's cadence."""
-    from step_savings import DEFAULT_STRATEGIES, Runs, Store, make_plan, parse_args
+    from step_savings import STRATEGIES, Runs, Store, make_plan, parse_args
 
     plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db")]))
     s = plan.settings
     assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (40, 5, 500, [])
     assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
-    assert set(s.strategies) == set(DEFAULT_STRATEGIES)
-    assert set(plan.cycles) == set(DEFAULT_STRATEGIES) - {"lookahead-k3"}
+    assert set(s.strategies) == set(STRATEGIES) and set(plan.cycles) == set(STRATEGIES) - {"lookahead-k3"}
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
     grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
     extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
