@@ -25,8 +25,7 @@ The protocol (its arithmetic is bench/savings.py, unit-tested in tests/test_step
    says which). Beside it: `same_lr_ratio` (vs GRPO at the strategy's own lr: the paper's claim), `auc_ratio`
    (gain areas over real steps), `final_acc_delta` (at the budget), `ends_below_grpo_best` (the report seeds where
    it ends more than one eval standard error below GRPO-best: savings.ends_below), `wall_ratio` (compute seconds to
-   the target),
-   `cycle_overhead_frac` (extrapolation-phase seconds ÷ RL-step seconds).
+   the target), `cycle_overhead_frac` (extrapolation-phase seconds ÷ RL-step seconds).
 
 Cadence and budget: every arm is evaluated every c real steps on the same held-out eval set (--eval-prompts; the
 toy task's eval split is disjoint from its RL split), c = the gcd of the strategies' cycle lengths m, and RL-Extra
