@@ -20,34 +20,15 @@ beside it): a share near 0 is a sub-skill the run has not found.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
-from common import ROOT, emit, run_overrides
-from step_savings import STRATEGIES, BenchError, OneLineParser, code_version, task_overrides
+from common import emit
+from step_savings import STRATEGIES, BenchError, OneLineParser, code_version, run_cli, task_overrides
+from trajectory_noise import train_run
 
 GRPO = ["schedule=rl"]
-
-
-def train(task: list[str], schedule: list[str], lr: float, seed: int, steps: int, name: str, out: str) -> dict:
-    """One run to `steps` real steps with its final checkpoint; the job's summary."""
-    from orchestrator.config import compose
-    from orchestrator.train import run_job
-
-    overrides = [
-        *task_overrides(tuple(task)),
-        *schedule,
-        f"learner.lr={lr:.6g}",
-        f"seed={seed}",
-        f"trainer.total_steps={steps}",
-        "trainer.eval_every=0",
-        "trainer.resume=never",
-        *run_overrides(name, out, f"sqlite:///{out}/mlflow.db", ROOT / ".cache" / "rlextra"),
-        "trainer.save_final=true",
-    ]
-    return run_job(compose(overrides), f"{out}/{name}")
 
 
 def skills_task(task: list[str], seed: int):
@@ -108,7 +89,8 @@ def main() -> dict:
         for seed in args.seeds:
             for arm, schedule in arms.items():
                 for n in steps:
-                    summary = train(args.task, schedule, args.lr, seed, n, f"{arm}-seed{seed}-steps{n}", out)
+                    name = f"{arm}-seed{seed}-steps{n}"
+                    summary = train_run(args.task, schedule, args.lr, seed, n, name, out, ["trainer.save_final=true"])
                     shares = careful_shares(summary["final_checkpoint"], args.task, seed)
                     table[arm].setdefault(str(seed), {})[str(n)] = {
                         "eval_acc": round(summary["eval_accuracy_after"], 4),
@@ -145,8 +127,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:  # bad input: one line, exit code 2
-        print(f"skill_shares: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli("skill_shares", main)

@@ -827,6 +827,15 @@ class OneLineParser(argparse.ArgumentParser):
         raise BenchError(message)
 
 
+def run_cli(name: str, main) -> None:
+    """Run a bench's `main`; bad input (BenchError) is one line on stderr and exit code 2, no traceback."""
+    try:
+        main()
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = OneLineParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", nargs="+", default=["toy_add"], help="a data preset name and/or data/model overrides")
@@ -899,8 +908,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:
-        print(f"step_savings: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli("step_savings", main)

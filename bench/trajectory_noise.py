@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
 from common import ROOT, emit, run_overrides
-from step_savings import BenchError, OneLineParser, code_version, task_overrides
+from step_savings import OneLineParser, code_version, run_cli, task_overrides
 
 
-def final_accuracy(
-    task: list[str], schedule: list[str], lr: float, seed: int, steps: int, eval_prompts: int, out: str
-) -> float:
+def train_run(
+    task: list[str], schedule: list[str], lr: float, seed: int, steps: int, name: str, out: str, extra: list[str] = ()
+) -> dict:
+    """One run from the warm start to `steps` real steps with one eval at the end (and `extra` overrides, applied
+    last); the job's summary."""
     from orchestrator.config import compose
     from orchestrator.train import run_job
 
-    name = f"lr{lr:.4g}-seed{seed}"
     overrides = [
         *task_overrides(tuple(task)),
         *schedule,
@@ -47,11 +47,18 @@ def final_accuracy(
         f"seed={seed}",
         f"trainer.total_steps={steps}",
         "trainer.eval_every=0",
-        f"trainer.eval_prompts={eval_prompts}",
         "trainer.resume=never",
         *run_overrides(name, out, f"sqlite:///{out}/mlflow.db", ROOT / ".cache" / "rlextra"),
+        *extra,
     ]
-    summary = run_job(compose(overrides), f"{out}/{name}")
+    return run_job(compose(overrides), f"{out}/{name}")
+
+
+def final_accuracy(
+    task: list[str], schedule: list[str], lr: float, seed: int, steps: int, eval_prompts: int, out: str
+) -> float:
+    name = f"lr{lr:.4g}-seed{seed}"
+    summary = train_run(task, schedule, lr, seed, steps, name, out, [f"trainer.eval_prompts={eval_prompts}"])
     return summary["eval_accuracy_after"]
 
 
@@ -105,8 +112,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BenchError as exc:  # bad input: one line, exit code 2
-        print(f"trajectory_noise: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_cli("trajectory_noise", main)
