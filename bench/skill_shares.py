@@ -8,7 +8,10 @@ For GRPO and one other arm (`--schedule`, default the `auto` row of bench/step_s
 count, one run from the warm start to that many real steps (runs are deterministic, so a shorter run is the prefix of a
 longer one; one that ends on a cycle boundary stops before that cycle's projection), then, from its final checkpoint,
 per sub-skill: the **careful share**, the model's probability of the sub-skill's careful mode token right after its
-eval prompts (mean over them), beside the run's eval Avg@k.
+eval prompts (mean over them), and the **careful fidelity**, the share of 64 held-out problems (not eval prompts) it
+solves greedily when given the careful mode token (`toy_task.procedure_fidelity`) — whether a missing sub-skill is
+never chosen or chosen but carried out wrong (then its samples score 0 either way and GRPO gets no signal from
+them) — beside the run's eval Avg@k.
 
     python bench/skill_shares.py [--task toy_skills] [--schedule <overrides>] [--lr 4e-4] [--seeds 6]
                                  [--steps 30 55 120]
@@ -44,8 +47,9 @@ def skills_task(task: list[str], seed: int):
     return spec
 
 
-def careful_shares(checkpoint: str, task: list[str], seed: int) -> dict[str, float]:
-    """Per sub-skill, the mean probability of its careful mode token right after its eval prompts."""
+def skill_profile(checkpoint: str, task: list[str], seed: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per sub-skill, (the mean probability of its careful mode token right after its eval prompts, the share of
+    held-out problems it solves greedily after the careful mode token)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +70,8 @@ def careful_shares(checkpoint: str, task: list[str], seed: int) -> dict[str, flo
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
         shares[skill] = float(logits[:, -1].float().softmax(-1)[:, careful_id].mean())
-    return shares
+    fidelity = {k: v["careful"] for k, v in toy_task.procedure_fidelity(model, tok, spec, seed).items()}
+    return shares, fidelity
 
 
 def main() -> dict:
@@ -91,16 +96,18 @@ def main() -> dict:
                 for n in steps:
                     name = f"{arm}-seed{seed}-steps{n}"
                     summary = train_run(args.task, schedule, args.lr, seed, n, name, out, ["trainer.save_final=true"])
-                    shares = careful_shares(summary["final_checkpoint"], args.task, seed)
+                    shares, fidelity = skill_profile(summary["final_checkpoint"], args.task, seed)
                     table[arm].setdefault(str(seed), {})[str(n)] = {
                         "eval_acc": round(summary["eval_accuracy_after"], 4),
                         "careful_share": {k: round(v, 4) for k, v in shares.items()},
+                        "careful_fidelity": {k: round(v, 4) for k, v in fidelity.items()},
                     }
                     low = min(shares, key=shares.get)
                     print(
                         f"{arm} seed {seed} step {n}: eval {summary['eval_accuracy_after']:.4f}; careful share "
                         + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
-                        + f" (lowest {low})",
+                        + f" (lowest {low}); careful fidelity "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in fidelity.items()),
                         flush=True,
                     )
     last = str(steps[-1])
