@@ -98,7 +98,7 @@ STRATEGIES = {
         "schedule.selection=top_elements",
         "schedule.selection_fraction=0.05",
     ],
-    # the default policy: monitor gate + validation line search over β ∈ {2, 4}, same selection
+    # schedule=rl_extra's auto policy: monitor gate + validation line search over β ∈ {2, 4}, same selection
     "auto-m5n15-top5": [
         "schedule=rl_extra",
         "schedule.m=5",
@@ -115,7 +115,8 @@ STRATEGIES = {
         "schedule.n=15",
         "schedule.beta_mode=schedule",
     ],
-    # SFPO: 3 fast steps per rollout batch, reposition W ← S + 0.8 (W − S), one slow correction (its defaults)
+    # SFPO: 3 fast steps per rollout batch, reposition W ← S + 0.8 (W − S), one slow correction (its defaults; the
+    # job's default schedule, conf/schedule/lookahead.yaml)
     "lookahead-k3": [
         "schedule=rl_extra",
         "schedule.strategy=lookahead",

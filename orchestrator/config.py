@@ -619,7 +619,7 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"  # view with: mlflow ui --backend-store-uri sqlite:///mlflow.db
     experiment: str = "rlextra"  # experiment name
-    run_name: str | None = None  # null = "<algo>-<schedule>[-<beta_mode>]-<data>-<timestamp>"
+    run_name: str | None = None  # null = "<algo>-<schedule>[-<strategy>][-<beta_mode>]-<data>-<timestamp>"
 
 
 @dataclass
@@ -787,8 +787,9 @@ class JobConfig:
         s = self.schedule
         if tr.off_policy_steps and s.name == "rl_extra" and s.strategy == "lookahead":
             raise ConfigError(
-                "trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead (its reposition and slow step "
-                f"work on the batch of their own step's weights), got {tr.off_policy_steps}"
+                "trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead (the default schedule; its "
+                "reposition and slow step work on the batch of their own step's weights; schedule=rl_extra or "
+                f"schedule=rl take a batch in flight), got {tr.off_policy_steps}"
             )
         validating = s.name == "rl_extra" and s.needs_validation
         if validating and r.top_p != 1.0:

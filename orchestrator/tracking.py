@@ -5,9 +5,10 @@ The store is `tracking.tracking_uri` (default `sqlite:///mlflow.db` in the launc
 
 The experiment carries MLflow's experiment-kind tag for model training (`mlflow.experimentKind`; MLflow 3.17's UI
 still opens on its GenAI side until the user picks "Model training", see the README). A job's run is named by what
-tells runs apart in the runs table: algorithm, schedule (with RL-Extra's β strategy), data and start time, e.g.
-`grpo-rl_extra-auto-toy_add2-20260101-120000` next to `grpo-rl-toy_add2-20260101-130000`; `tracking.run_name`
-overrides it.
+tells runs apart in the runs table: algorithm, schedule (with RL-Extra's strategy and β mode), data and start time,
+e.g. `grpo-rl_extra-lookahead-fixed-toy_add2-20260101-120000` (the default) next to
+`grpo-rl_extra-auto-toy_add2-20260101-130000` (`schedule=rl_extra`) and `grpo-rl-toy_add2-20260101-140000`;
+`tracking.run_name` overrides it.
 """
 
 from __future__ import annotations
@@ -160,8 +161,11 @@ class Tracker:
 
 
 def default_run_name(cfg) -> str:
-    """`<algo>-<schedule>[-<beta_mode>]-<data>-<start time>`; the β strategy only for RL-Extra."""
-    schedule = cfg.schedule.name if cfg.schedule.name == "rl" else f"{cfg.schedule.name}-{cfg.schedule.beta_mode}"
+    """`<algo>-<schedule>[-<strategy>][-<beta_mode>]-<data>-<start time>`: RL-Extra's strategy (unless the paper's
+    `extrapolate`) and β mode, e.g. `grpo-rl_extra-lookahead-fixed-toy_add2-…`, `grpo-rl_extra-auto-toy_add2-…`."""
+    s = cfg.schedule
+    strategy = "" if s.strategy == "extrapolate" else f"-{s.strategy}"
+    schedule = s.name if s.name == "rl" else f"{s.name}{strategy}-{s.beta_mode}"
     return f"{cfg.algo.name}-{schedule}-{_data_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -7,7 +7,9 @@
 One RL step: prompts → rollouts (vLLM, behaviour log-probs at the sampling temperature) → rewards (verifiers,
 scored in parallel worker processes) → advantages (GRPO by default) → one optimizer step on the learner group
 (DeepSpeed ZeRO, micro-batched) → weight sync to every rollout engine (bucketed, versioned) → metrics.
-With `schedule=rl_extra` (the default) every m-th step ends with an extrapolation phase (orchestrator/rl_extra.py).
+RL-Extra (orchestrator/rl_extra.py) is on by default with the `lookahead` strategy (conf/schedule/lookahead.yaml:
+SFPO's fast steps and reposition inside every step); `schedule=rl_extra` ends every m-th step with the paper's
+extrapolation phase.
 
 Choices:
 - One optimizer step per rollout batch, and the behaviour log-probs from vLLM are the PPO `old_logp` (the learner

@@ -315,14 +315,28 @@ def test_required_value_left_unset_is_named(tmp_path):
         validate(cfg)
 
 
+def test_the_default_schedule_is_sfpo_lookahead_and_rl_extra_the_papers_auto():
+    """conf/schedule/lookahead.yaml is the job's default: the strategy, SFPO's settings, its fixed α and entropy switch
+    (the bench row `lookahead-k3` measured); `schedule=rl_extra` is back to the ScheduleConfig defaults."""
+    from orchestrator.config import ScheduleConfig, validate
+
+    default = validate(compose_cfg([])).schedule
+    assert (default.name, default.strategy, default.m, default.beta_mode) == ("rl_extra", "lookahead", 1, "fixed")
+    assert (default.lookahead_steps, default.lookahead_alpha, default.entropy_z) == (3, 0.8, 1.0)
+    assert not default.needs_validation and default.schedule_beta == 0.8
+    paper = validate(compose_cfg(["schedule=rl_extra"])).schedule
+    assert paper == ScheduleConfig()
+    assert (paper.strategy, paper.beta_mode, paper.m, paper.n) == ("extrapolate", "auto", 10, 30)
+
+
 def test_lookahead_does_not_take_a_batch_in_flight():
     from orchestrator.config import ConfigError, validate
 
-    lookahead = ["schedule=rl_extra", "schedule.strategy=lookahead", "schedule.m=1", "schedule.beta_mode=fixed"]
-    validate(compose_cfg([*lookahead, "trainer.off_policy_steps=0"]))
+    validate(compose_cfg(["trainer.off_policy_steps=0"]))  # the default schedule is lookahead
     validate(compose_cfg(["schedule=rl_extra", "trainer.off_policy_steps=1"]))
+    validate(compose_cfg(["schedule=rl", "trainer.off_policy_steps=1"]))
     with pytest.raises(ConfigError, match=r"^trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead"):
-        validate(compose_cfg([*lookahead, "trainer.off_policy_steps=1"]))
+        validate(compose_cfg(["trainer.off_policy_steps=1"]))
 
 
 def test_min_tokens_above_max_tokens_is_refused():

@@ -29,9 +29,14 @@ def run_name(t: Tracker) -> str:
 
 
 def test_run_names_tell_schedules_strategies_and_data_apart(tmp_path):
-    assert re.fullmatch(f"grpo-rl_extra-auto-toy_add2-{STAMP}", run_name(tracker(tmp_path)))
+    assert re.fullmatch(f"grpo-rl_extra-lookahead-fixed-toy_add2-{STAMP}", run_name(tracker(tmp_path)))
+    assert re.fullmatch(f"grpo-rl_extra-auto-toy_add2-{STAMP}", run_name(tracker(tmp_path, "schedule=rl_extra")))
     assert re.fullmatch(f"grpo-rl-toy_add2-{STAMP}", run_name(tracker(tmp_path, "schedule=rl")))
-    named = tracker(tmp_path, "algo=gspo", "schedule.beta_mode=adaptive", "data=toy_mul", "data.toy.digits=3")
+    rank1 = tracker(tmp_path, "schedule=rl_extra", "schedule.strategy=rank1")
+    assert re.fullmatch(f"grpo-rl_extra-rank1-auto-toy_add2-{STAMP}", run_name(rank1))
+    named = tracker(
+        tmp_path, "algo=gspo", "schedule=rl_extra", "schedule.beta_mode=adaptive", "data=toy_mul", "data.toy.digits=3"
+    )
     assert re.fullmatch(f"gspo-rl_extra-adaptive-toy_mul3-{STAMP}", run_name(named))
     assert re.fullmatch(f"grpo-rl-toy_code-{STAMP}", run_name(tracker(tmp_path, "schedule=rl", "data=toy_code")))
     hf = ["model=hf", f"model.path={tmp_path}", "rollout.max_model_len=2048"]
@@ -42,9 +47,9 @@ def test_run_names_tell_schedules_strategies_and_data_apart(tmp_path):
         f"data.train_files=[{tmp_path / 'gsm8k_train.jsonl'},{tmp_path / 'more.jsonl'}]",
         f"data.eval_files={tmp_path / 'test.jsonl'}",
     )
-    assert re.fullmatch(f"grpo-rl_extra-auto-gsm8k_train-{STAMP}", run_name(files))
+    assert re.fullmatch(f"grpo-rl_extra-lookahead-fixed-gsm8k_train-{STAMP}", run_name(files))
     hub = tracker(tmp_path, *hf, "data=hub", "data.hub_id=org/MATH-lighteval")
-    assert re.fullmatch(f"grpo-rl_extra-auto-MATH-lighteval-{STAMP}", run_name(hub))
+    assert re.fullmatch(f"grpo-rl_extra-lookahead-fixed-MATH-lighteval-{STAMP}", run_name(hub))
     assert run_name(tracker(tmp_path, "tracking.run_name=my-baseline")) == "my-baseline"
 
 
