@@ -28,7 +28,8 @@ The protocol (its arithmetic is bench/savings.py, unit-tested in tests/test_step
    the target), `cycle_overhead_frac` (extrapolation-phase seconds ÷ RL-step seconds).
 
 Cadence and budget: every arm is evaluated every c real steps on the same held-out eval set (--eval-prompts; the
-toy task's eval split is disjoint from its RL split), c = the gcd of the strategies' cycle lengths m, and RL-Extra
+toy task's eval split is disjoint from its RL split; toy_skills' also from its warm start's data, while toy_add's warm
+start has seen every eval prompt: README, RL-Extra), c = the gcd of the strategies' cycle lengths m, and RL-Extra
 arms also around every extrapolation phase (`schedule.eval_around_projection`: an eval before the phase, and one
 after it when it projected; the job's own periodic eval at a cycle boundary would re-evaluate the post-projection
 weights, so RL-Extra arms set `trainer.eval_every` only when c < m). The default budget is 8 × the latest step at

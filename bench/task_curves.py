@@ -9,7 +9,8 @@ every `--eval-every` steps on the task's held-out split (500 prompts, 4 samples 
 Reported: per lr the seed-mean curve, best and final accuracy, the step the seed-mean curve first reaches 90 % of
 its own rise (how gradual it is) and the monitor's median readings; GRPO's best lr (highest seed-mean final
 accuracy) and whether it is interior to the grid (a larger lr does worse); the warm-start accuracy per seed
-(step 0 of each run, plus `--warm-seeds` evaluated without training).
+(step 0 of each run, plus `--warm-seeds` evaluated without training). `--plot` draws the curves per lr (seed mean
+and range).
 
     python bench/task_curves.py [--data toy_skills] [--lrs 5e-5,1e-4,2e-4,4e-4,8e-4] [--seeds 0,1] [--steps 200]
                                 [--warm-seeds 0-9] [--set data.toy.careful_shares=[...] ...] [--reuse] [--report-only]
@@ -26,9 +27,11 @@ import hashlib
 import json
 import statistics
 import tempfile
+from pathlib import Path
 
 import common  # noqa: F401
 from common import RESULTS, ROOT, emit, run_overrides, start_ray
+from step_savings import code_version
 
 EXPERIMENT = "bench-task-curves"
 MONITOR = ["schedule=rl_extra", "schedule.beta_mode=schedule", "schedule.m=10", "schedule.n=0"]
@@ -129,6 +132,36 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def plot(path, data: str, per_lr: dict, runs_by_lr: dict, best_lr: str) -> None:
+    """GRPO's eval curve per lr: the seed mean (line) and the range over seeds (band); the best lr drawn thicker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for lr, row in per_lr.items():
+        steps = [s for s, _ in row["curve"]]
+        per_seed = [[v for _, v in r["curve"]] for r in runs_by_lr[lr]]
+        lo, hi = (min(col) for col in zip(*per_seed)), (max(col) for col in zip(*per_seed))
+        (line,) = ax.plot(
+            steps,
+            [v for _, v in row["curve"]],
+            lw=2.5 if lr == best_lr else 1.2,
+            label=f"lr {lr}: final {row['final']}, 90 % of its rise at step {row['step_to_90pct_of_rise']}",
+        )
+        ax.fill_between(steps, list(lo), list(hi), color=line.get_color(), alpha=0.12)
+    ax.set_xlabel("GRPO steps")
+    ax.set_ylabel("eval Avg@4 (500 held-out prompts)")
+    ax.set_title(f"{data}: GRPO per learning rate, mean and range over {len(runs_by_lr[best_lr])} seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def seed_list(text: str) -> list[int]:
     if "-" in text:
         lo, hi = text.split("-")
@@ -147,6 +180,7 @@ def main() -> None:
     ap.add_argument("--warm-seeds", default="", help="more seeds whose warm start is only evaluated, e.g. 2-9")
     ap.add_argument("--report-only", action="store_true", help="report the runs already in the store")
     ap.add_argument("--reuse", action="store_true", help="train only the runs the store does not hold yet")
+    ap.add_argument("--plot", type=Path, help="where to draw the curves (default docs/img/task_curves_<data>.png)")
     args = ap.parse_args()
     lrs, seeds, warm_seeds = args.lrs.split(","), seed_list(args.seeds), seed_list(args.warm_seeds)
     grid = {(lr, s): run_name(args.data, args.set, lr, s, args.steps) for lr in lrs for s in seeds}
@@ -184,12 +218,16 @@ def main() -> None:
     print(f"warm-start Avg@4 per seed: {warm}")
     best_lr = max(lrs, key=lambda lr: per_lr[lr]["final"])
     interior = lrs.index(best_lr) not in (0, len(lrs) - 1)
+    args.plot = args.plot or ROOT / "docs" / "img" / f"task_curves_{args.data}.png"
+    plot(args.plot, args.data, per_lr, {lr: [found[grid[lr, s]] for s in seeds] for lr in lrs}, best_lr)
+    print(f"curves: {args.plot}")
     emit(
         {
             "metric": f"steps for GRPO at its best lr to reach 90% of its rise on {args.data}",
             "value": per_lr[best_lr]["step_to_90pct_of_rise"],
             "goal": ">= 150 steps, best lr interior to the grid, every seed's warm start usable",
             "overrides": args.set,
+            "code": code_version(),  # at report time (--reuse and --report-only do not check the stored runs' code)
             "best_lr": best_lr,
             "best_lr_interior": interior,
             "final_by_lr": {lr: per_lr[lr]["final"] for lr in lrs},

@@ -430,7 +430,12 @@ class ScheduleConfig:
 
     β modes (`beta_mode`): `fixed` (`beta`; lookahead: α) | `schedule` ((m+n)/m; lookahead: α) | `adaptive`
     (candidates × the largest β, each tested against not moving on the validation batch, the best accepted kept) |
-    `auto` (adaptive, and extrapolate / rank1 only when the linearity monitor says linear)."""
+    `auto` (adaptive, and extrapolate / rank1 only when the linearity monitor says linear).
+
+    These dataclass defaults are what `schedule=rl_extra` gives: the paper's extrapolate under `auto`, m 10, n 30.
+    The job's default is the preset `conf/schedule/lookahead.yaml` (strategy lookahead, m 1, beta_mode fixed), which
+    saved real steps and ended at or above GRPO at its best lr on every report seed measured (README, RL-Extra);
+    `schedule=rl` is plain RL."""
 
     name: str = choice("rl_extra", ("rl", "rl_extra"))
     strategy: str = choice("extrapolate", STRATEGIES)  # extrapolate | rank1 | lookahead (see the docstring)
