@@ -2,7 +2,7 @@
 
     python bench/step_savings.py                                   # the default protocol (<= 60 min, quiet 2 cores)
     python bench/step_savings.py --task toy_mul --tune-seeds 10 --seeds 11 12 13
-    python bench/step_savings.py --task data.toy.digits=3 --strategies extra-m5n15-top5
+    python bench/step_savings.py --task toy_add data.toy.digits=3 --steps 40 --strategies extra-m5n15-top5
     python bench/step_savings.py --steps 20 --tune-seeds 0 --seeds 1 2 3 --grpo-lrs 2e-4 --strategy-lrs 2e-4
     python bench/step_savings.py --report-only                     # the same report again, from the stored runs
 
@@ -32,8 +32,10 @@ toy task's eval split is disjoint from its RL split; toy_skills' also from its w
 start has seen every eval prompt: README, RL-Extra), c = the gcd of the strategies' cycle lengths m, and RL-Extra
 arms also around every extrapolation phase (`schedule.eval_around_projection`: an eval before the phase, and one
 after it when it projected; the job's own periodic eval at a cycle boundary would re-evaluate the post-projection
-weights, so RL-Extra arms set `trainer.eval_every` only when c < m). The default budget is 8 × the latest step at
-which a strategy's first projection can be evaluated (m: `auto` gates its first cycle on the cycle's two halves).
+weights, so RL-Extra arms set `trainer.eval_every` only when c < m). The budget is at least 8 × the latest step at
+which a strategy's first projection can be evaluated (m: `auto` gates its first cycle on the cycle's two halves; a
+smaller --steps is reported as a deviation); the default is 120 real steps on the default task, toy_skills, where
+GRPO rises over 50 to 150 steps (bench/task_curves.py). toy_add saturates within ~40 (--task toy_add --steps 40).
 Lookahead (SFPO) repositions inside every real step: it is evaluated on the same cadence as GRPO, not around each
 phase.
 Compute seconds (wall_ratio, the plot's time axis) count RL steps (`time/step_s`) and extrapolation phases (each
@@ -134,6 +136,10 @@ PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir"
 )
 DEFAULT_EVAL_EVERY = 5  # the cadence when no chosen strategy skips steps (lookahead alone)
 BUDGET_FACTOR = 8  # budget >= this × the latest first-projection step: the largest ratio the protocol can measure
+# The default task is toy_skills: its warm start never sees an eval prompt and is rebuilt when its procedures fail a
+# check, so every seed's is usable (toy_add breaks both: README, RL-Extra). Its GRPO rises over 50 (lr 4e-4) to 150
+# (1e-4) steps, so the default budget is 120 real steps, never less than BUDGET_FACTOR × the latest first projection.
+DEFAULT_TASK, DEFAULT_BUDGET = "toy_skills", 120
 MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
 CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
@@ -274,7 +280,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # the skipping strategies' cycle lengths set the common eval cadence (lookahead's m = 1 would mean an eval a step)
     cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies if skips_steps(STRATEGIES[arm])}
     latest_first = max(first_projection_step(cfgs[arm].schedule) for arm in args.strategies)
-    steps = args.steps or BUDGET_FACTOR * latest_first
+    steps = args.steps or max(DEFAULT_BUDGET, BUDGET_FACTOR * latest_first)
     data = cfgs[GRPO].data
     settings = Settings(
         task=task,
@@ -840,13 +846,17 @@ def run_cli(name: str, main) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = OneLineParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", nargs="+", default=["toy_add"], help="a data preset name and/or data/model overrides")
+    ap.add_argument("--task", nargs="+", default=[DEFAULT_TASK], help="a data preset name and/or data/model overrides")
     ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"rows of {list(STRATEGIES)}")
     ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
-    ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[5e-5, 1e-4, 2e-4], help="each strategy's")
-    ap.add_argument("--steps", type=int, help="the budget in real steps (default: 8 x the latest first projection)")
+    ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[1e-4, 2e-4, 4e-4], help="each strategy's")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        help=f"the budget in real steps (default {DEFAULT_BUDGET}; >= 8 x the latest first projection)",
+    )
     ap.add_argument("--eval-prompts", type=int, default=MIN_EVAL_PROMPTS)
     ap.add_argument("--max-extensions", type=int, default=2, help="lrs a bracket may add to each grid")
     ap.add_argument("--unstable-drop", type=float, default=0.1, help="unstable: final this far below the run's best")

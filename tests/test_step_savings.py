@@ -246,14 +246,16 @@ def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, sa
 
 
 def test_the_default_plan_follows_the_protocol(tmp_path):
-    """Budget 8 × the latest first projection (step 5 at m = 5: `auto` gates cycle 1 on its halves), an eval every m
-    on 500 prompts; skipping arms are evaluated around their phases instead of by the job's periodic eval, lookahead
-    (a reposition inside every step) on GRPO's cadence."""
+    """toy_skills (usable warm starts, eval never in the warm start's data), a budget of 120 real steps (more than 8 ×
+    the latest first projection: step 5 at m = 5, `auto` gates cycle 1 on its halves), an eval every m on 500
+    prompts; skipping arms are evaluated around their phases instead of by the job's periodic eval, lookahead (a
+    reposition inside every step) on GRPO's cadence."""
     from step_savings import STRATEGIES, Runs, Store, make_plan, parse_args
 
     plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db")]))
     s = plan.settings
-    assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (40, 5, 500, [])
+    assert s.task == ("toy_skills",)
+    assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (120, 5, 500, [])
     assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
     assert set(s.strategies) == set(STRATEGIES) and set(plan.cycles) == set(STRATEGIES) - {"lookahead-k3"}
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
@@ -266,6 +268,16 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
     )
     assert "trainer.eval_every=5" in lookahead and "schedule.strategy=lookahead" in lookahead
     assert not any(o.startswith("schedule.eval_around_projection") for o in lookahead)
+
+
+def test_a_budget_below_eight_first_projections_is_a_deviation_and_lookahead_alone_keeps_the_default(tmp_path):
+    from step_savings import make_plan, parse_args
+
+    db = ["--db", str(tmp_path / "runs.db")]
+    short = make_plan(parse_args([*db, "--task", "toy_add", "--steps", "30"]))
+    assert short.settings.steps == 30 and short.deviations == ["budget 30 < 8 x the latest first-projection step (5)"]
+    alone = make_plan(parse_args([*db, "--strategies", "lookahead-k3"]))  # m = 1: 8 × 1 would be an 8-step budget
+    assert alone.settings.steps == 120 and alone.deviations == []
 
 
 def settings_for(seeds: tuple[int, ...]):
