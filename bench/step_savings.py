@@ -144,12 +144,12 @@ MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
 CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
 
-# Seconds per piece of a run of the default toy task (tiny model, 32 prompts × 8 samples per step, greedy + Avg@4 on
-# 500 eval prompts) on a quiet 2-core machine, for the up-front estimate. Not measured end to end (the machine was
-# shared by ~6 jobs): from a 0.41 s median RL step, an in-process vLLM engine's ~3.4 s start plus the learner's and
-# the actors' imports, 256 × 32 tokens in 0.65 s (an eval is ~2500 short sequences), and a 600-step warm start in
-# ~1 min. The JSON's `timing` holds a session's own numbers: update these from the lead's quiet run.
-COST_S = {"setup": 25.0, "step": 0.45, "eval": 2.5, "phase": 1.0, "warm_start": 60.0}
+# Seconds per piece of a run of the default task (toy_skills: tiny model, 16 prompts × 8 samples per step, Avg@4 on
+# 500 eval prompts) on a quiet 2-core machine, for the up-front estimate: from the default run at code ff6fad2 (its
+# JSON `timing`: set-up 11.9 s median, RL step 0.245 s mean, 40 s of evals per 120-step GRPO run of 25 evals) and a
+# 2000-step toy_skills warm start in ~2.5 min. The estimate counts GRPO at every strategy's lr as a run of its own, so
+# it runs high: 69 min estimated for that session, 53 measured. toy_add's steps are slower (0.39 s).
+COST_S = {"setup": 12.0, "step": 0.25, "eval": 1.4, "phase": 0.1, "warm_start": 150.0}
 
 
 class BenchError(Exception):
