@@ -142,15 +142,14 @@ def plot(path, data: str, per_lr: dict, runs_by_lr: dict, best_lr: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for lr, row in per_lr.items():
         steps = [s for s, _ in row["curve"]]
-        per_seed = [[v for _, v in r["curve"]] for r in runs_by_lr[lr]]
-        lo, hi = (min(col) for col in zip(*per_seed)), (max(col) for col in zip(*per_seed))
+        columns = list(zip(*([v for _, v in r["curve"]] for r in runs_by_lr[lr])))  # per eval step, one value a seed
         (line,) = ax.plot(
             steps,
             [v for _, v in row["curve"]],
             lw=2.5 if lr == best_lr else 1.2,
             label=f"lr {lr}: final {row['final']}, 90 % of its rise at step {row['step_to_90pct_of_rise']}",
         )
-        ax.fill_between(steps, list(lo), list(hi), color=line.get_color(), alpha=0.12)
+        ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.12)
     ax.set_xlabel("GRPO steps")
     ax.set_ylabel("eval Avg@4 (500 held-out prompts)")
     ax.set_title(f"{data}: GRPO per learning rate, mean and range over {len(runs_by_lr[best_lr])} seeds", fontsize=10)
@@ -205,7 +204,8 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no finished run in {db} for {missing}; run without --report-only")
 
-    per_lr = {lr: summarise([found[grid[lr, s]] for s in seeds]) for lr in lrs}
+    runs_by_lr = {lr: [found[grid[lr, s]] for s in seeds] for lr in lrs}
+    per_lr = {lr: summarise(runs) for lr, runs in runs_by_lr.items()}
     warm = {s: round(found[grid[lrs[0], s]]["curve"][0][1], 3) for s in seeds}
     warm.update({s: round(found[name]["curve"][0][1], 3) for s, name in warm_only.items()})
     print(f"{'lr':>8} {'start':>6} {'best':>6} {'final':>6} {'90% rise':>9} {'drift':>6} {'R2':>6}  curve (seed mean)")
@@ -219,7 +219,7 @@ def main() -> None:
     best_lr = max(lrs, key=lambda lr: per_lr[lr]["final"])
     interior = lrs.index(best_lr) not in (0, len(lrs) - 1)
     args.plot = args.plot or ROOT / "docs" / "img" / f"task_curves_{args.data}.png"
-    plot(args.plot, args.data, per_lr, {lr: [found[grid[lr, s]] for s in seeds] for lr in lrs}, best_lr)
+    plot(args.plot, args.data, per_lr, runs_by_lr, best_lr)
     print(f"curves: {args.plot}")
     emit(
         {
