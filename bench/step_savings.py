@@ -2,6 +2,7 @@
 
     python bench/step_savings.py                                   # the default protocol (<= 60 min, quiet 2 cores)
     python bench/step_savings.py --task toy_mul --tune-seeds 10 --seeds 11 12 13
+    python bench/step_savings.py --strategies lookahead-k1 lookahead-k3 lookahead-k5 lookahead-k3-a0.6 lookahead-k3-a1
     python bench/step_savings.py --task toy_add data.toy.digits=3 --steps 40 --strategies extra-m5n15-top5
     python bench/step_savings.py --steps 20 --tune-seeds 0 --seeds 1 2 3 --grpo-lrs 2e-4 --strategy-lrs 2e-4
     python bench/step_savings.py --report-only                     # the same report again, from the stored runs
@@ -87,6 +88,19 @@ from savings import (
     target_acc,
 )
 
+
+def lookahead_row(fast_steps: int, alpha: float) -> list[str]:
+    """SFPO's overrides with K = `fast_steps` fast optimizer steps per rollout batch and reposition coefficient α."""
+    return [
+        "schedule=rl_extra",
+        "schedule.strategy=lookahead",
+        "schedule.m=1",
+        "schedule.beta_mode=fixed",
+        f"schedule.lookahead_steps={fast_steps}",
+        f"schedule.lookahead_alpha={alpha}",
+    ]
+
+
 # The arms. GRPO is plain RL. Each strategy row is (name, overrides): one row per strategy setting, tuning picks each
 # row's lr and then one row.
 GRPO = "grpo"
@@ -120,15 +134,17 @@ STRATEGIES = {
     ],
     # SFPO: 3 fast steps per rollout batch, reposition W ← S + 0.8 (W − S), one slow correction (its defaults; the
     # job's default schedule, conf/schedule/lookahead.yaml)
-    "lookahead-k3": [
-        "schedule=rl_extra",
-        "schedule.strategy=lookahead",
-        "schedule.m=1",
-        "schedule.beta_mode=fixed",
-        "schedule.lookahead_steps=3",
-        "schedule.lookahead_alpha=0.8",
-    ],
+    "lookahead-k3": lookahead_row(3, 0.8),
+    # SFPO's two knobs bracketed around its defaults (not in the default run: `--strategies` names them): fewer and
+    # more fast steps, a stronger and no pull-back. α = 1 keeps the fast weights, so every rollout batch gets K + 1
+    # plain optimizer steps (PPO epochs on one batch, until the entropy switch): the control that says whether the
+    # reposition itself does anything.
+    "lookahead-k1": lookahead_row(1, 0.8),
+    "lookahead-k5": lookahead_row(5, 0.8),
+    "lookahead-k3-a0.6": lookahead_row(3, 0.6),
+    "lookahead-k3-a1": lookahead_row(3, 1.0),
 }
+DEFAULT_STRATEGIES = ("extra-m5n15-top5", "auto-m5n15-top5", "rank1-m5n15", "lookahead-k3")  # the default run's rows
 EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after a skipping row's own: every phase is evaluated
 # What the protocol sets for every run: a --task override may not touch these.
 PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir") + tuple(
@@ -849,7 +865,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--task", nargs="+", default=[DEFAULT_TASK], help="a data preset name and/or data/model overrides")
     ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help=f"rows of {list(STRATEGIES)}")
+    ap.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), help=f"rows of {list(STRATEGIES)}")
     ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
     ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[1e-4, 2e-4, 4e-4], help="each strategy's")
     ap.add_argument(

@@ -250,14 +250,16 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
     the latest first projection: step 5 at m = 5, `auto` gates cycle 1 on its halves), an eval every m on 500
     prompts; skipping arms are evaluated around their phases instead of by the job's periodic eval, lookahead (a
     reposition inside every step) on GRPO's cadence."""
-    from step_savings import STRATEGIES, Runs, Store, make_plan, parse_args
+    from step_savings import DEFAULT_STRATEGIES, Runs, Store, make_plan, parse_args
 
     plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db")]))
     s = plan.settings
     assert s.task == ("toy_skills",)
     assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (120, 5, 500, [])
     assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
-    assert set(s.strategies) == set(STRATEGIES) and set(plan.cycles) == set(STRATEGIES) - {"lookahead-k3"}
+    assert list(s.strategies) == list(DEFAULT_STRATEGIES) and set(plan.cycles) == set(DEFAULT_STRATEGIES) - {
+        "lookahead-k3"
+    }
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
     grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
     extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
@@ -278,6 +280,28 @@ def test_a_budget_below_eight_first_projections_is_a_deviation_and_lookahead_alo
     assert short.settings.steps == 30 and short.deviations == ["budget 30 < 8 x the latest first-projection step (5)"]
     alone = make_plan(parse_args([*db, "--strategies", "lookahead-k3"]))  # m = 1: 8 × 1 would be an 8-step budget
     assert alone.settings.steps == 120 and alone.deviations == []
+
+
+def test_the_lookahead_knob_rows_compose_and_run_on_grpos_cadence(tmp_path):
+    """The rows that bracket SFPO's K and α around its defaults are valid configs (α = 1 included: no pull-back) and,
+    like lookahead-k3, are evaluated on the common cadence, not around phases."""
+    from step_savings import STRATEGIES, compose_arm, make_plan, parse_args
+
+    knobs = ["lookahead-k1", "lookahead-k3", "lookahead-k5", "lookahead-k3-a0.6", "lookahead-k3-a1"]
+    plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db"), "--strategies", *knobs]))
+    assert plan.cycles == {} and plan.settings.eval_every == 5 and plan.deviations == []
+    got = {
+        row: (cfg.schedule.strategy, cfg.schedule.lookahead_steps, cfg.schedule.lookahead_alpha, cfg.schedule.m)
+        for row in knobs
+        for cfg in [compose_arm(("toy_skills",), STRATEGIES[row])]
+    }
+    assert got == {
+        "lookahead-k1": ("lookahead", 1, 0.8, 1),
+        "lookahead-k3": ("lookahead", 3, 0.8, 1),
+        "lookahead-k5": ("lookahead", 5, 0.8, 1),
+        "lookahead-k3-a0.6": ("lookahead", 3, 0.6, 1),
+        "lookahead-k3-a1": ("lookahead", 3, 1.0, 1),
+    }
 
 
 def settings_for(seeds: tuple[int, ...]):
