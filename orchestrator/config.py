@@ -434,7 +434,8 @@ class ScheduleConfig:
 
     These dataclass defaults are what `schedule=rl_extra` gives: the paper's extrapolate under `auto`, m 10, n 30.
     The job's default is the preset `conf/schedule/lookahead.yaml` (strategy lookahead, m 1, beta_mode fixed), which
-    saved real steps and ended at or above GRPO at its best lr on every report seed measured (README, RL-Extra);
+    saved real steps against GRPO at its best lr on every report seed measured, ending level with it or up to 0.03
+    below (README, RL-Extra);
     `schedule=rl` is plain RL."""
 
     name: str = choice("rl_extra", ("rl", "rl_extra"))
