@@ -158,11 +158,12 @@ class ActorGroups:
 
     # ----------------------------------------------------------------------------------------- learner
 
-    def train_step(self, shards: list[TrainBatch], fast: bool = False) -> list:
-        """One optimizer step on every rank, each on its shard (fast: a lookahead fast step, LR schedule held)."""
+    def train_step(self, shards: list[TrainBatch], fast: bool = False, updates: int = 1) -> list:
+        """`updates` optimizer steps on every rank, each on its shard (fast: a lookahead fast step, LR schedule
+        held; updates > 1: passes over the same batch, LearnerActor.train_step)."""
         import ray
 
-        return ray.get([learner.train_step.remote(s, fast) for learner, s in zip(self.learners, shards)])
+        return ray.get([learner.train_step.remote(s, fast, updates) for learner, s in zip(self.learners, shards)])
 
     def sequence_logp(self, batch: TrainBatch):
         """float64[B]: every response's log-prob (summed over its tokens, at the batch's temperature) under the

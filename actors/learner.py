@@ -211,15 +211,23 @@ class LearnerActor:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train_step(self, batch: TrainBatch, fast: bool = False) -> TrainMetrics:
-        """One optimizer step over this rank's shard (micro-batched, gradients accumulated).
+    def train_step(self, batch: TrainBatch, fast: bool = False, updates: int = 1) -> TrainMetrics:
+        """`updates` optimizer steps over this rank's shard, each a full pass (micro-batched, gradients accumulated);
+        returns the last pass's metrics.
 
+        updates > 1 (trainer.updates_per_batch: TRL's num_iterations, verl's ppo_epochs with one mini-batch): every
+        pass's ratio is taken against the batch's behaviour log-probs, so the clip bounds the whole move from the
+        sampling policy; the LR schedule advances once, after the last pass, and a projector observes the last pass
+        only — warm-up and RL-Extra cycles count RL steps, not passes.
         fast: a lookahead (SFPO) fast step on a batch that gets more steps — the LR schedule does not advance (SFPO
         steps its scheduler once per RL step: the fast steps run at the step's learning rate)."""
+        for _ in range(updates - 1):
+            with _frozen_lr_schedule(self.engine):
+                self._train_step(batch, observe=False)
         with _frozen_lr_schedule(self.engine) if fast else contextlib.nullcontext():
             return self._train_step(batch)
 
-    def _train_step(self, batch: TrainBatch) -> TrainMetrics:
+    def _train_step(self, batch: TrainBatch, observe: bool = True) -> TrainMetrics:
         import torch
 
         from orchestrator.algorithms import agg_loss, kl_penalty, policy_loss
@@ -269,7 +277,7 @@ class LearnerActor:
             with torch.no_grad():
                 sums["entropy"] += float((entropy * mask).sum()) / total_tokens
         self.steps_done += 1
-        if self.projector is not None:
+        if observe and self.projector is not None:
             self.projector.observe()
         grad_norm = engine.get_global_grad_norm()
         return TrainMetrics(

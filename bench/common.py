@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -65,7 +66,18 @@ def start_ray(num_cpus: int = 8):
     return ray
 
 
+def machine() -> dict:
+    """What a result was measured on: the CPU model and its cores (toy runs are bit-reproducible on one CPU model, not
+    across them, and speeds differ by ~2x between the 2-core machines these benches ran on)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
 def emit(result: dict) -> None:
-    """The benchmark's result: one JSON object on the last line of stdout."""
+    """The benchmark's result: one JSON object on the last line of stdout, with the machine it was measured on."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(result), flush=True)
+    print(json.dumps({**result, "machine": result.get("machine") or machine()}), flush=True)

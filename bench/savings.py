@@ -24,6 +24,8 @@ Choices, each a function below:
 - `bracket`: an lr grid's best stable lr is bracketed when the lr on each side of it in the grid is worse or
   unstable; otherwise the next lr to try lies one `factor` beyond the open edge of the grid. `grow_grid` adds such
   lrs one at a time until the best is bracketed or a limit is reached, and says why it stopped.
+- `bracket_updates`: the same for GRPO's optimizer steps per rollout batch (μ), each μ scored by its own best stable
+  lr; μ = 1 closes the low side by itself, and the grid doubles beyond its top.
 """
 
 from __future__ import annotations
@@ -287,3 +289,36 @@ def grow_grid(
         log(b.reason)
         scores[b.next_lr] = score(b.next_lr)
     raise AssertionError("unreachable: the loop returns at added == max_added")
+
+
+@dataclass(frozen=True)
+class UpdatesBracket:
+    best: int | None  # the μ whose best stable lr scores highest (None: no μ has a stable lr)
+    bracketed: bool
+    next_updates: int | None  # the μ to try next (None when bracketed or nothing can be added)
+    reason: str
+
+
+def bracket_updates(scores: dict[int, float | None]) -> UpdatesBracket:
+    """GRPO's μ (optimizer steps per rollout batch) → the score of its best stable lr (None: every lr unstable). The
+    best μ is bracketed when the μ on each side of it is worse or has no stable lr; μ = 1 closes the low side (there
+    is no fewer), so does a μ below the grid's smallest that halving cannot reach. Else the next μ is twice the
+    largest (the open side is the top) or half the smallest. Ties: the smaller μ (fewer passes, cheaper)."""
+    us = sorted(scores)
+    stable = [u for u in us if scores[u] is not None]
+    if not stable:
+        return UpdatesBracket(None, False, None, f"no μ of {us} has a stable lr")
+    best = max(stable, key=lambda u: (scores[u], -u))
+    i = us.index(best)
+
+    def closes(j: int) -> bool:
+        return 0 <= j < len(us) and (scores[us[j]] is None or scores[us[j]] < scores[best])
+
+    low_closed = best == 1 or closes(i - 1)
+    if low_closed and closes(i + 1):
+        return UpdatesBracket(best, True, None, f"best μ {best} ({scores[best]:.3g}), its neighbours worse")
+    if not low_closed:
+        nxt = max(1, us[0] // 2)
+        return UpdatesBracket(best, False, nxt, f"nothing worse below the best μ {best}: try {nxt}")
+    nxt = us[-1] * 2
+    return UpdatesBracket(best, False, nxt, f"nothing worse above the best μ {best}: try {nxt}")

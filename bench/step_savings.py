@@ -1,8 +1,9 @@
-"""Step savings that hold up: real RL steps to a target accuracy, RL-Extra strategies against GRPO at its best lr.
+"""Step savings that hold up: real RL steps to a target accuracy, RL-Extra strategies against GRPO at its best.
 
     python bench/step_savings.py                                   # the default protocol (<= 60 min, quiet 2 cores)
     python bench/step_savings.py --task toy_mul --tune-seeds 10 --seeds 11 12 13
     python bench/step_savings.py --strategies lookahead-k1 lookahead-k3 lookahead-k5 lookahead-k3-a0.6 lookahead-k3-a1
+    python bench/step_savings.py --strategies lookahead-k3 --grpo-updates 1 2 4 --grpo-lrs 1e-4 2e-4 4e-4
     python bench/step_savings.py --task toy_add data.toy.digits=3 --steps 40 --strategies extra-m5n15-top5
     python bench/step_savings.py --steps 20 --tune-seeds 0 --seeds 1 2 3 --grpo-lrs 2e-4 --strategy-lrs 2e-4
     python bench/step_savings.py --report-only                     # the same report again, from the stored runs
@@ -14,12 +15,17 @@ The protocol (its arithmetic is bench/savings.py, unit-tested in tests/test_step
    gain over the warm start across the budget (the gain area ÷ budget): continuous and target-free, it rewards
    getting high early and staying there; steps-to-target ties too often on an m-step eval grid to bracket anything,
    and the target is itself defined by GRPO-best. Unstable: a non-finite loss, or a final accuracy more than
-   --unstable-drop below the run's best eval. The bracketed best is GRPO-best; every strategy's lr is tuned the same
-   way (--strategy-lrs). Then the headline strategy is chosen: the largest median step ratio vs GRPO-best on the
-   tuning seeds (with the tuning seeds' own target), ties broken by gain area.
+   --unstable-drop below the run's best eval. GRPO's second knob is μ, its optimizer steps per rollout batch
+   (`trainer.updates_per_batch`: TRL's num_iterations, verl's ppo_epochs; SFPO's GRPO takes 4 mini-batch steps a
+   batch): every μ of --grpo-updates gets its own bracketed lr grid, and the μ grid doubles beyond its top while its
+   largest μ scores best (μ = 1 closes the low side; a single μ is fixed, and reported as a deviation). The best
+   (μ, lr) is GRPO-best; every strategy's lr is tuned like GRPO's (--strategy-lrs). Then the headline strategy is
+   chosen: the largest median step ratio vs GRPO-best on the tuning seeds (with the tuning seeds' own target), ties
+   broken by gain area.
 2. Report, on --seeds (>= 3, disjoint from the tuning seeds): GRPO-best, every strategy at its tuned lr, and GRPO at
-   each strategy's lr. Nothing is chosen here. A seed's target is 90 % of the way from its warm-start accuracy (its
-   step-0 eval; each seed has its own warm start) to GRPO-best's median final accuracy over the report seeds.
+   each strategy's lr (with GRPO-best's μ). Nothing is chosen here. A seed's target is 90 % of the way from its
+   warm-start accuracy (its step-0 eval; each seed has its own warm start) to GRPO-best's median final accuracy over
+   the report seeds.
 3. Headline `value`: the median over report seeds of GRPO-best's real steps to the target ÷ the chosen strategy's.
    An arm that never reaches the target is censored at the budget: its ratio is a bound (savings.ratio_bounds) and
    enters the median as one (`value` is the median of the lower ends, `value_upper` of the upper ends, `value_kind`
@@ -76,6 +82,7 @@ from savings import (
     Phase,
     Point,
     area_ratio,
+    bracket_updates,
     build_curve,
     ends_below,
     finite_or_none,
@@ -101,10 +108,29 @@ def lookahead_row(fast_steps: int, alpha: float) -> list[str]:
     ]
 
 
-# The arms. GRPO is plain RL. Each strategy row is (name, overrides): one row per strategy setting, tuning picks each
-# row's lr and then one row.
+# The arms. GRPO is plain RL, one arm per μ (optimizer steps per rollout batch). Each strategy row is (name,
+# overrides): one row per strategy setting, tuning picks each row's lr and then one row.
 GRPO = "grpo"
 GRPO_OVERRIDES = ["schedule=rl"]
+
+
+def grpo_arm(updates: int) -> str:
+    """GRPO's arm at μ = `updates` optimizer steps per rollout batch: `grpo` (the plain loop) or `grpo-u{μ}`."""
+    return GRPO if updates == 1 else f"{GRPO}-u{updates}"
+
+
+def grpo_updates_of(arm: str) -> int | None:
+    """The μ of a GRPO arm; None for a strategy row."""
+    if arm == GRPO:
+        return 1
+    prefix = f"{GRPO}-u"
+    return int(arm[len(prefix) :]) if arm.startswith(prefix) and arm[len(prefix) :].isdigit() else None
+
+
+def grpo_row(updates: int) -> list[str]:
+    return [*GRPO_OVERRIDES, f"trainer.updates_per_batch={updates}"] if updates > 1 else GRPO_OVERRIDES
+
+
 STRATEGIES = {
     # the paper's projection, β = (m + n) / m = 4 every cycle, on the top 5 % of elements by steady displacement
     "extra-m5n15-top5": [
@@ -165,7 +191,9 @@ CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf
 # JSON `timing`: set-up 11.9 s median, RL step 0.245 s mean, 40 s of evals per 120-step GRPO run of 25 evals) and a
 # 2000-step toy_skills warm start in ~2.5 min. The estimate counts GRPO at every strategy's lr as a run of its own, so
 # it runs high: 69 min estimated for that session, 53 measured. toy_add's steps are slower (0.39 s).
-COST_S = {"setup": 12.0, "step": 0.25, "eval": 1.4, "phase": 0.1, "warm_start": 150.0}
+# "pass": an optimizer step beyond a real step's first (GRPO's μ > 1, lookahead's fast steps), not yet measured
+# apart: the JSON's `timing.step_s_by_arm` gives it.
+COST_S = {"setup": 12.0, "step": 0.25, "pass": 0.1, "eval": 1.4, "phase": 0.1, "warm_start": 150.0}
 
 
 class BenchError(Exception):
@@ -187,7 +215,8 @@ class Settings:
     tune_seeds: tuple[int, ...]
     seeds: tuple[int, ...]  # report seeds
     strategies: dict[str, list[str]]  # name → overrides: the rows of STRATEGIES in use
-    grpo_lrs: tuple[float, ...]  # the initial grids (brackets add to them)
+    grpo_updates: tuple[int, ...]  # GRPO's initial μ grid (optimizer steps per rollout batch; a bracket adds to it)
+    grpo_lrs: tuple[float, ...]  # the initial lr grids: GRPO's (for every μ), every strategy's (brackets add to them)
     strategy_lrs: tuple[float, ...]
     steps: int  # the budget in real RL steps, every arm
     eval_every: int  # c: every arm is evaluated every c real steps (and RL-Extra arms around every phase)
@@ -211,6 +240,7 @@ class Plan:
 
     settings: Settings
     cycles: dict[str, int]  # strategy → its cycle length m (the strategies whose phases stand for skipped steps)
+    passes: dict[str, int]  # strategy → optimizer steps per real step (lookahead: K fast + 1 slow; else 1)
     deviations: list[str]  # reported with the result, not refused: small settings test the machinery
     cache_dir: Path  # warm starts and toy data (content-keyed: not a setting)
 
@@ -227,11 +257,14 @@ def skips_steps(row: list[str]) -> bool:
     return "schedule.strategy=lookahead" not in row
 
 
-def arm_overrides(settings: Settings, arm: str) -> list[str]:
-    if arm == GRPO:
-        return GRPO_OVERRIDES
-    row = settings.strategies[arm]
+def row_overrides(row: list[str]) -> list[str]:
+    """A strategy row as run: a skipping row's phases are evaluated around (EXTRA_OVERRIDES after its own)."""
     return [*row, *EXTRA_OVERRIDES] if skips_steps(row) else row
+
+
+def arm_overrides(settings: Settings, arm: str) -> list[str]:
+    updates = grpo_updates_of(arm)
+    return grpo_row(updates) if updates is not None else row_overrides(settings.strategies[arm])
 
 
 def compose_arm(task: tuple[str, ...], overrides: list[str]):
@@ -276,25 +309,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for flag in ("grpo_lrs", "strategy_lrs"):
         if not all(lr > 0 for lr in getattr(args, flag)):
             raise BenchError(f"--{flag.replace('_', '-')}: expected positive learning rates, got {getattr(args, flag)}")
+    if not all(u >= 1 for u in args.grpo_updates):
+        raise BenchError(f"--grpo-updates: expected integers >= 1 (optimizer steps per batch), got {args.grpo_updates}")
     task = tuple(args.task)
     for word in task_overrides(task):
         key = word.split("=", 1)[0].lstrip("+~")
         if any(key == k or key.startswith(k + ".") for k in PROTOCOL_KEYS):
             raise BenchError(f"--task: {key} is set by the protocol; expected data or model overrides, got {word!r}")
     cfgs = {}
-    for arm in (GRPO, *args.strategies):
+    for arm in (GRPO, grpo_arm(max(args.grpo_updates)), *args.strategies):
+        updates = grpo_updates_of(arm)
         try:
-            row = STRATEGIES[arm] if arm != GRPO else []
-            cfgs[arm] = compose_arm(
-                task, GRPO_OVERRIDES if arm == GRPO else [*row, *EXTRA_OVERRIDES] if skips_steps(row) else row
-            )
+            cfgs[arm] = compose_arm(task, grpo_row(updates) if updates else row_overrides(STRATEGIES[arm]))
         except Exception as exc:
             line = describe_config_error(exc, JobConfig)
             if line is None:
                 raise
-            raise BenchError(f"{'--task' if arm == GRPO else f'strategy {arm}'}: {line}") from None
+            raise BenchError(f"{'--task' if updates else f'strategy {arm}'}: {line}") from None
     # the skipping strategies' cycle lengths set the common eval cadence (lookahead's m = 1 would mean an eval a step)
     cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies if skips_steps(STRATEGIES[arm])}
+    passes = {
+        arm: cfgs[arm].schedule.lookahead_steps + 1 if not skips_steps(STRATEGIES[arm]) else 1
+        for arm in args.strategies
+    }
     latest_first = max(first_projection_step(cfgs[arm].schedule) for arm in args.strategies)
     steps = args.steps or max(DEFAULT_BUDGET, BUDGET_FACTOR * latest_first)
     data = cfgs[GRPO].data
@@ -303,6 +340,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         tune_seeds=tuple(args.tune_seeds),
         seeds=tuple(args.seeds),
         strategies={arm: STRATEGIES[arm] for arm in args.strategies},
+        grpo_updates=tuple(sorted(set(args.grpo_updates))),
         grpo_lrs=tuple(sorted(args.grpo_lrs)),
         strategy_lrs=tuple(sorted(args.strategy_lrs)),
         steps=steps,
@@ -320,26 +358,32 @@ def make_plan(args: argparse.Namespace) -> Plan:
         deviations.append(f"{len(settings.seeds)} report seed(s) < {MIN_REPORT_SEEDS}")
     if settings.eval_prompts < MIN_EVAL_PROMPTS:
         deviations.append(f"{settings.eval_prompts} eval prompts < {MIN_EVAL_PROMPTS}")
-    return Plan(settings, cycles, deviations, args.cache_dir)
+    if len(settings.grpo_updates) == 1:
+        deviations.append(f"GRPO's optimizer steps per batch fixed at {settings.grpo_updates[0]} (--grpo-updates)")
+    return Plan(settings, cycles, passes, deviations, args.cache_dir)
 
 
 def estimate(plan: Plan) -> tuple[int, float]:
-    """(runs, seconds) of a session before any lr a bracket adds (COST_S; warm starts not included). GRPO at each
-    strategy's lr on the report seeds is counted, though it is GRPO-best's run when the lrs agree. A lookahead step
-    is counted as two RL steps and a phase (its fast and slow learner passes share one rollout)."""
+    """(runs, seconds) of a session before any lr or μ a bracket adds (COST_S; warm starts not included). A real step
+    costs a rollout and its optimizer steps (GRPO: μ; lookahead: K fast + 1 slow, and its reposition phase). GRPO at
+    each strategy's lr on the report seeds is counted, though it is GRPO-best's run when the lrs agree, and GRPO-best
+    is costed at the smallest μ of the grid."""
     s, c, n = plan.settings, COST_S, plan.settings.steps
-    grpo_s = c["setup"] + n * c["step"] + (n / s.eval_every + 1) * c["eval"]
+
+    def run_s(passes: int) -> float:
+        return c["setup"] + n * (c["step"] + (passes - 1) * c["pass"]) + (n / s.eval_every + 1) * c["eval"]
+
+    grpo_s = run_s(s.grpo_updates[0])
     per_strategy = [
-        grpo_s + (n / plan.cycles[arm]) * (c["phase"] + c["eval"])  # + an eval per phase
-        if arm in plan.cycles
-        else grpo_s + n * (c["step"] + c["phase"])
+        run_s(plan.passes[arm])
+        + (n / plan.cycles[arm] * (c["phase"] + c["eval"]) if arm in plan.cycles else n * c["phase"])
         for arm in s.strategies
     ]
     k = len(per_strategy)
-    runs = len(s.tune_seeds) * (len(s.grpo_lrs) + len(s.strategy_lrs) * k) + len(s.seeds) * (1 + 2 * k)
-    seconds = len(s.tune_seeds) * (len(s.grpo_lrs) * grpo_s + len(s.strategy_lrs) * sum(per_strategy))
-    seconds += len(s.seeds) * ((1 + k) * grpo_s + sum(per_strategy))
-    return runs, seconds
+    tune = len(s.grpo_lrs) * sum(run_s(u) for u in s.grpo_updates) + len(s.strategy_lrs) * sum(per_strategy)
+    runs = len(s.tune_seeds) * (len(s.grpo_lrs) * len(s.grpo_updates) + len(s.strategy_lrs) * k)
+    runs += len(s.seeds) * (1 + 2 * k)
+    return runs, len(s.tune_seeds) * tune + len(s.seeds) * ((1 + k) * grpo_s + sum(per_strategy))
 
 
 # ------------------------------------------------------------------------------------------------------ runs
@@ -561,6 +605,31 @@ def tune_lr(runs: Runs, arm: str, initial: tuple[float, ...]) -> Grid:
     )
 
 
+def tune_grpo(runs: Runs) -> tuple[str, dict[str, Grid], dict]:
+    """GRPO-best's arm (its μ) and every GRPO arm's lr grid: each μ of the grid gets its own bracketed lr, and the μ
+    grid grows (savings.bracket_updates, at most --max-extensions added μ) while its edge scores best; a single μ is
+    fixed. Returns (arm, grids, the μ grid's summary)."""
+    s = runs.settings
+    grids: dict[str, Grid] = {}
+    updates = list(s.grpo_updates)
+    for added in range(s.max_extensions + 1):
+        for u in updates:
+            if grpo_arm(u) not in grids:
+                grids[grpo_arm(u)] = tune_lr(runs, grpo_arm(u), s.grpo_lrs)
+        scores = {u: g.best.score if g.best else None for u in updates for g in [grids[grpo_arm(u)]]}
+        b = bracket_updates(scores)
+        if b.best is None:
+            raise BenchError(f"--grpo-lrs: every GRPO lr tried is unstable at every μ {updates}; expected smaller lrs")
+        fixed = len(s.grpo_updates) == 1
+        if b.bracketed or fixed or added == s.max_extensions:
+            reason = b.reason if b.bracketed else ("fixed" if fixed else f"not bracketed after {added} added μ")
+            summary = {"updates": updates, "scores": [scores[u] for u in updates], "best": b.best, "stopped": reason}
+            return grpo_arm(b.best), grids, summary
+        say(f"GRPO μ: {b.reason}")
+        updates = sorted({*updates, b.next_updates})
+    raise AssertionError("unreachable: the loop returns at added == max_extensions")
+
+
 def targets_for(settings: Settings, grpo_best: dict[int, Run]) -> dict[int, float]:
     """Per seed: target_fraction of the way from the seed's warm start to GRPO-best's median final accuracy."""
     final = statistics.median(r.final for r in grpo_best.values())
@@ -575,10 +644,11 @@ def seconds_to(run: Run, target: float) -> Cost:
     return first_hit(run.curve, target, cost=lambda p: p.compute_s)
 
 
-def choose_strategy(runs: Runs, grids: dict[str, Grid]) -> tuple[str | None, dict]:
-    """On the tuning seeds: the strategy with the largest median step ratio vs GRPO-best (then gain area)."""
+def choose_strategy(runs: Runs, grids: dict[str, Grid], grpo: str) -> tuple[str | None, dict]:
+    """On the tuning seeds: the strategy with the largest median step ratio vs GRPO-best, arm `grpo` (then gain
+    area)."""
     s = runs.settings
-    grpo_best = {seed: runs.get(GRPO, best_lr(grids[GRPO]), seed) for seed in s.tune_seeds}
+    grpo_best = {seed: runs.get(grpo, best_lr(grids[grpo]), seed) for seed in s.tune_seeds}
     targets = targets_for(s, grpo_best)
     ranking = {}
     for arm in s.strategies:
@@ -668,13 +738,15 @@ def jsonable(v):
     return v
 
 
-def print_report(settings: Settings, grids: dict[str, Grid], grpo_best: dict[int, Run], rows: dict, chosen) -> None:
+def print_report(
+    settings: Settings, grids: dict[str, Grid], grpo: str, grpo_best: dict[int, Run], rows: dict, chosen
+) -> None:
     say(f"lr grids on tuning seeds {list(settings.tune_seeds)} (score: mean gain over the warm start):")
     for arm, grid in grids.items():
         cells = ", ".join(f"{s.lr:.3g}: {s.score:.3f}{' unstable' if s.unstable else ''}" for s in grid.scores)
         say(f"  {arm:<20} {cells} -> best {best_lr(grid)} ({grid.reason})")
     say(
-        f"report seeds (GRPO-best lr {best_lr(grids[GRPO]):.3g}): "
+        f"report seeds (GRPO-best {grpo}, lr {best_lr(grids[grpo]):.3g}): "
         + ", ".join(f"{k}: warm start {r.warm_start:.3f} -> final {r.final:.3f}" for k, r in grpo_best.items())
     )
     print(
@@ -698,8 +770,12 @@ def print_report(settings: Settings, grids: dict[str, Grid], grpo_best: dict[int
 def timing(runs: Runs) -> dict:
     """The session's own per-run costs (to check COST_S against)."""
     rs = list(runs.cache.values())
+    arms = sorted({r.arm for r in rs})
     return {
         "runs": len(rs),
+        "step_s_by_arm": {
+            a: round(statistics.mean(r.step_s for r in rs if r.arm == a) / runs.settings.steps, 3) for a in arms
+        },
         "setup_s_median": round(statistics.median(r.setup_s for r in rs), 1),
         "step_s_mean": round(sum(r.step_s for r in rs) / (len(rs) * runs.settings.steps), 3),
         "evals_s_median": round(statistics.median(r.loop_s - r.step_s - r.phase_s for r in rs), 1),
@@ -767,15 +843,13 @@ def plot(path: Path, rows: dict, arms: dict[str, dict[str, tuple[str, dict[int, 
 def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
     """Tuning, then report; returns the JSON result (the headline and everything beside it)."""
     s = plan.settings
-    grids = {GRPO: tune_lr(runs, GRPO, s.grpo_lrs)}
-    if grids[GRPO].best is None:
-        raise BenchError(f"--grpo-lrs: every GRPO lr tried is unstable ({grids[GRPO].reason}); expected smaller lrs")
+    grpo, grids, updates = tune_grpo(runs)
     for arm in s.strategies:
         grids[arm] = tune_lr(runs, arm, s.strategy_lrs)
-    chosen, tuning = choose_strategy(runs, grids)
+    chosen, tuning = choose_strategy(runs, grids, grpo)
 
-    lr_best = best_lr(grids[GRPO])
-    grpo_best = {seed: runs.get(GRPO, lr_best, seed) for seed in s.seeds}
+    lr_best, mu = best_lr(grids[grpo]), grpo_updates_of(grpo)
+    grpo_best = {seed: runs.get(grpo, lr_best, seed) for seed in s.seeds}
     targets = targets_for(s, grpo_best)
     rows, arms = {}, {}
     for arm in s.strategies:
@@ -783,16 +857,16 @@ def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
         if lr is None:
             continue
         mine = {seed: runs.get(arm, lr, seed) for seed in s.seeds}
-        same = {seed: runs.get(GRPO, lr, seed) for seed in s.seeds}
+        same = {seed: runs.get(grpo, lr, seed) for seed in s.seeds}
         rows[arm] = strategy_row(lr, targets, grpo_best, same, mine, s.eval_prompts)
-        arms[arm] = {"C0": (f"GRPO-best (lr {lr_best:.3g})", grpo_best), "C3": (f"{arm} (lr {lr:.3g})", mine)}
+        arms[arm] = {"C0": (f"GRPO-best (μ {mu}, lr {lr_best:.3g})", grpo_best), "C3": (f"{arm} (lr {lr:.3g})", mine)}
         if lr != lr_best:
-            arms[arm]["C2"] = (f"GRPO at lr {lr:.3g}", same)
+            arms[arm]["C2"] = (f"GRPO at lr {lr:.3g} (μ {mu})", same)
     for seed in s.seeds:
         starts = sorted({r.warm_start for (_, _, k), r in runs.cache.items() if k == seed})
         if len(starts) > 1:
             say(f"warning: seed {seed}'s step-0 evals differ between runs {starts}: the eval is not deterministic")
-    print_report(s, grids, grpo_best, rows, chosen)
+    print_report(s, grids, grpo, grpo_best, rows, chosen)
     if rows:
         plot(plot_path, rows, arms, statistics.median(targets.values()))
     head = rows.get(chosen, {})
@@ -816,6 +890,8 @@ def run_protocol(plan: Plan, runs: Runs, plot_path: Path) -> dict:
             "strategy": chosen,
             "strategy_lr": head.get("lr"),
             "grpo_best_lr": lr_best,
+            "grpo_best_updates": mu,
+            "grpo_updates": updates,
             "grpo_best_final_median": statistics.median(r.final for r in grpo_best.values()),
             "target_fraction": s.target_fraction,
             "targets": targets,
@@ -866,7 +942,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tune-seeds", nargs="+", type=int, default=[0], help="seeds that choose every lr and strategy")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="report seeds (>= 3, disjoint)")
     ap.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), help=f"rows of {list(STRATEGIES)}")
-    ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's initial lr grid")
+    ap.add_argument("--grpo-lrs", nargs="+", type=float, default=[2e-4, 4e-4, 8e-4], help="GRPO's lr grid, every μ")
+    ap.add_argument(
+        "--grpo-updates",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4],
+        help="GRPO's initial grid of optimizer steps per rollout batch (trainer.updates_per_batch); one value: fixed",
+    )
     ap.add_argument("--strategy-lrs", nargs="+", type=float, default=[1e-4, 2e-4, 4e-4], help="each strategy's")
     ap.add_argument(
         "--steps",

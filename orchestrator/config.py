@@ -601,7 +601,7 @@ class LearnerConfig:
     lr: float = number(3e-5, gt=0)  # AdamW learning rate
     betas: list[float] = listed(lambda: [0.9, 0.999])  # AdamW betas
     weight_decay: float = number(0.0, ge=0)
-    warmup_steps: int = integer(0, ge=0)  # linear LR warm-up in optimizer steps
+    warmup_steps: int = integer(0, ge=0)  # linear LR warm-up in RL steps (the schedule advances once per batch)
     grad_clip: float = number(1.0, ge=0)  # global gradient norm clip
     micro_batch_size: int = integer(64, ge=1)  # samples per forward/backward; gradients accumulate to the rank's share
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (memory for time; real models)
@@ -690,13 +690,18 @@ def check_resources(value: dict | None, path: str) -> dict[str, float]:
 class TrainerConfig:
     """The training loop: steps, batch, evaluation, checkpoints, resume."""
 
-    total_steps: int = integer(150, ge=0)  # real RL steps (each = one optimizer step on one rollout batch)
+    total_steps: int = integer(150, ge=0)  # real RL steps (each = one rollout batch and its optimizer step(s))
     prompts_per_step: int = integer(32, ge=1)  # prompts per RL step
     samples_per_prompt: int = integer(8, ge=1)  # responses per prompt (the GRPO group size)
     # 0: strictly on-policy (generate, then learn). 1: the engines generate batch t+1 on the weights of step t-1
     # while the learners train on batch t (one step stale; the loss's old_logp is the behaviour log-prob);
     # the pipeline drains before an RL-Extra projection
     off_policy_steps: int = integer(0, ge=0, le=1)
+    # optimizer steps per rollout batch, each a full pass over it (TRL's num_iterations μ; verl's ppo_epochs with one
+    # mini-batch): every pass's clipped ratio is against the behaviour log-probs, the LR schedule and RL-Extra's
+    # cycles advance once per RL step. A well-tuned GRPO tunes it beside the lr (bench/step_savings.py
+    # --grpo-updates). lookahead takes 1: its lookahead_steps are its passes
+    updates_per_batch: int = integer(1, ge=1)
     eval_every: int = integer(20, ge=0)  # evaluate the held-out split every N steps (and before/after); 0 = only those
     eval_prompts: int = integer(500, ge=1)  # at most this many eval prompts
     eval_samples: int = integer(4, ge=1)  # k for Avg@k / Pass@k (sampled at rollout.temperature); greedy too
@@ -796,6 +801,12 @@ class JobConfig:
                 "trainer.off_policy_steps: expected 0 with schedule.strategy=lookahead (the default schedule; its "
                 "reposition and slow step work on the batch of their own step's weights; schedule=rl_extra or "
                 f"schedule=rl take a batch in flight), got {tr.off_policy_steps}"
+            )
+        if tr.updates_per_batch > 1 and s.name == "rl_extra" and s.strategy == "lookahead":
+            raise ConfigError(
+                "trainer.updates_per_batch: expected 1 with schedule.strategy=lookahead (the default schedule: "
+                "schedule.lookahead_steps sets its optimizer steps per rollout batch; schedule=rl or schedule=rl_extra "
+                f"take several), got {tr.updates_per_batch}"
             )
         validating = s.name == "rl_extra" and s.needs_validation
         if validating and r.top_p != 1.0:

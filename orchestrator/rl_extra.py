@@ -101,11 +101,12 @@ class RLExtraSchedule:
         if (first and self.cfg.anchor == "cycle_start") or (last and self.cfg.anchor == "previous_step"):
             self.groups.call_learners("extra_snapshot")
 
-    def train(self, shards: list[TrainBatch]) -> list:
-        """The step's learner work; the last optimizer step's metrics per rank. lookahead (while on): K fast steps on
-        the batch, the reposition phase (kept for `after_step` to log), the slow correction step."""
+    def train(self, shards: list[TrainBatch], updates: int = 1) -> list:
+        """The step's learner work; the last optimizer step's metrics per rank: `updates` passes over the batch
+        (trainer.updates_per_batch), or, lookahead while on (which takes updates = 1): K fast steps on the batch,
+        the reposition phase (kept for `after_step` to log), the slow correction step."""
         if not self.lookahead_on:
-            return self.groups.train_step(shards)
+            return self.groups.train_step(shards, updates=updates)
         for _ in range(self.cfg.lookahead_steps):
             self.groups.train_step(shards, fast=True)
         eval_before = self.evaluate() if self.cfg.eval_around_projection else None  # the engines hold S

@@ -5,17 +5,20 @@
     python -m orchestrator.train model=hf data=files data.train_files=... cluster=existing
 
 One RL step: prompts → rollouts (vLLM, behaviour log-probs at the sampling temperature) → rewards (verifiers,
-scored in parallel worker processes) → advantages (GRPO by default) → one optimizer step on the learner group
-(DeepSpeed ZeRO, micro-batched) → weight sync to every rollout engine (bucketed, versioned) → metrics.
+scored in parallel worker processes) → advantages (GRPO by default) → optimizer step(s) on the learner group
+(DeepSpeed ZeRO, micro-batched; one a batch unless trainer.updates_per_batch says more) → weight sync to every
+rollout engine (bucketed, versioned) → metrics.
 RL-Extra (orchestrator/rl_extra.py) is on by default with the `lookahead` strategy (conf/schedule/lookahead.yaml:
 SFPO's fast steps and reposition inside every step); `schedule=rl_extra` ends every m-th step with the paper's
 extrapolation phase.
 
 Choices:
-- One optimizer step per rollout batch, and the behaviour log-probs from vLLM are the PPO `old_logp` (the learner
-  recomputes the current ones at the same temperature). Strictly on-policy by default; `trainer.off_policy_steps=1`
-  generates batch t+1 while batch t trains (one step stale; drained before an RL-Extra projection; a checkpoint keeps
-  the batch in flight, so resume and learner recovery train on the same batch).
+- One optimizer step per rollout batch by default (`trainer.updates_per_batch` passes over it, as TRL's
+  num_iterations / verl's ppo_epochs: a tuned GRPO may want several), and the behaviour log-probs from vLLM are the
+  PPO `old_logp` of every pass (the learner recomputes the current ones at the same temperature). Strictly
+  on-policy by default; `trainer.off_policy_steps=1` generates batch t+1 while batch t trains (one step stale;
+  drained before an RL-Extra projection; a checkpoint keeps the batch in flight, so resume and learner recovery
+  train on the same batch).
 - Evaluation on the held-out split reports greedy accuracy and Avg@k / Pass@k (k samples at the training
   temperature): on the toy task greedy picks the majority procedure, so Avg@k is the smooth signal.
 - Everything is seeded; prompts are drawn by a checkpointable cursor; the learning rate advances by real step.
@@ -229,9 +232,10 @@ class Job:
         return not (self.extra and self.extra.projects_after(step))
 
     def rollout_and_learn(self, step: int) -> dict:
-        """One real RL step: its batch (generated now, or in flight since the previous step), advantages, one
-        optimizer step (meanwhile, with off_policy_steps=1, the engines generate the next batch), sync; returns its
-        metrics. The driver's waits are timed: time/step_s is their sum, the step's wall time."""
+        """One real RL step: its batch (generated now, or in flight since the previous step), advantages, the
+        learners' passes over it (trainer.updates_per_batch optimizer steps; meanwhile, with off_policy_steps=1, the
+        engines generate the next batch), sync; returns its metrics. The driver's waits are timed: time/step_s is
+        their sum, the step's wall time."""
         import torch
 
         from orchestrator.algorithms import get_advantage_fn
@@ -262,7 +266,8 @@ class Job:
         ).float()
         learner_version = self.groups.weight_version
         shards = shard_batch(train, cfg.learner.world_size)
-        per_rank = self.extra.train(shards) if self.extra else self.groups.train_step(shards)
+        updates = cfg.trainer.updates_per_batch
+        per_rank = self.extra.train(shards, updates) if self.extra else self.groups.train_step(shards, updates=updates)
         times["time/learn_s"] = time.perf_counter() - t
 
         if pending is not None:

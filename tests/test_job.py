@@ -339,6 +339,18 @@ def test_lookahead_does_not_take_a_batch_in_flight():
         validate(compose_cfg(["trainer.off_policy_steps=1"]))
 
 
+def test_updates_per_batch_is_for_plain_rl_and_the_projecting_strategies():
+    from orchestrator.config import ConfigError, validate
+
+    assert validate(compose_cfg([])).trainer.updates_per_batch == 1
+    validate(compose_cfg(["schedule=rl", "trainer.updates_per_batch=4"]))
+    validate(compose_cfg(["schedule=rl_extra", "trainer.updates_per_batch=2"]))
+    with pytest.raises(ConfigError, match=r"^trainer.updates_per_batch: expected 1 with schedule.strategy=lookahead"):
+        validate(compose_cfg(["trainer.updates_per_batch=2"]))
+    with pytest.raises(ConfigError, match=r"^trainer.updates_per_batch: expected an integer >= 1, got 0"):
+        validate(compose_cfg(["schedule=rl", "trainer.updates_per_batch=0"]))
+
+
 def test_min_tokens_above_max_tokens_is_refused():
     from orchestrator.config import ConfigError, validate
 

@@ -25,6 +25,7 @@ from savings import (  # noqa: E402  (bench/ is not a package: it is put on the 
     Point,
     area_ratio,
     bracket,
+    bracket_updates,
     build_curve,
     ends_below,
     eval_se,
@@ -216,6 +217,69 @@ def test_the_grid_grows_until_the_best_is_bracketed_and_says_why_it_stopped():
     assert capped.as_json()["lrs"] == [1e-4, 2e-4, 4e-4]
 
 
+def test_grpos_steps_per_batch_are_bracketed_from_one_and_double_beyond_the_top():
+    """μ = 1 closes the low side by itself; a best at the grid's top doubles it; a μ without a stable lr is worse;
+    ties go to the smaller μ (fewer passes)."""
+    one = bracket_updates({1: 0.6, 2: 0.5, 4: 0.4})
+    assert (one.best, one.bracketed, one.next_updates) == (1, True, None)
+    inner = bracket_updates({1: 0.5, 2: 0.7, 4: 0.6})
+    assert (inner.best, inner.bracketed) == (2, True)
+    top = bracket_updates({1: 0.5, 2: 0.6, 4: 0.7})
+    assert (top.best, top.bracketed, top.next_updates) == (4, False, 8)
+    assert "try 8" in top.reason
+    unstable_above = bracket_updates({1: 0.5, 2: 0.6, 4: None})
+    assert (unstable_above.best, unstable_above.bracketed) == (2, True)
+    low_open = bracket_updates({4: 0.7, 8: 0.6})
+    assert (low_open.best, low_open.bracketed, low_open.next_updates) == (4, False, 2)
+    tie = bracket_updates({1: 0.6, 2: 0.6, 4: 0.5})
+    assert (tie.best, tie.bracketed) == (1, True)
+    nothing = bracket_updates({1: None, 2: None})
+    assert (nothing.best, nothing.next_updates) == (None, None)
+
+
+def test_tuning_grows_grpos_steps_per_batch_until_bracketed_each_with_its_own_bracketed_lr(tmp_path):
+    """tune_grpo on synthetic runs whose gain peaks at μ = 8 and, for each μ, at lr 4e-4 / μ: the μ grid {1, 2, 4}
+    doubles to 8 and 16, every μ's lr grid grows to bracket its own best, and GRPO-best is (8, 5e-5)."""
+    from step_savings import Run, grpo_arm, grpo_updates_of, make_plan, parse_args, tune_grpo
+
+    def gain(mu: int, lr: float) -> float:
+        return 1.0 - 0.1 * abs(math.log2(mu / 8)) - 0.05 * abs(math.log2(lr * mu / 4e-4))
+
+    class SyntheticRuns:
+        def __init__(self, settings):
+            self.settings, self.asked = settings, []
+
+        def get(self, arm, lr, seed):
+            self.asked.append((arm, lr))
+            acc = min(1.0, 0.1 + gain(grpo_updates_of(arm), lr) / 2)
+            points = [Point(0, 0.0, 0.1), Point(self.settings.steps, 1.0, acc)]
+            return Run(arm, lr, seed, points, True, 0.0, 0.0, 0.0, 0.0)
+
+    plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db"), "--max-extensions", "3"]))
+    runs = SyntheticRuns(dataclasses.replace(plan.settings, grpo_lrs=(1e-4, 2e-4, 4e-4)))
+    best, grids, summary = tune_grpo(runs)
+    assert best == grpo_arm(8) == "grpo-u8" and grids[best].best.lr == pytest.approx(5e-5)
+    assert summary["updates"] == [1, 2, 4, 8, 16] and summary["best"] == 8 and "neighbours worse" in summary["stopped"]
+    for mu in (1, 2, 4, 8, 16):
+        g = grids[grpo_arm(mu)]
+        assert g.bracketed and g.best.lr == pytest.approx(4e-4 / mu), f"μ {mu}: {g.as_json()}"
+    fixed_plan = make_plan(parse_args(["--db", str(tmp_path / "runs.db"), "--grpo-updates", "1"]))
+    assert fixed_plan.deviations == ["GRPO's optimizer steps per batch fixed at 1 (--grpo-updates)"]
+    fixed, fixed_grids, fixed_summary = tune_grpo(SyntheticRuns(fixed_plan.settings))
+    assert (fixed, list(fixed_grids), fixed_summary["stopped"]) == ("grpo", ["grpo"], "fixed")
+
+
+def test_every_result_line_names_the_machine_it_was_measured_on(capsys):
+    import os
+
+    import common
+
+    common.emit({"metric": "m", "value": 1.0})
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (got["metric"], got["value"], got["machine"]["cores"]) == ("m", 1.0, os.cpu_count())
+    assert isinstance(got["machine"]["cpu"], str) and got["machine"]["cpu"]
+
+
 # ------------------------------------------------------------------------------------- the benchmark's refusals
 
 
@@ -235,6 +299,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
         (["--task", "data.toy.digitz=3"], "--task: data.toy.digitz: not a field of data.toy"),
         (["--task", "learner.lr=1e-3"], "--task: learner.lr is set by the protocol"),
         (["--report-only"], "--db: expected the stored runs of a session for --report-only, got no file"),
+        (["--grpo-updates", "0", "1"], "--grpo-updates: expected integers >= 1"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, says):
@@ -261,10 +326,14 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
         "lookahead-k3"
     }
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
+    assert s.grpo_updates == (1, 2, 4)
     grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
+    grpo_u4 = runs.overrides("grpo-u4", 1e-4, 1, "grpo-u4-run")
+    assert "trainer.updates_per_batch=4" in grpo_u4 and "trainer.eval_every=5" in grpo_u4
     extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
     lookahead = runs.overrides("lookahead-k3", 1e-4, 1, "lookahead-run")
     assert "trainer.eval_every=5" in grpo and "schedule=rl" in grpo and "learner.lr=0.0002" in grpo
+    assert not any(o.startswith("trainer.updates_per_batch") for o in grpo)
     assert "trainer.eval_every=0" in extra and extra.index("schedule.eval_around_projection=true") > extra.index(
         "schedule.beta_mode=auto"
     )
@@ -312,6 +381,7 @@ def settings_for(seeds: tuple[int, ...]):
         tune_seeds=(0,),
         seeds=seeds,
         strategies={"extra-m5n15-top5": STRATEGIES["extra-m5n15-top5"]},
+        grpo_updates=(1,),
         grpo_lrs=(1e-4, 2e-4, 4e-4),
         strategy_lrs=(1e-4,),
         steps=40,
@@ -345,7 +415,7 @@ def test_report_only_refuses_runs_of_other_settings_naming_what_differs(tmp_path
     with pytest.raises(BenchError, match="code 'abc1234' \\(here 'def5678'\\)"):
         store.check_session(dataclasses.replace(stored, code="def5678"))
     # a run the replay needs and the session lacks
-    plan = Plan(stored, {"extra-m5n15-top5": 5}, [], tmp_path)
+    plan = Plan(stored, {"extra-m5n15-top5": 5}, {"extra-m5n15-top5": 1}, [], tmp_path)
     with pytest.raises(BenchError, match="lacks grpo lr=0.0002 seed 0"):
         Runs(plan, store, live=False).get("grpo", 2e-4, 0)
 
@@ -370,22 +440,26 @@ TINY_TASK = [
 
 @pytest.mark.slow
 def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tmp_path):
-    """GRPO and one strategy, one lr each, one tuning and one report seed, 10 real steps (a projection at step 5):
-    four real jobs; then --report-only gives the same result from MLflow, and refuses other seeds."""
+    """GRPO at μ 1 and 2 and one strategy, one lr each, one tuning and one report seed, 10 real steps (a projection at
+    step 5): five real jobs; then --report-only gives the same result from MLflow, and refuses other seeds."""
     from step_savings import BenchError, main
 
     args = [
         *("--task", *TINY_TASK),
         *("--strategies", "extra-m5n15-top5", "--tune-seeds", "0", "--seeds", "1"),
         *("--grpo-lrs", "1e-4", "--strategy-lrs", "1e-4", "--max-extensions", "0", "--steps", "10"),
+        *("--grpo-updates", "1", "2"),
         *("--eval-prompts", "16", "--db", str(tmp_path / "runs.db"), "--cache-dir", str(tmp_path / "cache")),
         *("--plot", str(tmp_path / "plot.png"), "--unstable-drop", "0.99"),  # 16 prompts × 2 samples: noisy evals
     ]
     result = main(args)
     assert result["metric"] == "real_step_ratio_vs_best_grpo" and result["strategy"] == "extra-m5n15-top5"
     assert result["value_kind"] in ("exact", "lower", "upper", "unknown") and result["goal"] == 2
-    assert result["timing"]["runs"] == 4  # GRPO at the strategy's lr is GRPO-best's run
+    assert result["timing"]["runs"] == 5  # GRPO at the strategy's lr is GRPO-best's run
     assert result["grids"]["grpo"]["stopped"].startswith("not bracketed after 0 added lr(s)")
+    assert set(result["grids"]) == {"grpo", "grpo-u2", "extra-m5n15-top5"}
+    assert result["grpo_updates"]["updates"] == [1, 2] and result["grpo_best_updates"] in (1, 2)
+    assert set(result["timing"]["step_s_by_arm"]) == {"grpo", "grpo-u2", "extra-m5n15-top5"}
     assert any("report seed" in d for d in result["deviations"])
     extra = result["curves"]["extra-m5n15-top5@0.0001-seed1"]
     assert [p[0] for p in extra] == [0, 5, 5, 10]  # the phase at step 5: an eval before and after it
