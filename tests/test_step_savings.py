@@ -219,7 +219,7 @@ def test_the_grid_grows_until_the_best_is_bracketed_and_says_why_it_stopped():
 
 def test_grpos_steps_per_batch_are_bracketed_from_one_and_double_beyond_the_top():
     """μ = 1 closes the low side by itself; a best at the grid's top doubles it; a μ without a stable lr is worse;
-    ties go to the smaller μ (fewer passes)."""
+    ties go to the smaller μ (fewer passes) and do not close a bracket."""
     one = bracket_updates({1: 0.6, 2: 0.5, 4: 0.4})
     assert (one.best, one.bracketed, one.next_updates) == (1, True, None)
     inner = bracket_updates({1: 0.5, 2: 0.7, 4: 0.6})
@@ -231,8 +231,8 @@ def test_grpos_steps_per_batch_are_bracketed_from_one_and_double_beyond_the_top(
     assert (unstable_above.best, unstable_above.bracketed) == (2, True)
     low_open = bracket_updates({4: 0.7, 8: 0.6})
     assert (low_open.best, low_open.bracketed, low_open.next_updates) == (4, False, 2)
-    tie = bracket_updates({1: 0.6, 2: 0.6, 4: 0.5})
-    assert (tie.best, tie.bracketed) == (1, True)
+    tie = bracket_updates({1: 0.6, 2: 0.6, 4: 0.5})  # the smaller of equals; an equal one is not worse (as lrs)
+    assert (tie.best, tie.bracketed, tie.next_updates) == (1, False, 8)
     nothing = bracket_updates({1: None, 2: None})
     assert (nothing.best, nothing.next_updates) == (None, None)
 
