@@ -288,6 +288,7 @@ class LearnerActor:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=float(engine.get_lr()[0]),
             num_tokens=int(total_tokens),
+            optimizer_steps=int(engine.global_steps),
             extra={"kl_ref": sums["kl_ref"]} if self.reference is not None else {},
         )
 

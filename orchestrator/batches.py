@@ -59,4 +59,6 @@ def step_metrics(
         "train/kl_ref": mean(x.extra["kl_ref"] for x in per_rank) if with_kl_ref else None,
         "train/grad_norm": per_rank[0].grad_norm,
         "train/lr": per_rank[0].lr,
+        # RL steps × passes (trainer.updates_per_batch; lookahead: K fast + 1 slow), so far
+        "train/optimizer_steps": per_rank[0].optimizer_steps,
     }

@@ -106,6 +106,7 @@ class TrainMetrics:
     grad_norm: float
     lr: float
     num_tokens: int
+    optimizer_steps: int = 0  # the rank's optimizer steps so far (DeepSpeed's global_steps: checkpointed with it)
     extra: dict = field(default_factory=dict)
 
 

@@ -14,6 +14,34 @@ def compose_cfg(overrides: list[str], config_name: str = "config"):
     return compose(overrides, config_name=config_name)
 
 
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def run_cli_batch(cases: dict[str, tuple[str, list, dict]], work: Path) -> dict:
+    """Run every case `name → (module, args, env)` as `python -m module args` with exactly the environment `env`,
+    all in one interpreter (tests/cli_batch.py: each with its own argv, environment, stdout, stderr and exit code;
+    the imports are paid once); returns `name → CompletedProcess`."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    work.mkdir(parents=True, exist_ok=True)
+    specs = [{"module": m, "args": [str(a) for a in args], "env": env} for m, args, env in cases.values()]
+    (work / "cases.json").write_text(json.dumps(specs))
+    subprocess.run(
+        [sys.executable, str(root / "tests" / "cli_batch.py"), str(work / "cases.json"), str(work / "results.json")],
+        cwd=root,
+        check=True,
+        timeout=900,
+    )
+    results = json.loads((work / "results.json").read_text())
+    return {
+        name: subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"])
+        for (name, (module, args, _)), r in zip(cases.items(), results, strict=True)
+    }
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 
 

@@ -1,7 +1,8 @@
-"""Bad inputs through the real entry points (`python -m orchestrator.train / evaluate / extrapolate / analyze` in a
-subprocess): every one ends with exit code 2 and exactly one `error: ...` line on stderr naming the file (and line)
-and what was expected, no traceback, and nothing written or started — no output folder, no MLflow store, no Ray
-session (Ray's temporary folder is pointed at a path that must stay absent). Then the two paths where a bad input
+"""Bad inputs through the real entry points (`python -m orchestrator.train / evaluate / extrapolate / analyze`, every
+case run as that command in one subprocess, tests/cli_batch.py): every one ends with exit code 2 and exactly one
+`error: ...` line on stderr naming the file (and line) and what was expected, no traceback, and nothing written or
+started — no output folder, no MLflow store, no Ray session (Ray's temporary folder is pointed at a path that must
+stay absent). Then the two paths where a bad input
 does not end the job, each a real short job: `data.skip_bad_rows=true` trains on the good rows and logs the count,
 and `trainer.resume=auto` skips a torn newest checkpoint for the previous one.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_job_overrides
+from tests.helpers import run_cli_batch, tiny_job_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {
@@ -35,16 +36,10 @@ def _env(tmp_path: Path, **extra) -> dict:
     return {**env, **extra}
 
 
-def _run(tool: str, args: list, tmp_path: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    hydra = [f"hydra.run.dir={tmp_path / 'hydra'}"] if tool in ("train", "evaluate") else []
-    return subprocess.run(
-        [sys.executable, "-m", MODULES[tool], *hydra, *map(str, args)],
-        cwd=ROOT,
-        env=_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _case(tool: str, args: list, where: Path, **env) -> tuple[str, list, dict]:
+    """`python -m <tool's module> args` with its own folder `where` for everything it might write or start."""
+    hydra = [f"hydra.run.dir={where / 'hydra'}"] if tool in ("train", "evaluate") else []
+    return MODULES[tool], [*hydra, *map(str, args)], _env(where, **env)
 
 
 def _assert_one_line_and_nothing_started(proc: subprocess.CompletedProcess, expected: str, tmp_path: Path) -> None:
@@ -215,23 +210,13 @@ TRAIN_CASES = {
 
 
 @pytest.mark.parametrize("case", list(TRAIN_CASES))
-def test_train_bad_input_is_one_line_and_starts_nothing(inputs, tmp_path, case):
-    overrides, expected = TRAIN_CASES[case]
-    args = [
-        "model.source=path",
-        f"model.path={inputs['model']}",
-        "data.source=files",
-        *_files(inputs["good"]),
-        f"trainer.output_dir={tmp_path / 'out'}",
-        *overrides(inputs),
-    ]
-    proc = _run("train", args, tmp_path)
-    _assert_one_line_and_nothing_started(proc, expected.format(**inputs), tmp_path)
+def test_train_bad_input_is_one_line_and_starts_nothing(inputs, refusals, case):
+    proc, where = refusals[f"train: {case}"]
+    _assert_one_line_and_nothing_started(proc, TRAIN_CASES[case][1].format(**inputs), where)
 
 
-def test_train_bad_input_with_hydra_full_error_shows_the_traceback(inputs, tmp_path):
-    args = ["model.source=path", f"model.path={inputs['model']}", "data.source=files", *_files(inputs["null"])]
-    proc = _run("train", [*args, f"trainer.output_dir={tmp_path / 'out'}"], tmp_path, HYDRA_FULL_ERROR="1")
+def test_train_bad_input_with_hydra_full_error_shows_the_traceback(inputs, refusals):
+    proc, _ = refusals["train with HYDRA_FULL_ERROR"]
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     assert "orchestrator.config.InputError: " in proc.stderr and f"{inputs['null']}:5" in proc.stderr
 
@@ -270,30 +255,57 @@ EVALUATE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(EVALUATE_CASES))
-def test_evaluate_bad_input_is_one_line_and_starts_nothing(inputs, tmp_path, cache_dir, case):
-    overrides, expected = EVALUATE_CASES[case]
-    args = [f"model.cache_dir={cache_dir}", f"eval.output={tmp_path / 'out' / 'eval.json'}", *overrides(inputs)]
-    proc = _run("evaluate", args, tmp_path)
-    _assert_one_line_and_nothing_started(proc, expected.format(**inputs), tmp_path)
+def test_evaluate_bad_input_is_one_line_and_starts_nothing(inputs, refusals, case):
+    proc, where = refusals[f"evaluate: {case}"]
+    _assert_one_line_and_nothing_started(proc, EVALUATE_CASES[case][1].format(**inputs), where)
 
 
-def test_extrapolate_bad_t1_config_is_one_line(inputs, tmp_path):
-    args = ["--t0-path", inputs["model"], "--t1-path", inputs["bad_config"], "--beta", 2, "--out", tmp_path / "out"]
-    proc = _run("extrapolate", args, tmp_path)
+def test_extrapolate_bad_t1_config_is_one_line(inputs, refusals):
+    proc, where = refusals["extrapolate"]
     expected = f"--t1-path {inputs['bad_config']}/config.json: expected JSON, found unparsable text"
-    _assert_one_line_and_nothing_started(proc, expected, tmp_path)
-    proc = _run("extrapolate", args, tmp_path, HYDRA_FULL_ERROR="1")
+    _assert_one_line_and_nothing_started(proc, expected, where)
+    proc, _ = refusals["extrapolate with HYDRA_FULL_ERROR"]
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ExtrapolationError: --t1-path" in proc.stderr
 
 
-def test_analyze_bad_model_for_the_probes_is_one_line(inputs, tmp_path):
+def test_analyze_bad_model_for_the_probes_is_one_line(inputs, refusals):
     """The probes load every checkpoint as a model: a corrupt config.json fails before the weights are read."""
-    ckpts = [inputs["model"], inputs["bad_config"], inputs["model"]]
-    args = ["--checkpoints", *ckpts, "--steps", 0, 1, 2, "--probes", inputs["probes"], "--out", tmp_path / "out"]
-    proc = _run("analyze", [*args, "--no-mlflow"], tmp_path)
+    proc, where = refusals["analyze"]
     _assert_one_line_and_nothing_started(
-        proc, f"{inputs['bad_config']}/config.json: expected JSON, found unparsable text", tmp_path
+        proc, f"{inputs['bad_config']}/config.json: expected JSON, found unparsable text", where
     )
+
+
+@pytest.fixture(scope="module")
+def refusals(inputs, cache_dir, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every bad-input command above, each with a folder of its own, run in one subprocess (tests/cli_batch.py):
+    case → (its CompletedProcess, its folder)."""
+    root = tmp_path_factory.mktemp("refusals")
+    cases, folders = {}, {}
+
+    def add(name: str, tool: str, args: list, **env) -> Path:
+        where = folders[name] = root / f"case-{len(folders)}"
+        cases[name] = _case(tool, [a(where) if callable(a) else a for a in args], where, **env)
+        return where
+
+    model = ["model.source=path", f"model.path={inputs['model']}", "data.source=files"]
+    out = lambda where: f"trainer.output_dir={where / 'out'}"  # noqa: E731
+    for case, (overrides, _) in TRAIN_CASES.items():
+        add(f"train: {case}", "train", [*model, *_files(inputs["good"]), out, *overrides(inputs)])
+    add("train with HYDRA_FULL_ERROR", "train", [*model, *_files(inputs["null"]), out], HYDRA_FULL_ERROR="1")
+    for case, (overrides, _) in EVALUATE_CASES.items():
+        eval_out = lambda where: f"eval.output={where / 'out' / 'eval.json'}"  # noqa: E731
+        add(f"evaluate: {case}", "evaluate", [f"model.cache_dir={cache_dir}", eval_out, *overrides(inputs)])
+    t1 = ["--t0-path", inputs["model"], "--t1-path", inputs["bad_config"], "--beta", 2, "--out"]
+    add("extrapolate", "extrapolate", [*t1, lambda where: where / "out"])
+    add("extrapolate with HYDRA_FULL_ERROR", "extrapolate", [*t1, lambda where: where / "out"], HYDRA_FULL_ERROR="1")
+    ckpts = [inputs["model"], inputs["bad_config"], inputs["model"]]
+    probes = ["--probes", inputs["probes"], "--no-mlflow", "--out"]
+    add("analyze", "analyze", ["--checkpoints", *ckpts, "--steps", 0, 1, 2, *probes, lambda where: where / "out"])
+    for where in folders.values():
+        where.mkdir()
+    procs = run_cli_batch(cases, root / "batch")
+    return {name: (procs[name], folders[name]) for name in cases}
 
 
 # ---------------------------------------------------------------------------------------------- real jobs

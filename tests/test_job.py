@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import compose_cfg, small_job_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import compose_cfg, run_cli_batch, small_job_overrides
 
 
 @pytest.mark.slow
@@ -70,13 +66,14 @@ def test_short_job_logs_to_mlflow(ray_session, cache_dir, tmp_path, monkeypatch)
         ("gspo", []),
         ("reinforce_pp", []),
         ("reinforce_pp_baseline", []),
-        ("drgrpo", []),
+        ("drgrpo", ["trainer.updates_per_batch=2"]),  # two passes a batch, then the cycle's projection
         ("grpo", ["algo.kl_coef=0.05", "learner.world_size=2", "learner.zero_stage=3", "learner.micro_batch_size=8"]),
     ],
 )
 def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monkeypatch, algo, extra):
-    """Two real RL steps per algorithm inside the RL-Extra schedule (m=1, n=1: a projection after each step);
-    the last case also with a KL-to-reference term on 2-rank ZeRO-3."""
+    """Three real RL steps per algorithm inside the RL-Extra schedule (m=1, n=1: a projection after each step but the
+    last); drgrpo with two optimizer steps per batch (the LR schedule and the cycles still count RL steps); the last
+    case with a KL-to-reference term on 2-rank ZeRO-3."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train import run_job
@@ -98,10 +95,14 @@ def test_each_algorithm_trains_end_to_end(ray_session, cache_dir, tmp_path, monk
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["algo.name"] == algo and run.info.status == "FINISHED"
+    assert run.data.params["trainer.updates_per_batch"] == ("2" if "trainer.updates_per_batch=2" in extra else "1")
     losses = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(losses) == 3 and all(m.value == m.value for m in losses)  # finite (not NaN)
     grad = client.get_metric_history(run.info.run_id, "train/grad_norm")
     assert all(m.value > 0 for m in grad), "the policy received a gradient"
+    passes = 2 if "trainer.updates_per_batch=2" in extra else 1
+    steps = [m.value for m in client.get_metric_history(run.info.run_id, "train/optimizer_steps")]
+    assert steps == [passes * 1, passes * 2, passes * 3], "the learners took updates_per_batch passes a step"
     kl_ref = client.get_metric_history(run.info.run_id, "train/kl_ref")
     if "algo.kl_coef=0.05" in extra:
         assert len(kl_ref) == 3 and kl_ref[0].value == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
@@ -271,38 +272,42 @@ def test_rl_extra_validation_guard_and_adaptive_beta(ray_session, cache_dir, tmp
         assert summary["virtual_steps"] == 5
 
 
-def _run_cli(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'cli.db'}")
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.train", f"hydra.run.dir={tmp_path / 'hydra'}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+BAD_VALUES = {
+    "learner.zero_stage=4": "learner.zero_stage",
+    "learner.dtype=fp8": "learner.dtype",
+    "rollout.temperature=0": "rollout.temperature",
+    "algo.loss=nope": "algo.loss",
+    "trainer.prompts_per_step=5": "learner.micro_batch_size",
+    "trainer.updates_per_batch=2": "trainer.updates_per_batch",  # with the default schedule, lookahead
+}
 
 
-@pytest.mark.parametrize(
-    "override, field",
-    [
-        ("learner.zero_stage=4", "learner.zero_stage"),
-        ("learner.dtype=fp8", "learner.dtype"),
-        ("rollout.temperature=0", "rollout.temperature"),
-        ("algo.loss=nope", "algo.loss"),
-        ("trainer.prompts_per_step=5", "learner.micro_batch_size"),
-    ],
-)
-def test_cli_bad_value_fails_with_one_line(tmp_path, override, field):
-    proc = _run_cli([override], tmp_path)
+@pytest.fixture(scope="module")
+def cli_refusals(tmp_path_factory) -> dict:
+    """`python -m orchestrator.train <override>` for every bad value and an unknown key, all in one subprocess
+    (tests/cli_batch.py): override → (CompletedProcess, its folder)."""
+    root = tmp_path_factory.mktemp("cli")
+    folders = {o: root / f"case-{i}" for i, o in enumerate([*BAD_VALUES, "learner.zero_stag=3"])}
+    cases = {}
+    for override, where in folders.items():
+        where.mkdir()
+        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{where / 'cli.db'}")
+        cases[override] = ("orchestrator.train", [f"hydra.run.dir={where / 'hydra'}", override], env)
+    procs = run_cli_batch(cases, root / "batch")
+    return {o: (procs[o], folders[o]) for o in cases}
+
+
+@pytest.mark.parametrize("override", list(BAD_VALUES))
+def test_cli_bad_value_fails_with_one_line(cli_refusals, override):
+    proc, where = cli_refusals[override]
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), proc.stderr
-    assert not (tmp_path / "cli.db").exists(), "nothing is written before the config is valid"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {BAD_VALUES[override]}:"), proc.stderr
+    assert not (where / "cli.db").exists(), "nothing is written before the config is valid"
 
 
-def test_cli_unknown_key_is_rejected(tmp_path):
-    proc = _run_cli(["learner.zero_stag=3"], tmp_path)
+def test_cli_unknown_key_is_rejected(cli_refusals):
+    proc, _ = cli_refusals["learner.zero_stag=3"]
     assert proc.returncode != 0
     assert "zero_stag" in proc.stderr
 

@@ -109,24 +109,6 @@ def test_two_rank_zero3_step_equals_plain_torch(ray_session, toy_model_path, agg
         assert stable.float().mean() > 0.5, f"{name}: too few well-conditioned elements to compare"
 
 
-def test_train_step_rejects_wrong_shard_size(ray_session, toy_model_path):
-    ray = ray_session
-    spec = LearnerSpec(
-        toy_model_path,
-        LearnerConfig(world_size=1, zero_stage=2, micro_batch_size=4),
-        AlgoConfig(),
-        samples_per_rank=8,
-        seed=0,
-    )
-    actors = start_learner_group(ray, spec)
-    try:
-        batch = random_batch(toy_model_path, batch=4)
-        with pytest.raises(Exception, match="expected 8 samples, got 4"):
-            ray.get(actors[0].train_step.remote(batch))
-    finally:
-        stop_learner_group(ray, actors)
-
-
 def test_gradient_checkpointing_takes_the_same_step(ray_session, toy_model_path):
     """learner.gradient_checkpointing recomputes activations in the backward pass: same loss, same update."""
     ray = ray_session
@@ -158,7 +140,8 @@ def test_gradient_checkpointing_takes_the_same_step(ray_session, toy_model_path)
 def test_updates_per_batch_takes_that_many_passes_at_the_steps_lr(ray_session, toy_model_path):
     """trainer.updates_per_batch=3 on a learner rank (ZeRO-2, micro-batched): three AdamW steps on the same batch,
     each against the fixed behaviour log-probs, all at the learning rate of the step (warm-up held), which then
-    advances once — plain torch's three steps at warm-up's first rate give the same weights."""
+    advances once — plain torch's three steps at warm-up's first rate give the same weights. A shard of the wrong
+    size is refused before any pass."""
     ray = ray_session
     warmup, passes = 4, 3
     spec = LearnerSpec(
@@ -175,6 +158,8 @@ def test_updates_per_batch_takes_that_many_passes_at_the_steps_lr(ray_session, t
 
     actors = start_learner_group(ray, spec)
     try:
+        with pytest.raises(Exception, match="expected 8 samples, got 4"):
+            ray.get(actors[0].train_step.remote(random_batch(toy_model_path, batch=4), False, passes))
         metrics = ray.get(actors[0].train_step.remote(batch, False, passes))
         exported = ray.get(actors[0].export_weights.remote(64.0))
     finally:

@@ -166,6 +166,9 @@ def test_killed_mid_cycle_and_resumed_equals_uninterrupted(toy_model_path, cache
     run_id = summary["mlflow_run_id"]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "rl_step")] == [1, 2, 3, 4, 5, 6, 7], "each step once"
+    passes = 3 if lookahead else 1  # lookahead: 2 fast steps and the slow one a batch
+    optimizer_steps = [m.value for m in client.get_metric_history(run_id, "train/optimizer_steps")]
+    assert optimizer_steps == [passes * k for k in range(1, 8)], "the optimizer's step count resumes with it"
     exp = client.get_run(run_id).info.experiment_id
     assert len(client.search_runs([exp], filter_string="tags.rlextra.kind = 'job'")) == 1, "one job run, continued"
     phases = [r.info.run_name for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")]
