@@ -191,9 +191,10 @@ CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf
 # JSON `timing`: set-up 11.9 s median, RL step 0.245 s mean, 40 s of evals per 120-step GRPO run of 25 evals) and a
 # 2000-step toy_skills warm start in ~2.5 min. The estimate counts GRPO at every strategy's lr as a run of its own, so
 # it runs high: 69 min estimated for that session, 53 measured. toy_add's steps are slower (0.39 s).
-# "pass": an optimizer step beyond a real step's first (GRPO's μ > 1, lookahead's fast steps), not yet measured
-# apart: the JSON's `timing.step_s_by_arm` gives it.
-COST_S = {"setup": 12.0, "step": 0.25, "pass": 0.1, "eval": 1.4, "phase": 0.1, "warm_start": 150.0}
+# "pass": an optimizer step beyond a real step's first (GRPO's μ > 1, lookahead's fast steps): 0.16 s of learning a
+# pass on an AMD EPYC 2-core machine (code d019e93, `time/learn_s` of GRPO at μ = 1 / 2 / 4 / 8: 0.19 / 0.40 / 0.65 /
+# 1.43 s a step), where a whole μ = 1 step takes 0.37 s against 0.25 above: the estimate runs low on that machine.
+COST_S = {"setup": 12.0, "step": 0.25, "pass": 0.16, "eval": 1.4, "phase": 0.1, "warm_start": 150.0}
 
 
 class BenchError(Exception):
