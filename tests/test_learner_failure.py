@@ -61,8 +61,8 @@ def test_dead_learner_restarts_group_from_checkpoint(
             current["step"] = step
             return run_step(step)
 
-        def train_step_then_fault(shards):
-            metrics = train_step(shards)
+        def train_step_then_fault(shards, **kwargs):
+            metrics = train_step(shards, **kwargs)
             if current["step"] == 5 and not killed:  # the last update is done: what an uninterrupted run ends with
                 uninterrupted.update(_masters(ray, groups.learners))
                 killed["pid"] = _kill_process_of(ray, groups.learners[1])  # the weight sync after it fails

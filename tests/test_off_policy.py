@@ -33,9 +33,9 @@ def _recording_job(cfg, out_dir):
     job.seen = []
     train_step = job.groups.train_step
 
-    def recorded(shards):
+    def recorded(shards, **kwargs):
         job.seen.append(shards)
-        return train_step(shards)
+        return train_step(shards, **kwargs)
 
     job.groups.train_step = recorded
     return job
