@@ -612,16 +612,16 @@ def tune_grpo(runs: Runs) -> tuple[str, dict[str, Grid], dict]:
     fixed. Returns (arm, grids, the μ grid's summary)."""
     s = runs.settings
     grids: dict[str, Grid] = {}
-    updates = list(s.grpo_updates)
+    updates, fixed = list(s.grpo_updates), len(s.grpo_updates) == 1
     for added in range(s.max_extensions + 1):
         for u in updates:
             if grpo_arm(u) not in grids:
                 grids[grpo_arm(u)] = tune_lr(runs, grpo_arm(u), s.grpo_lrs)
-        scores = {u: g.best.score if g.best else None for u in updates for g in [grids[grpo_arm(u)]]}
+        bests = {u: grids[grpo_arm(u)].best for u in updates}
+        scores = {u: top.score if top else None for u, top in bests.items()}
         b = bracket_updates(scores)
         if b.best is None:
             raise BenchError(f"--grpo-lrs: every GRPO lr tried is unstable at every μ {updates}; expected smaller lrs")
-        fixed = len(s.grpo_updates) == 1
         if b.bracketed or fixed or added == s.max_extensions:
             reason = b.reason if b.bracketed else ("fixed" if fixed else f"not bracketed after {added} added μ")
             summary = {"updates": updates, "scores": [scores[u] for u in updates], "best": b.best, "stopped": reason}

@@ -17,17 +17,22 @@ def compose_cfg(overrides: list[str], config_name: str = "config"):
 # ------------------------------------------------------------------------------------------ entry points
 
 
-def run_cli_batch(cases: dict[str, tuple[str, list, dict]], work: Path) -> dict:
-    """Run every case `name → (module, args, env)` as `python -m module args` with exactly the environment `env`,
-    all in one interpreter (tests/cli_batch.py: each with its own argv, environment, stdout, stderr and exit code;
-    the imports are paid once); returns `name → CompletedProcess`."""
+def run_cli_batch(work: Path, cases: dict) -> dict:
+    """Run every case as `python -m module args` with exactly the environment `env`, all in one interpreter
+    (tests/cli_batch.py: each with its own argv, environment, stdout, stderr and exit code; the imports are paid
+    once). `cases`: name → a function of the case's own empty folder (for whatever it might write or start) that
+    returns (module, args, env). Returns name → (CompletedProcess, the case's folder)."""
     import json
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    work.mkdir(parents=True, exist_ok=True)
-    specs = [{"module": m, "args": [str(a) for a in args], "env": env} for m, args, env in cases.values()]
+    folders = {name: work / f"case-{i}" for i, name in enumerate(cases)}
+    commands = {}
+    for name, build in cases.items():
+        folders[name].mkdir(parents=True)
+        commands[name] = build(folders[name])
+    specs = [{"module": m, "args": [str(a) for a in args], "env": env} for m, args, env in commands.values()]
     (work / "cases.json").write_text(json.dumps(specs))
     subprocess.run(
         [sys.executable, str(root / "tests" / "cli_batch.py"), str(work / "cases.json"), str(work / "results.json")],
@@ -37,8 +42,8 @@ def run_cli_batch(cases: dict[str, tuple[str, list, dict]], work: Path) -> dict:
     )
     results = json.loads((work / "results.json").read_text())
     return {
-        name: subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"])
-        for (name, (module, args, _)), r in zip(cases.items(), results, strict=True)
+        name: (subprocess.CompletedProcess([module, *args], r["returncode"], r["stdout"], r["stderr"]), folders[name])
+        for (name, (module, args, _)), r in zip(commands.items(), results, strict=True)
     }
 
 

@@ -280,32 +280,28 @@ def test_analyze_bad_model_for_the_probes_is_one_line(inputs, refusals):
 def refusals(inputs, cache_dir, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every bad-input command above, each with a folder of its own, run in one subprocess (tests/cli_batch.py):
     case → (its CompletedProcess, its folder)."""
-    root = tmp_path_factory.mktemp("refusals")
-    cases, folders = {}, {}
+    cases = {}
 
-    def add(name: str, tool: str, args: list, **env) -> Path:
-        where = folders[name] = root / f"case-{len(folders)}"
-        cases[name] = _case(tool, [a(where) if callable(a) else a for a in args], where, **env)
-        return where
+    def add(name: str, tool: str, args: list, **env) -> None:
+        """A case whose args may name its folder: an arg that is a function of it."""
+        cases[name] = lambda where: _case(tool, [a(where) if callable(a) else a for a in args], where, **env)
 
     model = ["model.source=path", f"model.path={inputs['model']}", "data.source=files"]
     out = lambda where: f"trainer.output_dir={where / 'out'}"  # noqa: E731
+    eval_out = lambda where: f"eval.output={where / 'out' / 'eval.json'}"  # noqa: E731
+    out_dir = lambda where: where / "out"  # noqa: E731
     for case, (overrides, _) in TRAIN_CASES.items():
         add(f"train: {case}", "train", [*model, *_files(inputs["good"]), out, *overrides(inputs)])
     add("train with HYDRA_FULL_ERROR", "train", [*model, *_files(inputs["null"]), out], HYDRA_FULL_ERROR="1")
     for case, (overrides, _) in EVALUATE_CASES.items():
-        eval_out = lambda where: f"eval.output={where / 'out' / 'eval.json'}"  # noqa: E731
         add(f"evaluate: {case}", "evaluate", [f"model.cache_dir={cache_dir}", eval_out, *overrides(inputs)])
-    t1 = ["--t0-path", inputs["model"], "--t1-path", inputs["bad_config"], "--beta", 2, "--out"]
-    add("extrapolate", "extrapolate", [*t1, lambda where: where / "out"])
-    add("extrapolate with HYDRA_FULL_ERROR", "extrapolate", [*t1, lambda where: where / "out"], HYDRA_FULL_ERROR="1")
+    t1 = ["--t0-path", inputs["model"], "--t1-path", inputs["bad_config"], "--beta", 2, "--out", out_dir]
+    add("extrapolate", "extrapolate", t1)
+    add("extrapolate with HYDRA_FULL_ERROR", "extrapolate", t1, HYDRA_FULL_ERROR="1")
     ckpts = [inputs["model"], inputs["bad_config"], inputs["model"]]
-    probes = ["--probes", inputs["probes"], "--no-mlflow", "--out"]
-    add("analyze", "analyze", ["--checkpoints", *ckpts, "--steps", 0, 1, 2, *probes, lambda where: where / "out"])
-    for where in folders.values():
-        where.mkdir()
-    procs = run_cli_batch(cases, root / "batch")
-    return {name: (procs[name], folders[name]) for name in cases}
+    probes = ["--probes", inputs["probes"], "--no-mlflow", "--out", out_dir]
+    add("analyze", "analyze", ["--checkpoints", *ckpts, "--steps", 0, 1, 2, *probes])
+    return run_cli_batch(tmp_path_factory.mktemp("refusals"), cases)
 
 
 # ---------------------------------------------------------------------------------------------- real jobs

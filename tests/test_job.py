@@ -286,15 +286,16 @@ BAD_VALUES = {
 def cli_refusals(tmp_path_factory) -> dict:
     """`python -m orchestrator.train <override>` for every bad value and an unknown key, all in one subprocess
     (tests/cli_batch.py): override → (CompletedProcess, its folder)."""
-    root = tmp_path_factory.mktemp("cli")
-    folders = {o: root / f"case-{i}" for i, o in enumerate([*BAD_VALUES, "learner.zero_stag=3"])}
-    cases = {}
-    for override, where in folders.items():
-        where.mkdir()
-        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{where / 'cli.db'}")
-        cases[override] = ("orchestrator.train", [f"hydra.run.dir={where / 'hydra'}", override], env)
-    procs = run_cli_batch(cases, root / "batch")
-    return {o: (procs[o], folders[o]) for o in cases}
+
+    def command(override: str):
+        return lambda where: (
+            "orchestrator.train",
+            [f"hydra.run.dir={where / 'hydra'}", override],
+            dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{where / 'cli.db'}"),
+        )
+
+    overrides = [*BAD_VALUES, "learner.zero_stag=3"]
+    return run_cli_batch(tmp_path_factory.mktemp("cli"), {o: command(o) for o in overrides})
 
 
 @pytest.mark.parametrize("override", list(BAD_VALUES))
