@@ -50,8 +50,11 @@ record's `time_s`), not evals nor actor start-up.
 
 Runs share one Ray and this process; each starts its own actors (orchestrator.train.run_job) and is stored in MLflow
 (--db, experiment `bench-step-savings`), tagged with the code version (the last commit touching the code, plus a
-hash of uncommitted changes to it) and the session's settings. --report-only replays the protocol on the stored runs
-of exactly these settings, and refuses with one line when they are not there.
+hash of uncommitted changes to it), the session's settings and its run key: the version of the training code
+(TRAIN_CODE_PATHS) and the run's overrides. A stored run of the same key is the same run, and every session reuses it
+rather than train it again (an interrupted session resumes; a session that adds a μ or a seed trains only those);
+--fresh retrains. The JSON's `timing.reused` counts the runs taken from other sessions. --report-only replays the
+protocol on stored runs only, and refuses with one line when one is not there.
 
 Output: the tuning grids, a per-strategy table, docs/img/step_savings.png (per strategy: mean and range over the
 report seeds vs real steps and vs compute seconds, with GRPO-best and GRPO at the same lr), then one JSON line.
@@ -185,6 +188,9 @@ DEFAULT_TASK, DEFAULT_BUDGET = "toy_skills", 120
 MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
 CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
+# What a run's result depends on besides its overrides: the job's code, not the protocol's report arithmetic. A stored
+# run of the same training code and the same overrides is the same run: sessions reuse it (--fresh retrains).
+TRAIN_CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "conf", "pyproject.toml", "bench/common.py")
 
 # Seconds per piece of a run of the default task (toy_skills: tiny model, 16 prompts × 8 samples per step, Avg@4 on
 # 500 eval prompts) on a quiet 2-core machine, for the up-front estimate: from the default run at code ff6fad2 (its
@@ -225,7 +231,8 @@ class Settings:
     max_extensions: int
     unstable_drop: float
     target_fraction: float
-    code: str  # code_version()
+    code: str  # code_version(): the bench's code with the job's
+    train_code: str  # code_version(TRAIN_CODE_PATHS): a run's identity, with its overrides (run_key)
 
     def as_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -281,7 +288,7 @@ def first_projection_step(schedule) -> int:
     return schedule.m
 
 
-def code_version() -> str:
+def code_version(paths: tuple[str, ...] = CODE_PATHS) -> str:
     """The last commit that touched the code, plus a hash of its uncommitted changes (docs and results don't count:
     committing a result does not orphan the runs that made it)."""
 
@@ -289,8 +296,8 @@ def code_version() -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
     try:
-        commit = git("log", "-1", "--format=%h", "--", *CODE_PATHS).strip()
-        dirty = git("diff", "HEAD", "--", *CODE_PATHS)
+        commit = git("log", "-1", "--format=%h", "--", *paths).strip()
+        dirty = git("diff", "HEAD", "--", *paths)
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + (f"+dirty-{hashlib.sha256(dirty.encode()).hexdigest()[:8]}" if dirty else "")
@@ -351,6 +358,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         unstable_drop=args.unstable_drop,
         target_fraction=args.target_fraction,
         code=code_version(),
+        train_code=code_version(TRAIN_CODE_PATHS),
     )
     deviations = []
     if steps < BUDGET_FACTOR * latest_first:
@@ -419,8 +427,8 @@ def lr_tag(lr: float) -> str:
 
 
 class Store:
-    """The runs in MLflow (sqlite at `db`, experiment `bench-step-savings`): tagged with the session when they finish,
-    found by (session, arm, lr, seed), read back from their metrics and summary.json."""
+    """The runs in MLflow (sqlite at `db`, experiment `bench-step-savings`): tagged with the session and their run key
+    when they finish, found by run key, read back from their metrics and summary.json."""
 
     def __init__(self, db: Path):
         from mlflow.tracking import MlflowClient
@@ -431,8 +439,9 @@ class Store:
         artifacts = (db.parent / f"{db.stem}-artifacts").resolve().as_uri()  # beside the db, whatever the cwd
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT, artifacts)
 
-    def tag(self, run_id: str, settings: Settings, arm: str, lr: float, seed: int) -> None:
+    def tag(self, run_id: str, settings: Settings, arm: str, lr: float, seed: int, run_key: str) -> None:
         tags = {
+            "bench_run": run_key,
             "bench_session": settings.key,
             "bench_settings": json.dumps(settings.as_json(), sort_keys=True),
             "bench_code": settings.code,
@@ -451,25 +460,25 @@ class Store:
             max_results=1,
         )
 
-    def find(self, settings: Settings, arm: str, lr: float, seed: int) -> str | None:
-        found = self.newest(
-            f"tags.bench_session = '{settings.key}' and tags.bench_arm = '{arm}' and "
-            f"tags.bench_lr = '{lr_tag(lr)}' and tags.bench_seed = '{seed}'"
-        )
-        return found[0].info.run_id if found else None
+    def find(self, run_key: str) -> tuple[str, str] | None:
+        """The newest finished run of this key: (run id, the session that trained it)."""
+        found = self.newest(f"tags.bench_run = '{run_key}'")
+        return (found[0].info.run_id, found[0].data.tags["bench_session"]) if found else None
 
-    def check_session(self, settings: Settings) -> None:
-        """--report-only: the store must hold runs of exactly these settings; else one line saying what differs."""
-        if self.newest(f"tags.bench_session = '{settings.key}'"):
-            return
+    def missing(self, settings: Settings, arm: str, lr: float, seed: int) -> BenchError:
+        """--report-only lacks a run: one line saying what differs from the newest stored session, if anything."""
         newest = self.newest("tags.bench_session != ''")
         if not newest:
-            raise BenchError(f"--report-only: no stored runs in {self.db}; run without --report-only first")
+            return BenchError(f"--report-only: no stored runs in {self.db}; run without --report-only first")
         stored = json.loads(newest[0].data.tags["bench_settings"])
         diff = [
             f"{k} {stored.get(k)!r:.80} (here {v!r:.80})" for k, v in settings.as_json().items() if stored.get(k) != v
         ]
-        raise BenchError(f"--report-only: the newest stored runs in {self.db} differ in {'; '.join(diff)}")
+        why = f"the newest stored session differs in {'; '.join(diff)}" if diff else "its session was interrupted?"
+        return BenchError(
+            f"--report-only: {self.db} lacks {arm} lr={lr_tag(lr)} seed {seed} of this code and these settings "
+            f"({why}); run without --report-only"
+        )
 
     def load(self, run_id: str, arm: str, lr: float, seed: int) -> Run:
         def history(name: str) -> dict[int, float]:
@@ -516,27 +525,37 @@ class Store:
 
 
 class Runs:
-    """The session's runs by (arm, lr, seed): trained on first use, or (--report-only) found in the store."""
+    """The session's runs by (arm, lr, seed): a stored run of the same key if there is one (unless `fresh`), else
+    trained (live) or refused (--report-only). A run's key is its training code and its overrides (run_key)."""
 
-    def __init__(self, plan: Plan, store: Store, live: bool, out_dir: str = ""):
+    def __init__(self, plan: Plan, store: Store, live: bool, out_dir: str = "", fresh: bool = False):
         self.plan, self.settings, self.store, self.live, self.out_dir = plan, plan.settings, store, live, out_dir
+        self.fresh = fresh
         self.cache: dict[tuple[str, str, int], Run] = {}
+        self.reused: dict[str, list[str]] = {}  # session key → the names of the runs reused from it
+        self.trained = 0
         self.started = time.perf_counter()
         self.expected_runs = estimate(plan)[0]
 
     def get(self, arm: str, lr: float, seed: int) -> Run:
         key = (arm, lr_tag(lr), seed)
         if key not in self.cache:
-            run_id = self.train(arm, lr, seed) if self.live else self.store.find(self.settings, arm, lr, seed)
-            if run_id is None:
-                raise BenchError(
-                    f"--report-only: the stored session lacks {arm} lr={lr_tag(lr)} seed {seed} (interrupted?); "
-                    "run without --report-only"
-                )
+            stored = None if self.live and self.fresh else self.store.find(self.run_key(arm, lr, seed))
+            if stored is None and not self.live:
+                raise self.store.missing(self.settings, arm, lr, seed)
+            if stored is None:
+                run_id = self.train(arm, lr, seed)
+            else:
+                run_id, session = stored
+                if session != self.settings.key:
+                    self.reused.setdefault(session, []).append(run_name(arm, lr, seed))
+                if self.live:
+                    say(f"{run_name(arm, lr, seed)}: the stored run {run_id} (session {session}), not retrained")
             self.cache[key] = self.store.load(run_id, arm, lr, seed)
         return self.cache[key]
 
-    def overrides(self, arm: str, lr: float, seed: int, name: str) -> list[str]:
+    def protocol_overrides(self, arm: str, lr: float, seed: int) -> list[str]:
+        """Everything a run's result depends on besides the training code (not where it writes)."""
         s = self.settings
         # RL-Extra arms are evaluated around every phase; periodic evals only fill in between their cycle boundaries
         eval_every = s.eval_every if arm not in self.plan.cycles or s.eval_every < self.plan.cycles[arm] else 0
@@ -549,24 +568,38 @@ class Runs:
             f"trainer.eval_every={eval_every}",
             f"trainer.eval_prompts={s.eval_prompts}",
             "trainer.resume=never",
-            *run_overrides(name, self.out_dir, self.store.uri, self.plan.cache_dir, EXPERIMENT),
         ]
+
+    def run_key(self, arm: str, lr: float, seed: int) -> str:
+        return run_key(self.settings.train_code, self.protocol_overrides(arm, lr, seed))
 
     def train(self, arm: str, lr: float, seed: int) -> str:
         from orchestrator.config import compose
         from orchestrator.train import run_job
 
         t0 = time.perf_counter()
-        name = f"{arm}-lr{lr_tag(lr)}-seed{seed}"
-        summary = run_job(compose(self.overrides(arm, lr, seed, name)), f"{self.out_dir}/{name}")
-        self.store.tag(summary["mlflow_run_id"], self.settings, arm, lr, seed)
+        common.start_ray()  # on the first run trained: a session of stored runs starts nothing
+        name = run_name(arm, lr, seed)
+        where = run_overrides(name, self.out_dir, self.store.uri, self.plan.cache_dir, EXPERIMENT)
+        summary = run_job(compose([*self.protocol_overrides(arm, lr, seed), *where]), f"{self.out_dir}/{name}")
+        self.store.tag(summary["mlflow_run_id"], self.settings, arm, lr, seed, self.run_key(arm, lr, seed))
+        self.trained += 1
         done, spent = len(self.cache) + 1, time.perf_counter() - self.started
-        left = max(self.expected_runs - done, 0) * spent / done
+        left = max(self.expected_runs - done, 0) * spent / self.trained
         say(
             f"run {done}: {name} took {time.perf_counter() - t0:.0f} s (set-up {summary['setup_time_s']:.0f} s); "
             f"{spent / 60:.1f} min so far, about {left / 60:.0f} min left if no bracket adds an lr"
         )
         return summary["mlflow_run_id"]
+
+
+def run_name(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}-lr{lr_tag(lr)}-seed{seed}"
+
+
+def run_key(train_code: str, overrides: list[str]) -> str:
+    """A run's identity: the training code that ran it and its protocol overrides (same key, same run)."""
+    return hashlib.sha256(json.dumps([train_code, overrides]).encode()).hexdigest()[:16]
 
 
 def prepare_warm_starts(plan: Plan) -> None:
@@ -774,6 +807,7 @@ def timing(runs: Runs) -> dict:
     arms = sorted({r.arm for r in rs})
     return {
         "runs": len(rs),
+        "reused": {session: len(names) for session, names in runs.reused.items()},  # the rest: this session's
         "step_s_by_arm": {
             a: round(statistics.mean(r.step_s for r in rs if r.arm == a) / runs.settings.steps, 3) for a in arms
         },
@@ -965,6 +999,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "rlextra", help="warm starts and toy data")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "step_savings.png")
     ap.add_argument("--report-only", action="store_true", help="no training: the report from the stored runs")
+    ap.add_argument("--fresh", action="store_true", help="train every run, even one stored with the same key")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise BenchError(f"--steps: expected an integer >= 1, got {args.steps}")
@@ -994,7 +1029,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.db.parent.mkdir(parents=True, exist_ok=True)
     store = Store(args.db)
     if args.report_only:
-        store.check_session(s)
         result = run_protocol(plan, Runs(plan, store, live=False), args.plot)
     else:
         n, secs = estimate(plan)
@@ -1006,11 +1040,10 @@ def main(argv: list[str] | None = None) -> dict:
         prepare_warm_starts(plan)
         import ray
 
-        started = not ray.is_initialized()  # one Ray for every run; a caller's own Ray is left running
-        common.start_ray()
+        started = not ray.is_initialized()  # one Ray for every run (Runs.train starts it); a caller's is left running
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                result = run_protocol(plan, Runs(plan, store, live=True, out_dir=tmp), args.plot)
+                result = run_protocol(plan, Runs(plan, store, live=True, out_dir=tmp, fresh=args.fresh), args.plot)
         finally:
             if started:
                 ray.shutdown()

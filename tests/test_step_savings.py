@@ -327,11 +327,11 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
     }
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
     assert s.grpo_updates == (1, 2, 4)
-    grpo = runs.overrides("grpo", 2e-4, 1, "grpo-run")
-    grpo_u4 = runs.overrides("grpo-u4", 1e-4, 1, "grpo-u4-run")
+    grpo = runs.protocol_overrides("grpo", 2e-4, 1)
+    grpo_u4 = runs.protocol_overrides("grpo-u4", 1e-4, 1)
     assert "trainer.updates_per_batch=4" in grpo_u4 and "trainer.eval_every=5" in grpo_u4
-    extra = runs.overrides("auto-m5n15-top5", 1e-4, 1, "auto-run")
-    lookahead = runs.overrides("lookahead-k3", 1e-4, 1, "lookahead-run")
+    extra = runs.protocol_overrides("auto-m5n15-top5", 1e-4, 1)
+    lookahead = runs.protocol_overrides("lookahead-k3", 1e-4, 1)
     assert "trainer.eval_every=5" in grpo and "schedule=rl" in grpo and "learner.lr=0.0002" in grpo
     assert not any(o.startswith("trainer.updates_per_batch") for o in grpo)
     assert "trainer.eval_every=0" in extra and extra.index("schedule.eval_around_projection=true") > extra.index(
@@ -391,33 +391,67 @@ def settings_for(seeds: tuple[int, ...]):
         unstable_drop=0.1,
         target_fraction=0.9,
         code="abc1234",
+        train_code="abc1234",
     )
 
 
-def test_report_only_refuses_runs_of_other_settings_naming_what_differs(tmp_path):
+def test_a_run_is_found_by_its_training_code_and_overrides_and_a_missing_one_is_refused_naming_what_differs(tmp_path):
     from mlflow.tracking import MlflowClient
     from step_savings import BenchError, Plan, Runs, Store
 
     store = Store(tmp_path / "runs.db")
-    with pytest.raises(BenchError, match="no stored runs"):
-        store.check_session(settings_for((1, 2, 3)))
     stored = settings_for((1, 2, 3))
+    plan = Plan(stored, {"extra-m5n15-top5": 5}, {"extra-m5n15-top5": 1}, [], tmp_path)
+    with pytest.raises(BenchError, match="no stored runs"):
+        Runs(plan, store, live=False).get("grpo", 1e-4, 0)
     client = MlflowClient(tracking_uri=store.uri)
     run = client.create_run(store.experiment_id, run_name="grpo-lr0.0001-seed0")
     client.set_terminated(run.info.run_id, "FINISHED")
-    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0)
+    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0, Runs(plan, store, live=False).run_key("grpo", 1e-4, 0))
 
-    store.check_session(stored)  # the same settings: accepted
-    assert store.find(stored, "grpo", 1e-4, 0) == run.info.run_id
+    assert store.find(Runs(plan, store, live=False).run_key("grpo", 1e-4, 0)) == (run.info.run_id, stored.key)
+    # another session (other report seeds, another bench version) with the same training code finds the same run
+    other = dataclasses.replace(stored, seeds=(4, 5, 6), code="def5678")
+    other_runs = Runs(Plan(other, plan.cycles, plan.passes, [], tmp_path), store, live=False)
+    assert other_runs.run_key("grpo", 1e-4, 0) == Runs(plan, store, live=False).run_key("grpo", 1e-4, 0)
+    assert store.find(other_runs.run_key("grpo", 1e-4, 0))[0] == run.info.run_id
+    # a run's key changes with its training code, its overrides, its lr and its seed
+    keys = {
+        Runs(
+            Plan(dataclasses.replace(stored, train_code="fed4321"), plan.cycles, plan.passes, [], tmp_path),
+            store,
+            live=False,
+        ).run_key("grpo", 1e-4, 0),
+        Runs(
+            Plan(dataclasses.replace(stored, steps=41), plan.cycles, plan.passes, [], tmp_path), store, live=False
+        ).run_key("grpo", 1e-4, 0),
+        Runs(plan, store, live=False).run_key("grpo-u2", 1e-4, 0),
+        Runs(plan, store, live=False).run_key("grpo", 2e-4, 0),
+        Runs(plan, store, live=False).run_key("grpo", 1e-4, 1),
+        Runs(plan, store, live=False).run_key("grpo", 1e-4, 0),
+    }
+    assert len(keys) == 6
+    # a run the replay needs and the store lacks: what differs from the newest stored session, on one line
     with pytest.raises(BenchError) as refused:
-        store.check_session(settings_for((4, 5, 6)))
-    assert "seeds [1, 2, 3] (here [4, 5, 6])" in str(refused.value) and "\n" not in str(refused.value)
-    with pytest.raises(BenchError, match="code 'abc1234' \\(here 'def5678'\\)"):
-        store.check_session(dataclasses.replace(stored, code="def5678"))
-    # a run the replay needs and the session lacks
-    plan = Plan(stored, {"extra-m5n15-top5": 5}, {"extra-m5n15-top5": 1}, [], tmp_path)
-    with pytest.raises(BenchError, match="lacks grpo lr=0.0002 seed 0"):
+        other_runs.get("grpo", 2e-4, 0)
+    says = str(refused.value)
+    assert "lacks grpo lr=0.0002 seed 0" in says and "seeds [1, 2, 3] (here [4, 5, 6])" in says and "\n" not in says
+    assert "code 'abc1234' (here 'def5678')" in says
+    with pytest.raises(BenchError, match=r"lacks grpo lr=0.0002 seed 0 .*\(its session was interrupted\?\)"):
         Runs(plan, store, live=False).get("grpo", 2e-4, 0)
+
+    # --fresh: a live session trains a run even when one of its key is stored
+    class Trained(Exception):
+        pass
+
+    def train(arm, lr, seed):
+        raise Trained(arm, lr, seed)
+
+    fresh = Runs(plan, store, live=True, fresh=True)
+    fresh.train = train
+    with pytest.raises(Trained) as trained:
+        fresh.get("grpo", 1e-4, 0)
+    assert trained.value.args == ("grpo", 1e-4, 0)
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -472,5 +506,9 @@ def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tm
     assert {k: v for k, v in replayed.items() if k != "bench_wall_s"} == {
         k: v for k, v in result.items() if k != "bench_wall_s"
     }
+    # a live session of other settings that need the same runs (another instability rule) trains none of them
+    other = main([*args, "--unstable-drop", "0.98"])
+    assert other["session"] != result["session"] and other["timing"]["reused"] == {result["session"]: 5}
+    assert other["curves"] == result["curves"] and other["value"] == result["value"]
     with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
         main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
