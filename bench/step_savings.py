@@ -153,6 +153,18 @@ STRATEGIES = {
         "schedule.selection=top_elements",
         "schedule.selection_fraction=0.05",
     ],
+    # `auto` on top of GRPO at 8 optimizer steps a rollout batch (the μ GRPO scored best at on tuning seed 0, code
+    # d019e93): whether extrapolation adds anything to a GRPO tuned in μ (cycles count RL steps, the projector sees
+    # each step's last pass; not in the default run)
+    "auto-m5n15-top5-u8": [
+        "schedule=rl_extra",
+        "schedule.m=5",
+        "schedule.n=15",
+        "schedule.beta_mode=auto",
+        "schedule.selection=top_elements",
+        "schedule.selection_fraction=0.05",
+        "trainer.updates_per_batch=8",
+    ],
     # AlphaRL / RELEX: every matrix moved along the rank-1 direction of its cycle update, stretched by β = 4
     "rank1-m5n15": [
         "schedule=rl_extra",
@@ -248,7 +260,7 @@ class Plan:
 
     settings: Settings
     cycles: dict[str, int]  # strategy → its cycle length m (the strategies whose phases stand for skipped steps)
-    passes: dict[str, int]  # strategy → optimizer steps per real step (lookahead: K fast + 1 slow; else 1)
+    passes: dict[str, int]  # strategy → optimizer steps per real step (lookahead: K fast + 1 slow; else its μ)
     deviations: list[str]  # reported with the result, not refused: small settings test the machinery
     cache_dir: Path  # warm starts and toy data (content-keyed: not a setting)
 
@@ -337,7 +349,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # the skipping strategies' cycle lengths set the common eval cadence (lookahead's m = 1 would mean an eval a step)
     cycles = {arm: cfgs[arm].schedule.m for arm in args.strategies if skips_steps(STRATEGIES[arm])}
     passes = {
-        arm: cfgs[arm].schedule.lookahead_steps + 1 if not skips_steps(STRATEGIES[arm]) else 1
+        arm: cfgs[arm].schedule.lookahead_steps + 1
+        if not skips_steps(STRATEGIES[arm])
+        else cfgs[arm].trainer.updates_per_batch
         for arm in args.strategies
     }
     latest_first = max(first_projection_step(cfgs[arm].schedule) for arm in args.strategies)
