@@ -308,6 +308,44 @@ def test_pool_closed_and_options():
         ScoringPool(0, 1.0)
 
 
+UNGUARDED_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from verifiers.pool import ScoringPool
+if __name__ != "__main__":  # a worker re-importing this unguarded script: the script's long work runs there
+    time.sleep(600)
+print(ScoringPool(1, 5.0, startup_timeout_s=5).score("arith", "C42", "42"))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_workers_that_never_start_fail_the_pool_at_once_naming_the_unguarded_main(tmp_path, start_method):
+    """An entry script without `if __name__ == "__main__":` runs its own work in every worker that re-imports it: the
+    pool's start-up probe refuses within startup_timeout_s instead of every batch waiting out its deadline."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "unguarded.py"
+    text = UNGUARDED_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]))
+    script.write_text(text.replace("ScoringPool(1, 5.0,", f"ScoringPool(1, 5.0, start_method={start_method!r},"))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:  # the script's session: a worker the pool failed to stop would sleep on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 1 and out == ""
+    last = err.strip().splitlines()[-1]
+    assert "RuntimeError: scoring workers did not start within 5 s (1 of 1 not done)" in last
+    assert "if __name__ == '__main__':" in last
+
+
 def test_score_one_isolated():
     assert score_one_isolated("arith", "C42", "42", timeout_s=5.0) == 1.0
 

@@ -44,6 +44,14 @@ Choices made
   happens. Non-cheap verifiers (``math``) are always one sample per task: their
   per-sample work (ms) dwarfs the IPC (~0.1 ms), and a bad sample then costs one
   timeout only.
+* **Start-up probe.** A new pool schedules one no-op task per worker; the first
+  ``score_batch`` waits for them until ``startup_timeout_s`` after the pool's
+  creation and raises ``RuntimeError`` (the pool stopped) when they are not all
+  done: a worker that re-imports an unguarded entry script runs that script's work
+  (a training job, say) instead of taking tasks, and every batch would then wait
+  out its safety deadline, then retry one sample per task, for hours. The workers
+  start while the caller goes on (as before the probe); the check costs nothing
+  once they have.
 * **Broken pool recovery.** If pebble reports the whole pool broken (e.g. a worker
   died before its task was acknowledged), the pool is rebuilt and the affected
   samples are retried once, one per task; a second failure scores 0.0. If *no*
@@ -137,6 +145,11 @@ def _score_group(verifier_name: str, responses: list, references: list) -> list[
     return out
 
 
+def _ready() -> bool:
+    """The start-up probe's task: a worker that runs it has started and imported what it needs."""
+    return True
+
+
 def _make_context(start_method: str | None):
     methods = multiprocessing.get_all_start_methods()
     if start_method is None:
@@ -165,6 +178,9 @@ class ScoringPool:
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``.
         chunk_size: max samples per task for ``cheap`` verifiers.
         max_tasks_per_worker: recycle a worker after this many tasks (0: never).
+        startup_timeout_s: the workers must all have run a no-op task this long
+            after the pool's creation, else the first ``score_batch`` raises
+            ``RuntimeError``.
 
     Use as a context manager or call :meth:`close`.
     """
@@ -178,6 +194,7 @@ class ScoringPool:
         start_method: str | None = None,
         chunk_size: int = 64,
         max_tasks_per_worker: int = 1000,
+        startup_timeout_s: float = 120.0,
     ):
         if int(max_workers) < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
@@ -201,6 +218,9 @@ class ScoringPool:
         #: how many times the underlying pebble pool was rebuilt (diagnostics).
         self.rebuilds = 0
         self._pool = self._new_pool()
+        self._startup_timeout_s = float(startup_timeout_s)
+        self._started_by = time.monotonic() + self._startup_timeout_s
+        self._starting = [self._pool.schedule(_ready) for _ in range(self.max_workers)]  # the start-up probe
 
     # -- pool lifecycle -------------------------------------------------------
 
@@ -212,6 +232,23 @@ class ScoringPool:
             initargs=(self.plugin_modules,),
             context=self._ctx,
         )
+
+    def _check_started(self) -> None:
+        """The start-up probe's tasks done by ``startup_timeout_s`` after creation; else stop the pool and raise."""
+        futures = self._starting
+        if not futures:
+            return
+        _, pending = _wait_futures(futures, timeout=max(0.0, self._started_by - time.monotonic()))
+        failed = [f for f in futures if f not in pending and f.exception() is not None]
+        if pending or failed:
+            self.close()
+            why = f"{len(pending)} of {len(futures)} not done" if pending else f"{failed[0].exception()!r}"
+            raise RuntimeError(
+                f"scoring workers did not start within {self._startup_timeout_s:g} s ({why}); check that the entry "
+                "script keeps its work under `if __name__ == '__main__':` (workers re-import __main__ and run what "
+                "it does at import) and that the workers can import 'verifiers' and the plugin modules"
+            )
+        self._starting = []
 
     @staticmethod
     def _shutdown(pool: pebble.ProcessPool) -> None:
@@ -266,6 +303,7 @@ class ScoringPool:
         if self._closed:
             raise RuntimeError("ScoringPool is closed")
         get_verifier(verifier_name)  # unknown name: ValueError, before any work
+        self._check_started()
         responses = list(responses)
         references = list(references)
         if len(responses) != len(references):
