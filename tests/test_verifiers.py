@@ -306,6 +306,8 @@ def test_pool_closed_and_options():
         ScoringPool(1, 1.0, start_method="fork")
     with pytest.raises(ValueError):
         ScoringPool(0, 1.0)
+    with pytest.raises(ValueError, match="startup_timeout_s"):
+        ScoringPool(1, 1.0, startup_timeout_s=0)
 
 
 UNGUARDED_SCRIPT = """

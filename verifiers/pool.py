@@ -202,6 +202,8 @@ class ScoringPool:
             raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+        if not (float(startup_timeout_s) > 0 and math.isfinite(float(startup_timeout_s))):
+            raise ValueError(f"startup_timeout_s must be a positive finite number, got {startup_timeout_s!r}")
         if int(max_tasks_per_worker) < 0:
             raise ValueError(f"max_tasks_per_worker must be >= 0, got {max_tasks_per_worker!r}")
         self.max_workers = int(max_workers)
