@@ -53,7 +53,10 @@ Runs share one Ray and this process; each starts its own actors (orchestrator.tr
 hash of uncommitted changes to it), the session's settings and its run key: the version of the training code
 (TRAIN_CODE_PATHS) and the run's overrides. A stored run of the same key is the same run, and every session reuses it
 rather than train it again (an interrupted session resumes; a session that adds a μ or a seed trains only those);
---fresh retrains. The JSON's `timing.reused` counts the runs taken from other sessions. --report-only replays the
+--fresh retrains. The JSON's `timing.reused` counts the runs taken from other sessions. A commit to the training code
+changes every key: `--adopt SESSION` retrains the cheapest of that session's runs and, when its eval curve is the
+stored one to the digit, keys the session's runs to today's training code (runs reproduce on one machine, not across
+CPUs). --report-only replays the
 protocol on stored runs only, and refuses with one line when one is not there.
 
 Output: the tuning grids, a per-strategy table, docs/img/step_savings.png (per strategy: mean and range over the
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -607,6 +611,48 @@ class Runs:
         return summary["mlflow_run_id"]
 
 
+ADOPT_SAME = ("task", "steps", "eval_every", "eval_prompts")  # what a stored session must share to be adopted
+
+
+def adopt(runs: Runs, session: str) -> int:
+    """--adopt: key a stored session's runs (trained at another code version) to today's training code, once one of
+    them retrained today gives the same eval curve to the digit; returns how many were keyed. The runs this session
+    composes the same way (its task, budget, cadence and eval prompts; a strategy's row unchanged) are adopted."""
+    store, s = runs.store, runs.settings
+    found = store.client.search_runs(
+        [store.experiment_id], f"tags.bench_session = '{session}' and attributes.status = 'FINISHED'", max_results=5000
+    )
+    if not found:
+        raise BenchError(f"--adopt: no finished runs of session {session} in {store.db}")
+    old = json.loads(found[0].data.tags["bench_settings"])
+    differ = [f"{k} {old.get(k)!r} (here {v!r})" for k, v in s.as_json().items() if k in ADOPT_SAME and old[k] != v]
+    if differ:
+        raise BenchError(f"--adopt: session {session}'s runs differ in {'; '.join(differ)}")
+    mine = []
+    for r in found:
+        arm, lr, seed = r.data.tags["bench_arm"], float(r.data.tags["bench_lr"]), int(r.data.tags["bench_seed"])
+        if grpo_updates_of(arm) is not None or old["strategies"].get(arm) == s.strategies.get(arm, False):
+            mine.append((arm, lr, seed, r.info.run_id))
+    if not mine:
+        raise BenchError(f"--adopt: session {session} has no run of this session's arms")
+    arm, lr, seed, run_id = min(mine, key=lambda m: (grpo_updates_of(m[0]) or 99, m[1], m[2]))  # the cheapest
+    say(f"--adopt: retraining {run_name(arm, lr, seed)} of session {session} (code {old['code']}) at {s.train_code}")
+    then = [(p.step, p.acc) for p in store.load(run_id, arm, lr, seed).curve]
+    now = [(p.step, p.acc) for p in store.load(runs.train(arm, lr, seed), arm, lr, seed).curve]
+    if then != now:
+        was, got = next((a, b) for a, b in itertools.zip_longest(then, now) if a != b)
+        raise BenchError(
+            f"--adopt: {run_name(arm, lr, seed)} retrained at {s.train_code} gives another eval curve than session "
+            f"{session}'s (first difference, (step, Avg@k): {was} then, {got} now); its runs are left as they are"
+        )
+    note = f"trained at code {old['code']}; {run_name(arm, lr, seed)} retrained at {s.train_code}: the same eval curve"
+    for arm, lr, seed, run_id in mine:
+        store.client.set_tag(run_id, "bench_run", runs.run_key(arm, lr, seed))
+        store.client.set_tag(run_id, "bench_run_adopted", note)
+    say(f"--adopt: {len(mine)} runs of session {session} keyed to training code {s.train_code}")
+    return len(mine)
+
+
 def run_name(arm: str, lr: float, seed: int) -> str:
     return f"{arm}-lr{lr_tag(lr)}-seed{seed}"
 
@@ -1014,6 +1060,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "step_savings.png")
     ap.add_argument("--report-only", action="store_true", help="no training: the report from the stored runs")
     ap.add_argument("--fresh", action="store_true", help="train every run, even one stored with the same key")
+    ap.add_argument(
+        "--adopt",
+        nargs="+",
+        default=[],
+        metavar="SESSION",
+        help="key these stored sessions' runs to today's training code if one of them, retrained, gives the same curve",
+    )
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         raise BenchError(f"--steps: expected an integer >= 1, got {args.steps}")
@@ -1023,6 +1076,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise BenchError(f"--max-extensions: expected an integer >= 0, got {args.max_extensions}")
     if not 0 < args.unstable_drop < 1:
         raise BenchError(f"--unstable-drop: expected a number in (0, 1), got {args.unstable_drop}")
+    if args.adopt and args.report_only:
+        raise BenchError("--adopt: retrains a run to check the stored ones; expected no --report-only")
     if not 0 < args.target_fraction <= 1:
         raise BenchError(f"--target-fraction: expected a number in (0, 1], got {args.target_fraction}")
     return args
@@ -1057,7 +1112,10 @@ def main(argv: list[str] | None = None) -> dict:
         started = not ray.is_initialized()  # one Ray for every run (Runs.train starts it); a caller's is left running
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                result = run_protocol(plan, Runs(plan, store, live=True, out_dir=tmp, fresh=args.fresh), args.plot)
+                runs = Runs(plan, store, live=True, out_dir=tmp, fresh=args.fresh)
+                for session in args.adopt:
+                    adopt(runs, session)
+                result = run_protocol(plan, runs, args.plot)
         finally:
             if started:
                 ray.shutdown()

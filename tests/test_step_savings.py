@@ -300,6 +300,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
         (["--task", "learner.lr=1e-3"], "--task: learner.lr is set by the protocol"),
         (["--report-only"], "--db: expected the stored runs of a session for --report-only, got no file"),
         (["--grpo-updates", "0", "1"], "--grpo-updates: expected integers >= 1"),
+        (["--report-only", "--adopt", "abc"], "--adopt: retrains a run to check the stored ones"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_anything_starts(tmp_path, args, says):
@@ -510,5 +511,19 @@ def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tm
     other = main([*args, "--unstable-drop", "0.98"])
     assert other["session"] != result["session"] and other["timing"]["reused"] == {result["session"]: 5}
     assert other["curves"] == result["curves"] and other["value"] == result["value"]
+    # the same runs keyed at another training code (as after a commit): --adopt retrains one of them, finds the same
+    # eval curve, and keys the session's runs to today's code; nothing else is retrained
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs.db'}")
+    store_runs = client.search_runs(
+        [client.get_experiment_by_name("bench-step-savings").experiment_id], "tags.bench_session != ''"
+    )
+    for r in store_runs:
+        client.set_tag(r.info.run_id, "bench_run", "older-code-" + r.data.tags["bench_run"])
+    adopted = main([*args, "--adopt", result["session"]])
+    assert adopted["curves"] == result["curves"] and adopted["value"] == result["value"]
+    tags = [r.data.tags for r in client.search_runs([store_runs[0].info.experiment_id], "tags.bench_session != ''")]
+    assert len(tags) == 6 and sum("bench_run_adopted" in t for t in tags) == 5  # the five, and the one retrained
     with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
         main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
