@@ -138,6 +138,14 @@ def grpo_row(updates: int) -> list[str]:
     return [*GRPO_OVERRIDES, f"trainer.updates_per_batch={updates}"] if updates > 1 else GRPO_OVERRIDES
 
 
+AUTO_M5N15_TOP5 = [
+    "schedule=rl_extra",
+    "schedule.m=5",
+    "schedule.n=15",
+    "schedule.beta_mode=auto",
+    "schedule.selection=top_elements",
+    "schedule.selection_fraction=0.05",
+]
 STRATEGIES = {
     # the paper's projection, β = (m + n) / m = 4 every cycle, on the top 5 % of elements by steady displacement
     "extra-m5n15-top5": [
@@ -149,26 +157,11 @@ STRATEGIES = {
         "schedule.selection_fraction=0.05",
     ],
     # schedule=rl_extra's auto policy: monitor gate + validation line search over β ∈ {2, 4}, same selection
-    "auto-m5n15-top5": [
-        "schedule=rl_extra",
-        "schedule.m=5",
-        "schedule.n=15",
-        "schedule.beta_mode=auto",
-        "schedule.selection=top_elements",
-        "schedule.selection_fraction=0.05",
-    ],
+    "auto-m5n15-top5": AUTO_M5N15_TOP5,
     # `auto` on top of GRPO at 8 optimizer steps a rollout batch (on tuning seed 0 μ = 8 scores within 0.003 of
     # GRPO-best's μ = 16 and ends 0.06 higher, code c60a860): whether extrapolation adds anything to a GRPO tuned in μ
     # (cycles count RL steps, the projector sees each step's last pass; not in the default run, not run yet)
-    "auto-m5n15-top5-u8": [
-        "schedule=rl_extra",
-        "schedule.m=5",
-        "schedule.n=15",
-        "schedule.beta_mode=auto",
-        "schedule.selection=top_elements",
-        "schedule.selection_fraction=0.05",
-        "trainer.updates_per_batch=8",
-    ],
+    "auto-m5n15-top5-u8": [*AUTO_M5N15_TOP5, "trainer.updates_per_batch=8"],
     # AlphaRL / RELEX: every matrix moved along the rank-1 direction of its cycle update, stretched by β = 4
     "rank1-m5n15": [
         "schedule=rl_extra",
