@@ -56,8 +56,7 @@ rather than train it again (an interrupted session resumes; a session that adds 
 --fresh retrains. The JSON's `timing.reused` counts the runs taken from other sessions. A commit to the training code
 changes every key: `--adopt SESSION` retrains the cheapest of that session's runs and, when its eval curve is the
 stored one to the digit, keys the session's runs to today's training code (runs reproduce on one machine, not across
-CPUs). --report-only replays the
-protocol on stored runs only, and refuses with one line when one is not there.
+CPUs). --report-only replays the protocol on stored runs only, and refuses with one line when one is not there.
 
 Output: the tuning grids, a per-strategy table, docs/img/step_savings.png (per strategy: mean and range over the
 report seeds vs real steps and vs compute seconds, with GRPO-best and GRPO at the same lr), then one JSON line.
@@ -66,6 +65,7 @@ report seeds vs real steps and vs compute seconds, with GRPO-best and GRPO at th
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import itertools
 import json
@@ -463,13 +463,19 @@ class Store:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def newest(self, where: str) -> list:
+    def newest(self, where: str, max_results: int = 1) -> list:
+        """The finished runs matching `where` (an MLflow filter), newest first."""
         return self.client.search_runs(
             [self.experiment_id],
             filter_string=f"{where} and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=max_results,
         )
+
+    def rekey(self, run_id: str, run_key: str, note: str) -> None:
+        """--adopt: a stored run keyed anew, and why."""
+        self.client.set_tag(run_id, "bench_run", run_key)
+        self.client.set_tag(run_id, "bench_run_adopted", note)
 
     def find(self, run_key: str) -> tuple[str, str] | None:
         """The newest finished run of this key: (run id, the session that trained it)."""
@@ -543,7 +549,7 @@ class Runs:
         self.plan, self.settings, self.store, self.live, self.out_dir = plan, plan.settings, store, live, out_dir
         self.fresh = fresh
         self.cache: dict[tuple[str, str, int], Run] = {}
-        self.reused: dict[str, list[str]] = {}  # session key → the names of the runs reused from it
+        self.reused: collections.Counter[str] = collections.Counter()  # session key → runs reused from it
         self.trained = 0
         self.started = time.perf_counter()
         self.expected_runs = estimate(plan)[0]
@@ -559,7 +565,7 @@ class Runs:
             else:
                 run_id, session = stored
                 if session != self.settings.key:
-                    self.reused.setdefault(session, []).append(run_name(arm, lr, seed))
+                    self.reused[session] += 1
                 if self.live:
                     say(f"{run_name(arm, lr, seed)}: the stored run {run_id} (session {session}), not retrained")
             self.cache[key] = self.store.load(run_id, arm, lr, seed)
@@ -612,13 +618,11 @@ def adopt(runs: Runs, session: str) -> int:
     them retrained today gives the same eval curve to the digit; returns how many were keyed. The runs this session
     composes the same way (its task, budget, cadence and eval prompts; a strategy's row unchanged) are adopted."""
     store, s = runs.store, runs.settings
-    found = store.client.search_runs(
-        [store.experiment_id], f"tags.bench_session = '{session}' and attributes.status = 'FINISHED'", max_results=5000
-    )
+    found = store.newest(f"tags.bench_session = '{session}'", max_results=5000)
     if not found:
         raise BenchError(f"--adopt: no finished runs of session {session} in {store.db}")
     old = json.loads(found[0].data.tags["bench_settings"])
-    differ = [f"{k} {old.get(k)!r} (here {v!r})" for k, v in s.as_json().items() if k in ADOPT_SAME and old[k] != v]
+    differ = [f"{k} {old.get(k)!r} (here {v!r})" for k, v in s.as_json().items() if k in ADOPT_SAME and old.get(k) != v]
     if differ:
         raise BenchError(f"--adopt: session {session}'s runs differ in {'; '.join(differ)}")
     mine = []
@@ -640,8 +644,7 @@ def adopt(runs: Runs, session: str) -> int:
         )
     note = f"trained at code {old['code']}; {run_name(arm, lr, seed)} retrained at {s.train_code}: the same eval curve"
     for arm, lr, seed, run_id in mine:
-        store.client.set_tag(run_id, "bench_run", runs.run_key(arm, lr, seed))
-        store.client.set_tag(run_id, "bench_run_adopted", note)
+        store.rekey(run_id, runs.run_key(arm, lr, seed), note)
     say(f"--adopt: {len(mine)} runs of session {session} keyed to training code {s.train_code}")
     return len(mine)
 
@@ -860,7 +863,7 @@ def timing(runs: Runs) -> dict:
     arms = sorted({r.arm for r in rs})
     return {
         "runs": len(rs),
-        "reused": {session: len(names) for session, names in runs.reused.items()},  # the rest: this session's
+        "reused": dict(runs.reused),  # the rest: this session's
         "step_s_by_arm": {
             a: round(statistics.mean(r.step_s for r in rs if r.arm == a) / runs.settings.steps, 3) for a in arms
         },

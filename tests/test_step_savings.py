@@ -403,33 +403,32 @@ def test_a_run_is_found_by_its_training_code_and_overrides_and_a_missing_one_is_
     store = Store(tmp_path / "runs.db")
     stored = settings_for((1, 2, 3))
     plan = Plan(stored, {"extra-m5n15-top5": 5}, {"extra-m5n15-top5": 1}, [], tmp_path)
+    runs = Runs(plan, store, live=False)
+
+    def key_of(settings, arm="grpo", lr=1e-4, seed=0):
+        return Runs(Plan(settings, plan.cycles, plan.passes, [], tmp_path), store, live=False).run_key(arm, lr, seed)
+
     with pytest.raises(BenchError, match="no stored runs"):
-        Runs(plan, store, live=False).get("grpo", 1e-4, 0)
+        runs.get("grpo", 1e-4, 0)
     client = MlflowClient(tracking_uri=store.uri)
     run = client.create_run(store.experiment_id, run_name="grpo-lr0.0001-seed0")
     client.set_terminated(run.info.run_id, "FINISHED")
-    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0, Runs(plan, store, live=False).run_key("grpo", 1e-4, 0))
+    store.tag(run.info.run_id, stored, "grpo", 1e-4, 0, runs.run_key("grpo", 1e-4, 0))
 
-    assert store.find(Runs(plan, store, live=False).run_key("grpo", 1e-4, 0)) == (run.info.run_id, stored.key)
+    assert store.find(runs.run_key("grpo", 1e-4, 0)) == (run.info.run_id, stored.key)
     # another session (other report seeds, another bench version) with the same training code finds the same run
     other = dataclasses.replace(stored, seeds=(4, 5, 6), code="def5678")
     other_runs = Runs(Plan(other, plan.cycles, plan.passes, [], tmp_path), store, live=False)
-    assert other_runs.run_key("grpo", 1e-4, 0) == Runs(plan, store, live=False).run_key("grpo", 1e-4, 0)
+    assert other_runs.run_key("grpo", 1e-4, 0) == runs.run_key("grpo", 1e-4, 0)
     assert store.find(other_runs.run_key("grpo", 1e-4, 0))[0] == run.info.run_id
     # a run's key changes with its training code, its overrides, its lr and its seed
     keys = {
-        Runs(
-            Plan(dataclasses.replace(stored, train_code="fed4321"), plan.cycles, plan.passes, [], tmp_path),
-            store,
-            live=False,
-        ).run_key("grpo", 1e-4, 0),
-        Runs(
-            Plan(dataclasses.replace(stored, steps=41), plan.cycles, plan.passes, [], tmp_path), store, live=False
-        ).run_key("grpo", 1e-4, 0),
-        Runs(plan, store, live=False).run_key("grpo-u2", 1e-4, 0),
-        Runs(plan, store, live=False).run_key("grpo", 2e-4, 0),
-        Runs(plan, store, live=False).run_key("grpo", 1e-4, 1),
-        Runs(plan, store, live=False).run_key("grpo", 1e-4, 0),
+        key_of(dataclasses.replace(stored, train_code="fed4321")),
+        key_of(dataclasses.replace(stored, steps=41)),
+        key_of(stored, arm="grpo-u2"),
+        key_of(stored, lr=2e-4),
+        key_of(stored, seed=1),
+        key_of(stored),
     }
     assert len(keys) == 6
     # a run the replay needs and the store lacks: what differs from the newest stored session, on one line
@@ -439,7 +438,7 @@ def test_a_run_is_found_by_its_training_code_and_overrides_and_a_missing_one_is_
     assert "lacks grpo lr=0.0002 seed 0" in says and "seeds [1, 2, 3] (here [4, 5, 6])" in says and "\n" not in says
     assert "code 'abc1234' (here 'def5678')" in says
     with pytest.raises(BenchError, match=r"lacks grpo lr=0.0002 seed 0 .*\(its session was interrupted\?\)"):
-        Runs(plan, store, live=False).get("grpo", 2e-4, 0)
+        runs.get("grpo", 2e-4, 0)
 
     # --fresh: a live session trains a run even when one of its key is stored
     class Trained(Exception):
