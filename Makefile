@@ -31,7 +31,7 @@ run: $(STAMP)
 
 # Two pytest workers (pytest-xdist), each taking whole test files (module fixtures are built once): a serial run leaves
 # about a quarter of this 2-core machine's CPU idle (processes starting, faults being detected), which the other
-# worker fills (README: 1930 s against 2306 s). TEST_WORKERS=0 runs serially.
+# worker fills (the measured times: README, under Layout). TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
