@@ -15,6 +15,8 @@ as the plain class it is (world size 1; NCCL on CUDA, gloo on CPU) on a tied Qwe
    one-rank weight group (actors/weight_sync.py: a ProcessGroupNCCL on CUDA built from a TCPStore, the collective
    path's sender side: gather and pack on the device), each in GB/s.
 Headline: copy time ÷ projection time on the master shards, worst stage (goal 0.8, as bench/projection.py).
+On a GPU both are bound by memory bandwidth and the projection moves 3 bytes where the copy moves 2, so the ratio
+is 2/3 at equal bandwidth (0.74 on an H200: README, Benchmarks).
 
     python bench/gpu_check.py                       # CUDA, the 100m shape (96M parameters), ZeRO 1, 2, 3
     python bench/gpu_check.py --device cpu          # the same on CPU with the tiny model (what CI runs)
@@ -24,9 +26,10 @@ On the GPU machine torch, transformers, tokenizers and safetensors are there; De
 0.19.8 and antlr4-python3-runtime 4.9.3 (PyPI has only their sdists: build them here, pure Python, with
 `pip wheel --no-deps --no-build-isolation -w .whl NAME==VERSION`), and, downloaded with `pip download --no-deps
 --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 -d .whl`, hjson 3.1.0,
-pydantic 2.14.4, pydantic-core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, hydra-core 1.3.8 and
-omegaconf 2.3.1 (the versions of this project's environment); there: `pip install --no-index --no-deps --target
-/tmp/site .whl/*.whl`, `PYTHONPATH=/tmp/site python3 bench/gpu_check.py`.
+pydantic 2.14.4, pydantic-core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, hydra-core 1.3.8,
+omegaconf 2.3.1 and typing-extensions 4.16.0 (pydantic 2.14 needs it) — the versions of this project's environment;
+there: `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`, `PYTHONPATH=/tmp/site python3
+bench/gpu_check.py`. MLflow, which DeepSpeed's autotuner imports if it can, is not needed.
 """
 
 from __future__ import annotations
