@@ -611,11 +611,20 @@ class Runs:
 ADOPT_SAME = ("task", "steps", "eval_every", "eval_prompts")  # what a stored session must share to be adopted
 
 
-def adopt(runs: Runs, session: str) -> int:
-    """--adopt: key a stored session's runs (trained at another code version) to today's training code, once one of
-    them retrained today gives the same eval curve to the digit; returns how many were keyed. The runs this session
-    composes the same way (its task, budget, cadence and eval prompts; a strategy's row unchanged) are adopted."""
-    store, s = runs.store, runs.settings
+@dataclass(frozen=True)
+class Adoption:
+    """What --adopt does for one stored session: which of its runs it keys anew, and the one it retrains first."""
+
+    session: str
+    code: str  # the training code its runs were trained at
+    runs: tuple[tuple[str, float, int, str], ...]  # (arm, lr, seed, run id): its runs of this session's arms
+    check: tuple[str, float, int, str]  # the cheapest of them, retrained today and compared
+
+
+def plan_adoption(store: Store, s: Settings, session: str) -> Adoption:
+    """--adopt's checks, made for every named session before anything trains: the session's finished runs exist,
+    they share this session's task, budget, cadence and eval prompts, and some are of its arms (GRPO at any μ, or a
+    strategy whose row is unchanged)."""
     found = store.newest(f"tags.bench_session = '{session}'", max_results=5000)
     if not found:
         raise BenchError(f"--adopt: no finished runs of session {session} in {store.db}")
@@ -629,9 +638,18 @@ def adopt(runs: Runs, session: str) -> int:
         if grpo_updates_of(arm) is not None or old["strategies"].get(arm) == s.strategies.get(arm, False):
             mine.append((arm, lr, seed, r.info.run_id))
     if not mine:
-        raise BenchError(f"--adopt: session {session} has no run of this session's arms")
-    arm, lr, seed, run_id = min(mine, key=lambda m: (grpo_updates_of(m[0]) or 99, m[1], m[2]))  # the cheapest
-    say(f"--adopt: retraining {run_name(arm, lr, seed)} of session {session} (code {old['code']}) at {s.train_code}")
+        arms = sorted({r.data.tags["bench_arm"] for r in found})
+        raise BenchError(f"--adopt: session {session}'s runs are of {arms}, none of this session's arms")
+    cheapest = min(mine, key=lambda m: (grpo_updates_of(m[0]) or 99, m[1], m[2]))
+    return Adoption(session, old["code"], tuple(mine), cheapest)
+
+
+def adopt(runs: Runs, adoption: Adoption) -> int:
+    """--adopt: key a stored session's runs (trained at another code version) to today's training code, once one of
+    them retrained today gives the same eval curve to the digit; returns how many were keyed."""
+    store, s, session = runs.store, runs.settings, adoption.session
+    arm, lr, seed, run_id = adoption.check
+    say(f"--adopt: retraining {run_name(arm, lr, seed)} of session {session} (code {adoption.code}) at {s.train_code}")
     then = [(p.step, p.acc) for p in store.load(run_id, arm, lr, seed).curve]
     now = [(p.step, p.acc) for p in store.load(runs.train(arm, lr, seed), arm, lr, seed).curve]
     if then != now:
@@ -640,11 +658,13 @@ def adopt(runs: Runs, session: str) -> int:
             f"--adopt: {run_name(arm, lr, seed)} retrained at {s.train_code} gives another eval curve than session "
             f"{session}'s (first difference, (step, Avg@k): {was} then, {got} now); its runs are left as they are"
         )
-    note = f"trained at code {old['code']}; {run_name(arm, lr, seed)} retrained at {s.train_code}: the same eval curve"
-    for arm, lr, seed, run_id in mine:
+    note = (
+        f"trained at code {adoption.code}; {run_name(arm, lr, seed)} retrained at {s.train_code}: the same eval curve"
+    )
+    for arm, lr, seed, run_id in adoption.runs:
         store.rekey(run_id, runs.run_key(arm, lr, seed), note)
-    say(f"--adopt: {len(mine)} runs of session {session} keyed to training code {s.train_code}")
-    return len(mine)
+    say(f"--adopt: {len(adoption.runs)} runs of session {session} keyed to training code {s.train_code}")
+    return len(adoption.runs)
 
 
 def run_name(arm: str, lr: float, seed: int) -> str:
@@ -1094,6 +1114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         result = run_protocol(plan, Runs(plan, store, live=False), args.plot)
     else:
+        adoptions = [plan_adoption(store, s, session) for session in args.adopt]  # every refusal before any training
         n, secs = estimate(plan)
         say(
             f"session {s.key}, code {s.code}: {s.steps} real steps per run, an eval every {s.eval_every} on "
@@ -1107,8 +1128,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 runs = Runs(plan, store, live=True, out_dir=tmp, fresh=args.fresh)
-                for session in args.adopt:
-                    adopt(runs, session)
+                for adoption in adoptions:
+                    adopt(runs, adoption)
                 result = run_protocol(plan, runs, args.plot)
         finally:
             if started:

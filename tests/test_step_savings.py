@@ -524,5 +524,10 @@ def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tm
     assert adopted["curves"] == result["curves"] and adopted["value"] == result["value"]
     tags = [r.data.tags for r in client.search_runs([store_runs[0].info.experiment_id], "tags.bench_session != ''")]
     assert len(tags) == 6 and sum("bench_run_adopted" in t for t in tags) == 5  # the five, and the one retrained
+    # every named session is checked before anything trains: one that cannot be adopted refuses before the one that can
+    # is retrained
+    with pytest.raises(BenchError, match=r"--adopt: no finished runs of session no-such-session in "):
+        main([*args, "--adopt", result["session"], "no-such-session"])
+    assert len(client.search_runs([store_runs[0].info.experiment_id], "tags.bench_session != ''")) == 6
     with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
         main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
