@@ -618,7 +618,11 @@ class Adoption:
     session: str
     code: str  # the training code its runs were trained at
     runs: tuple[tuple[str, float, int, str], ...]  # (arm, lr, seed, run id): its runs of this session's arms
-    check: tuple[str, float, int, str]  # the cheapest of them, retrained today and compared
+
+    @property
+    def check(self) -> tuple[str, float, int, str]:
+        """The cheapest of its runs (GRPO at the smallest μ, then the smallest lr and seed): retrained and compared."""
+        return min(self.runs, key=lambda m: (grpo_updates_of(m[0]) or 99, m[1], m[2]))
 
 
 def plan_adoption(store: Store, s: Settings, session: str) -> Adoption:
@@ -640,8 +644,7 @@ def plan_adoption(store: Store, s: Settings, session: str) -> Adoption:
     if not mine:
         arms = sorted({r.data.tags["bench_arm"] for r in found})
         raise BenchError(f"--adopt: session {session}'s runs are of {arms}, none of this session's arms")
-    cheapest = min(mine, key=lambda m: (grpo_updates_of(m[0]) or 99, m[1], m[2]))
-    return Adoption(session, old["code"], tuple(mine), cheapest)
+    return Adoption(session, old["code"], tuple(mine))
 
 
 def adopt(runs: Runs, adoption: Adoption) -> int:
