@@ -11,6 +11,9 @@ Choices (measured in `shared/notes/vllm-cpu.md`):
   `reload_weights`. Buckets arrive either as this actor's argument (`update_weights`, object store) or over the
   engine's weight group (`join_weight_group` once, then `receive_weights` per sync; actors/weight_sync.py). The
   prefix cache is reset after each update: cached KV computed with old weights would otherwise be reused.
+- On CPU the engine prefills whole prompts (no chunked prefill). vLLM rewinds a seeded request's generator when it
+  discards the token sampled after a partial prefill; a CPU generator has no offset to rewind, so any batch whose
+  prompts overflowed `max_num_batched_tokens` stopped the engine ("CPU Generator does not use offset").
 - Every result carries the weight version it was generated with.
 """
 
@@ -28,6 +31,7 @@ EXTENSION = "actors.vllm_weights.WeightSyncExtension"
 
 
 KV_BLOCK_TOKENS = 128  # vLLM's KV block on CPU (16 on GPU): a sequence holds whole blocks
+CPU_BATCHED_TOKENS = 4096  # vLLM's default tokens per engine step on CPU (its LLM class, one worker)
 
 
 def kv_cache_bytes(model_path: str, rc: RolloutConfig) -> int:
@@ -57,6 +61,18 @@ class RolloutSpec:
 
 
 SEED_SPACING = 4096  # prompt seeds are multiples of this: a prompt's n samples use seed + 0 .. n-1 (n <= this)
+
+
+def cpu_batched_tokens(rc: RolloutConfig) -> int:
+    """Tokens per engine step on CPU when the config leaves it to vLLM: its default, raised to what a step without
+    chunked prefill needs (one whole prompt of up to max_model_len tokens; one token for each of max_num_seqs)."""
+    return max(CPU_BATCHED_TOKENS, rc.max_model_len, rc.max_num_seqs)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def prompt_seed(seed: int, position: int) -> int:
@@ -96,6 +112,9 @@ class RolloutActor:
         )
         if rc.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
+        if _on_cpu():  # whole prompts per engine step (the module docstring says why)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs.setdefault("max_num_batched_tokens", cpu_batched_tokens(rc))
         if rc.kv_cache_mb is None and not rc.num_gpus:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(spec.model_path, rc)
         elif rc.kv_cache_mb:

@@ -561,7 +561,9 @@ class RolloutConfig:
     kv_cache_mb: int | None = integer(None, ge=0)
     gpu_memory_utilization: float = number(0.5, gt=0, le=1)  # GPU share vLLM may take when kv_cache_mb = 0
     max_num_seqs: int = integer(256, ge=1)  # sequences per engine step
-    max_num_batched_tokens: int | None = integer(None, ge=1)  # tokens per engine step; null = vLLM's default
+    # tokens per engine step; null = vLLM's default (on CPU at least max_model_len and max_num_seqs). CPU engines
+    # prefill whole prompts (actors/rollout.py says why), so there it must hold max_model_len tokens
+    max_num_batched_tokens: int | None = integer(None, ge=1)
     enforce_eager: bool = True  # no CUDA graphs / torch.compile (true on CPU: compiling gains nothing on tiny models)
     tensor_parallel_size: int = integer(1, ge=1)  # GPUs one engine spans (tensor parallelism)
     temperature: float = number(1.0, gt=0)  # training samples and Avg@k (the loss's log-probs use the same)
@@ -589,6 +591,18 @@ class RolloutConfig:
             raise ConfigError(
                 f"{_join(prefix, 'min_tokens')}: expected at most rollout.max_tokens ({self.max_tokens}), "
                 f"got {self.min_tokens}"
+            )
+        budget = self.max_num_batched_tokens
+        if budget is not None and budget < self.max_num_seqs:
+            raise ConfigError(
+                f"{_join(prefix, 'max_num_batched_tokens')}: expected at least {_join(prefix, 'max_num_seqs')} "
+                f"({self.max_num_seqs}, a token for each sequence of an engine step), got {budget}"
+            )
+        if budget is not None and not self.num_gpus and budget < self.max_model_len:
+            raise ConfigError(
+                f"{_join(prefix, 'max_num_batched_tokens')}: expected at least {_join(prefix, 'max_model_len')} "
+                f"({self.max_model_len}) on CPU (num_gpus 0), where a prompt is prefilled in one engine step, "
+                f"got {budget}"
             )
 
 

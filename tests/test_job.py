@@ -365,6 +365,25 @@ def test_min_tokens_above_max_tokens_is_refused():
         validate(compose_cfg(["rollout.max_tokens=8", "rollout.min_tokens=9"]))
 
 
+def test_a_token_budget_below_what_an_engine_step_needs_is_refused():
+    """vLLM's own check (a token per sequence) and the CPU engine's (a whole prompt per step), as one line each
+    before anything starts instead of a traceback from inside the rollout actor."""
+    from orchestrator.config import ConfigError, validate
+
+    validate(compose_cfg(["rollout.max_num_seqs=64", "rollout.max_num_batched_tokens=64"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout.max_num_batched_tokens: expected at least rollout.max_num_seqs \(256, a token for each "
+        r"sequence of an engine step\), got 128$",
+    ):
+        validate(compose_cfg(["rollout.max_num_batched_tokens=128"]))
+    with pytest.raises(
+        ConfigError, match=r"^rollout.max_num_batched_tokens: expected at least rollout.max_model_len \(64\) on CPU"
+    ):
+        validate(compose_cfg(["rollout.max_num_seqs=32", "rollout.max_num_batched_tokens=32"]))
+    validate(compose_cfg(["rollout.num_gpus=1", "rollout.max_num_seqs=32", "rollout.max_num_batched_tokens=32"]))
+
+
 def test_missing_data_file_names_the_file(tmp_path):
     from orchestrator.config import InputError
     from orchestrator.data import load_splits

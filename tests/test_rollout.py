@@ -96,6 +96,32 @@ def test_a_seeded_batch_draws_each_prompt_independently_and_reproducibly(rollout
     assert shifted.response_ids == [first.response_ids[1], first.response_ids[0]]
 
 
+def test_a_small_token_budget_prefills_whole_prompts_and_draws_the_same(rollout, hf, ray_session, toy_model_path):
+    """A batch whose prompts overflow max_num_batched_tokens: with chunked prefill vLLM rewinds each seeded request's
+    generator for the token it discards after a partial prefill, which a CPU generator cannot do (the engine
+    stopped: "CPU Generator does not use offset"). CPU engines prefill whole prompts, so a 64-token budget takes the
+    batch in more engine steps and draws, prompt by prompt, what the default budget draws."""
+    from orchestrator.cluster import rollout_actor_env
+
+    tok, _ = hf
+    small = RolloutConfig(kv_cache_mb=16, max_num_seqs=64, max_num_batched_tokens=64)
+    narrow = (
+        ray_session.remote(RolloutActor)
+        .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
+        .remote(RolloutSpec(toy_model_path, small, seed=0))
+    )
+    try:
+        batch = [tok(f"{a}+{b}=")["input_ids"] for a, b in zip(range(10, 90, 2), range(90, 10, -2))]
+        assert sum(map(len, batch)) > small.max_num_batched_tokens  # the prompts alone take several engine steps
+        sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=6, seed=5)
+        got = ray_session.get(narrow.generate.remote(batch, sampling))
+        want = ray_session.get(rollout.generate.remote(batch, sampling))
+        assert len(got.response_ids) == 4 * len(batch)
+        assert got.response_ids == want.response_ids
+    finally:
+        ray_session.kill(narrow)
+
+
 def test_prompt_seeds_keep_every_prompts_samples_apart():
     from actors.rollout import SEED_SPACING, prompt_seed
 
