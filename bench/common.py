@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 RESULTS = ROOT / "bench" / "results"
+# What a result depends on: the code, not the docs or the results (committing a result does not change the version)
+CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
 
 # Model shapes built in code (no downloads). "100m" is a ~100M-parameter Qwen2.
 SHAPES = {
@@ -77,7 +81,24 @@ def machine() -> dict:
     return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
+def code_version(paths: tuple[str, ...] = CODE_PATHS) -> str:
+    """The last commit that touched the code, plus a hash of its uncommitted changes (docs and results don't count:
+    committing a result does not orphan the runs that made it)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("log", "-1", "--format=%h", "--", *paths).strip()
+        dirty = git("diff", "HEAD", "--", *paths)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (f"+dirty-{hashlib.sha256(dirty.encode()).hexdigest()[:8]}" if dirty else "")
+
+
 def emit(result: dict) -> None:
-    """The benchmark's result: one JSON object on the last line of stdout, with the machine it was measured on."""
+    """The benchmark's result: one JSON object on the last line of stdout, with the code version (unless the bench
+    gives its own, e.g. the stored runs') and the machine it was measured on."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({**result, "machine": result.get("machine") or machine()}), flush=True)
+    tags = {"code": result.get("code") or code_version(), "machine": result.get("machine") or machine()}
+    print(json.dumps({**result, **tags}), flush=True)

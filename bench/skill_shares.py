@@ -27,8 +27,8 @@ import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
-from common import emit
-from step_savings import STRATEGIES, BenchError, OneLineParser, code_version, run_cli, task_overrides
+from common import code_version, emit
+from step_savings import STRATEGIES, BenchError, OneLineParser, run_cli, task_overrides
 from trajectory_noise import train_run
 
 GRPO = ["schedule=rl"]

@@ -72,7 +72,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,7 +79,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import common
-from common import RESULTS, ROOT, emit, run_overrides
+from common import RESULTS, ROOT, code_version, emit, run_overrides
 from savings import (
     Bound,
     Cost,
@@ -194,7 +193,6 @@ BUDGET_FACTOR = 8  # budget >= this × the latest first-projection step: the lar
 DEFAULT_TASK, DEFAULT_BUDGET = "toy_skills", 120
 MIN_REPORT_SEEDS, MIN_EVAL_PROMPTS = 3, 500
 EXPERIMENT = "bench-step-savings"
-CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "bench", "conf", "pyproject.toml")
 # What a run's result depends on besides its overrides: the job's code, not the protocol's report arithmetic. A stored
 # run of the same training code and the same overrides is the same run: sessions reuse it (--fresh retrains).
 TRAIN_CODE_PATHS = ("orchestrator", "actors", "linearity", "verifiers", "conf", "pyproject.toml", "bench/common.py")
@@ -293,21 +291,6 @@ def first_projection_step(schedule) -> int:
     """The earliest real step at which a strategy's projection can be evaluated: the end of cycle 1, for every β mode
     (`auto` gates the first cycle on the drift share of its two halves)."""
     return schedule.m
-
-
-def code_version(paths: tuple[str, ...] = CODE_PATHS) -> str:
-    """The last commit that touched the code, plus a hash of its uncommitted changes (docs and results don't count:
-    committing a result does not orphan the runs that made it)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-    try:
-        commit = git("log", "-1", "--format=%h", "--", *paths).strip()
-        dirty = git("diff", "HEAD", "--", *paths)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (f"+dirty-{hashlib.sha256(dirty.encode()).hexdigest()[:8]}" if dirty else "")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:

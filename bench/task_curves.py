@@ -30,8 +30,7 @@ import tempfile
 from pathlib import Path
 
 import common  # noqa: F401
-from common import RESULTS, ROOT, emit, run_overrides, start_ray
-from step_savings import code_version
+from common import RESULTS, ROOT, code_version, emit, run_overrides, start_ray
 
 EXPERIMENT = "bench-task-curves"
 MONITOR = ["schedule=rl_extra", "schedule.beta_mode=schedule", "schedule.m=10", "schedule.n=0"]

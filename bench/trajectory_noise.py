@@ -28,8 +28,8 @@ import tempfile
 import time
 
 import common  # noqa: F401  (sets up sys.path and env)
-from common import ROOT, emit, run_overrides
-from step_savings import OneLineParser, code_version, run_cli, task_overrides
+from common import ROOT, code_version, emit, run_overrides
+from step_savings import OneLineParser, run_cli, task_overrides
 
 
 def train_run(

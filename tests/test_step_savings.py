@@ -269,7 +269,7 @@ def test_tuning_grows_grpos_steps_per_batch_until_bracketed_each_with_its_own_br
     assert (fixed, list(fixed_grids), fixed_summary["stopped"]) == ("grpo", ["grpo"], "fixed")
 
 
-def test_every_result_line_names_the_machine_it_was_measured_on(capsys):
+def test_every_result_line_names_the_code_and_the_machine_it_was_measured_on(capsys):
     import os
 
     import common
@@ -278,6 +278,16 @@ def test_every_result_line_names_the_machine_it_was_measured_on(capsys):
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (got["metric"], got["value"], got["machine"]["cores"]) == ("m", 1.0, os.cpu_count())
     assert isinstance(got["machine"]["cpu"], str) and got["machine"]["cpu"]
+    head = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", *common.CODE_PATHS],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    assert got["code"].split("+dirty-")[0] == head
+    common.emit({"metric": "m", "value": 1.0, "code": "abc1234"})  # a bench's own (its stored runs') is kept
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["code"] == "abc1234"
 
 
 # ------------------------------------------------------------------------------------- the benchmark's refusals
