@@ -122,6 +122,7 @@ class RolloutActor:
         else:
             kwargs["gpu_memory_utilization"] = rc.gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
 
     def generate(
@@ -147,7 +148,7 @@ class RolloutActor:
                 min_tokens=sampling.min_tokens,
                 logprobs=0,
                 seed=seed,
-                skip_special_tokens=True,
+                detokenize=False,  # the texts are decoded below, in one batch
             )
 
         per_prompt = (
@@ -168,9 +169,9 @@ class RolloutActor:
                 result.prompt_index.append(i)
                 result.prompt_ids.append(list(prompt_ids[i]))
                 result.response_ids.append(ids)
-                result.response_text.append(comp.text)
                 result.logprobs.append(lps)
                 result.finished.append(comp.finish_reason == "stop")
+        result.response_text.extend(self.tokenizer.batch_decode(result.response_ids, skip_special_tokens=True))
         return result
 
     def update_weights(self, buckets, version: int) -> dict:
