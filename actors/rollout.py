@@ -14,6 +14,8 @@ Choices (measured in `shared/notes/vllm-cpu.md`):
 - On CPU the engine prefills whole prompts (no chunked prefill). vLLM rewinds a seeded request's generator when it
   discards the token sampled after a partial prefill; a CPU generator has no offset to rewind, so any batch whose
   prompts overflowed `max_num_batched_tokens` stopped the engine ("CPU Generator does not use offset").
+- Responses come back as token ids (`detokenize=False`) and are decoded in one `batch_decode`: vLLM's per-token
+  incremental detokenizer, and its decoding of every sampled token's log-prob entry, cost ~10 % of a toy rollout.
 - Every result carries the weight version it was generated with.
 """
 
