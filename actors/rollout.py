@@ -71,12 +71,6 @@ def cpu_batched_tokens(rc: RolloutConfig) -> int:
     return max(CPU_BATCHED_TOKENS, rc.max_model_len, rc.max_num_seqs)
 
 
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 def prompt_seed(seed: int, position: int) -> int:
     """The sampling seed of the prompt at `position` of a batch sampled with `seed`.
 
@@ -112,12 +106,13 @@ class RolloutActor:
             tensor_parallel_size=rc.tensor_parallel_size,
             enable_prefix_caching=True,
         )
+        on_cpu = not rc.num_gpus  # as RolloutConfig.check reads it
         if rc.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = rc.max_num_batched_tokens
-        if _on_cpu():  # whole prompts per engine step (the module docstring says why)
+        if on_cpu:  # whole prompts per engine step (the module docstring says why)
             kwargs["enable_chunked_prefill"] = False
             kwargs.setdefault("max_num_batched_tokens", cpu_batched_tokens(rc))
-        if rc.kv_cache_mb is None and not rc.num_gpus:
+        if rc.kv_cache_mb is None and on_cpu:
             kwargs["kv_cache_memory_bytes"] = kv_cache_bytes(spec.model_path, rc)
         elif rc.kv_cache_mb:
             kwargs["kv_cache_memory_bytes"] = rc.kv_cache_mb * 2**20
