@@ -209,3 +209,7 @@ class RolloutActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def kv_capacity(self) -> float:
+        """How many sequences of max_model_len tokens the engine's KV cache holds at once (vLLM's max concurrency)."""
+        return float(self.llm.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency)

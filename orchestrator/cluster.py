@@ -193,6 +193,27 @@ def _slot_strategy(pgs: list, slot: tuple[int, int]):
 # ---------------------------------------------------------------------------------------------- groups
 
 
+def kv_cache_warning(rc: RolloutConfig, held: float, batch: int) -> str | None:
+    """A line when an engine's KV cache holds fewer sequences of max_model_len tokens (`held`, the least of the
+    engines') than it is handed at once: the largest `batch` one engine gets, up to max_num_seqs per engine step.
+    vLLM then admits only what fits and runs the batch in waves (15M model: 11.5-16.5 s a rollout against 4.7 s).
+    None when the batch fits."""
+    wanted = min(rc.max_num_seqs, batch)
+    if held >= wanted:
+        return None
+    if rc.kv_cache_mb:
+        sized_by = f"rollout.kv_cache_mb={rc.kv_cache_mb}"
+    elif rc.num_gpus:
+        sized_by = f"rollout.gpu_memory_utilization={rc.gpu_memory_utilization}"
+    else:
+        sized_by = "its default size"
+    return (
+        f"warning: the rollout engines' KV cache ({sized_by}) holds {int(held)} sequences of rollout.max_model_len="
+        f"{rc.max_model_len} tokens, and an engine is handed {wanted} at once: it generates them in waves, several "
+        "times slower (rollout.kv_cache_mb=null sizes the cache to fit on CPU)"
+    )
+
+
 def start_actor_groups(
     cfg: JobConfig,
     learner: LearnerSpec | None,

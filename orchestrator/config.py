@@ -557,7 +557,8 @@ class RolloutConfig:
     dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # bfloat16 for real models
     max_model_len: int = integer(64, ge=2)  # prompt + response tokens
     # KV cache size; null = on CPU room for max_num_seqs sequences of max_model_len tokens (from the model's shape:
-    # a smaller cache makes the engine run the batch in waves), on GPU as 0; 0 = vLLM sizes it by gpu_memory_utilization
+    # a smaller cache makes the engine run the batch in waves: the job warns at start), on GPU as 0; 0 = vLLM sizes it
+    # by gpu_memory_utilization
     kv_cache_mb: int | None = integer(None, ge=0)
     gpu_memory_utilization: float = number(0.5, gt=0, le=1)  # GPU share vLLM may take when kv_cache_mb = 0
     max_num_seqs: int = integer(256, ge=1)  # sequences per engine step

@@ -137,12 +137,27 @@ class Job:
         learner = LearnerSpec.for_job(cfg, self.model_path)
         rollouts = [RolloutSpec(self.model_path, cfg.rollout, cfg.seed + i) for i in range(cfg.rollout.num_actors)]
         self.groups = start_actor_groups(cfg, learner, rollouts)
+        self.warn_if_engines_run_in_waves()
         self.setup_time_s = time.perf_counter() - t0
         self.log(
             f"set-up done in {self.setup_time_s:.1f} s: model {self.model_path}, "
             f"{len(self.train_ds)} train / {n_eval} eval prompts, "
             f"MLflow run {self.tracker.run_id} at {self.tracker.uri}"
         )
+
+    def warn_if_engines_run_in_waves(self) -> None:
+        """One line when an engine's KV cache cannot hold the largest batch it is handed (an RL step's or an eval's
+        sampled responses, split across the engines): the job would run, slowly."""
+        import ray
+
+        from orchestrator.cluster import kv_cache_warning
+
+        cfg, tr = self.cfg, self.cfg.trainer
+        batch = max(tr.prompts_per_step * tr.samples_per_prompt, len(self.eval_prompt_ids) * tr.eval_samples)
+        held = min(ray.get([r.kv_capacity.remote() for r in self.groups.rollouts]))
+        warning = kv_cache_warning(cfg.rollout, held, -(-batch // cfg.rollout.num_actors))
+        if warning:
+            self.log(warning)
 
     def start_schedule(self) -> RLExtraSchedule | None:
         """The RL-Extra schedule (schedule=rl_extra), with its extrapolator actor; None for plain RL."""

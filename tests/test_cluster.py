@@ -131,6 +131,20 @@ def test_per_group_plan_with_custom_resources():
     assert plan.rollout_slots == ((0, 0),) and plan.learner_slots == ((1, 0), (1, 1), (1, 2))
 
 
+def test_a_kv_cache_warning_names_what_sized_the_cache_and_only_when_a_batch_overflows_it():
+    from orchestrator.cluster import kv_cache_warning
+    from orchestrator.config import RolloutConfig
+
+    assert kv_cache_warning(RolloutConfig(), held=256, batch=2000) is None  # an engine step takes max_num_seqs
+    assert kv_cache_warning(RolloutConfig(kv_cache_mb=1), held=8, batch=8) is None  # the whole batch fits
+    small = kv_cache_warning(RolloutConfig(kv_cache_mb=1), held=8, batch=100)
+    assert small.startswith("warning: the rollout engines' KV cache (rollout.kv_cache_mb=1) holds 8 sequences of ")
+    assert "an engine is handed 100 at once" in small
+    gpu = kv_cache_warning(RolloutConfig(num_gpus=1, kv_cache_mb=0, gpu_memory_utilization=0.1), held=3.5, batch=512)
+    assert "(rollout.gpu_memory_utilization=0.1) holds 3 sequences" in gpu and "handed 256 at once" in gpu
+    assert "(its default size)" in kv_cache_warning(RolloutConfig(max_model_len=48), held=10, batch=20)
+
+
 def test_rollout_only_plan_reserves_no_learner_group():
     """Evaluation engines (`start_actor_groups` without a learner) go through the job's plan with no learner ranks
     (the evaluation's config has no learner section)."""

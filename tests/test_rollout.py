@@ -122,6 +122,45 @@ def test_a_small_token_budget_prefills_whole_prompts_and_draws_the_same(rollout,
         ray_session.kill(narrow)
 
 
+def test_an_engine_reports_the_sequences_its_kv_cache_holds(rollout, ray_session, toy_model_path, tmp_path):
+    """The fixture's 16 MiB hold whole 128-token blocks, one per sequence of max_model_len (64) tokens; the default
+    CPU sizing holds max_num_seqs. A job whose largest batch exceeds what an engine holds says so in one line."""
+    from types import SimpleNamespace
+
+    from actors.rollout import kv_cache_bytes
+    from orchestrator.cluster import rollout_actor_env
+    from orchestrator.train import Job
+    from tests.helpers import compose_cfg, tiny_job_overrides
+
+    one_sequence = kv_cache_bytes(toy_model_path, RolloutConfig(max_num_seqs=1))
+    held = ray_session.get(rollout.kv_capacity.remote())
+    assert held == 16 * 2**20 // one_sequence < RolloutConfig().max_num_seqs
+    sized = (
+        ray_session.remote(RolloutActor)
+        .options(num_cpus=1, runtime_env={"env_vars": rollout_actor_env(1)})
+        .remote(RolloutSpec(toy_model_path, RolloutConfig(max_num_seqs=300), seed=0))
+    )
+    try:
+        assert ray_session.get(sized.kv_capacity.remote()) >= 300
+    finally:
+        ray_session.kill(sized)
+
+    def warned(batch_overrides: list[str]) -> list[str]:
+        overrides = tiny_job_overrides(str(tmp_path / "cache"), str(tmp_path / "out")) + batch_overrides
+        job = Job(compose_cfg(overrides), str(tmp_path / "out"))
+        job.groups, job.eval_prompt_ids, lines = SimpleNamespace(rollouts=[rollout]), [[1]] * 8, []
+        job.log = lines.append
+        job.warn_if_engines_run_in_waves()
+        return lines
+
+    assert warned(["trainer.prompts_per_step=16", "trainer.samples_per_prompt=8"]) == []  # 128 sequences fit
+    assert warned(["trainer.prompts_per_step=32", "trainer.samples_per_prompt=8"]) == [
+        f"warning: the rollout engines' KV cache (rollout.kv_cache_mb=16) holds {int(held)} sequences of "
+        "rollout.max_model_len=64 tokens, and an engine is handed 256 at once: it generates them in waves, several "
+        "times slower (rollout.kv_cache_mb=null sizes the cache to fit on CPU)"
+    ]
+
+
 def test_prompt_seeds_keep_every_prompts_samples_apart():
     from actors.rollout import SEED_SPACING, prompt_seed
 
