@@ -178,8 +178,11 @@ STRATEGIES = {
     "lookahead-k5": lookahead_row(5, 0.8),
     "lookahead-k3-a0.6": lookahead_row(3, 0.6),
     "lookahead-k3-a1": lookahead_row(3, 1.0),
+    # SFPO with as many optimizer steps a rollout batch as GRPO-best takes (μ = 16: 15 fast + 1 slow): whether the
+    # reposition still pays once GRPO reuses each batch that often
+    "lookahead-k15": lookahead_row(15, 0.8),
 }
-DEFAULT_STRATEGIES = ("extra-m5n15-top5", "auto-m5n15-top5", "rank1-m5n15", "lookahead-k3")  # the default run's rows
+DEFAULT_STRATEGIES = ("extra-m5n15-top5", "auto-m5n15-top5", "rank1-m5n15", "lookahead-k3", "lookahead-k15")
 EXTRA_OVERRIDES = ["schedule.eval_around_projection=true"]  # after a skipping row's own: every phase is evaluated
 # What the protocol sets for every run: a --task override may not touch these.
 PROTOCOL_KEYS = ("seed", "learner.lr", "schedule", "tracking", "model.cache_dir") + tuple(

@@ -334,7 +334,8 @@ def test_the_default_plan_follows_the_protocol(tmp_path):
     assert (s.steps, s.eval_every, s.eval_prompts, plan.deviations) == (120, 5, 500, [])
     assert set(s.tune_seeds).isdisjoint(s.seeds) and len(s.seeds) >= 3
     assert list(s.strategies) == list(DEFAULT_STRATEGIES) and set(plan.cycles) == set(DEFAULT_STRATEGIES) - {
-        "lookahead-k3"
+        "lookahead-k3",
+        "lookahead-k15",
     }
     runs = Runs(plan, Store(tmp_path / "runs.db"), live=False)
     assert s.grpo_updates == (1, 2, 4)
