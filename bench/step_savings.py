@@ -56,7 +56,9 @@ rather than train it again (an interrupted session resumes; a session that adds 
 --fresh retrains. The JSON's `timing.reused` counts the runs taken from other sessions. A commit to the training code
 changes every key: `--adopt SESSION` retrains the cheapest of that session's runs and, when its eval curve is the
 stored one to the digit, keys the session's runs to today's training code (runs reproduce on one machine, not across
-CPUs). --report-only replays the protocol on stored runs only, and refuses with one line when one is not there.
+CPUs); sessions holding the same run are checked against one retrain, and `--adopt stale` names every stored session
+that holds runs of this session's arms under older keys. --report-only replays the protocol on stored runs only, and
+refuses with one line when one is not there.
 
 Output: the tuning grids, a per-strategy table, docs/img/step_savings.png (per strategy: mean and range over the
 report seeds vs real steps and vs compute seconds, with GRPO-best and GRPO at the same lr), then one JSON line.
@@ -595,6 +597,7 @@ class Runs:
 
 
 ADOPT_SAME = ("task", "steps", "eval_every", "eval_prompts")  # what a stored session must share to be adopted
+ADOPT_STALE = "stale"  # --adopt stale: every stored session that holds runs of this session's arms under older keys
 
 
 @dataclass(frozen=True)
@@ -619,28 +622,68 @@ def plan_adoption(store: Store, s: Settings, session: str) -> Adoption:
     if not found:
         raise BenchError(f"--adopt: no finished runs of session {session} in {store.db}")
     old = json.loads(found[0].data.tags["bench_settings"])
-    differ = [f"{k} {old.get(k)!r} (here {v!r})" for k, v in s.as_json().items() if k in ADOPT_SAME and old.get(k) != v]
+    differ = adopt_differences(old, s)
     if differ:
         raise BenchError(f"--adopt: session {session}'s runs differ in {'; '.join(differ)}")
-    mine = []
-    for r in found:
-        arm, lr, seed = r.data.tags["bench_arm"], float(r.data.tags["bench_lr"]), int(r.data.tags["bench_seed"])
-        if grpo_updates_of(arm) is not None or old["strategies"].get(arm) == s.strategies.get(arm, False):
-            mine.append((arm, lr, seed, r.info.run_id))
+    mine = [(*arm, r.info.run_id) for r in found if (arm := arm_of(r.data.tags, old, s))]
     if not mine:
         arms = sorted({r.data.tags["bench_arm"] for r in found})
         raise BenchError(f"--adopt: session {session}'s runs are of {arms}, none of this session's arms")
     return Adoption(session, old["code"], tuple(mine))
 
 
-def adopt(runs: Runs, adoption: Adoption) -> int:
+def adopt_differences(old: dict, s: Settings) -> list[str]:
+    """What a stored session's settings (`old`) do not share with this session's of ADOPT_SAME, one phrase each."""
+    return [f"{k} {old.get(k)!r} (here {v!r})" for k, v in s.as_json().items() if k in ADOPT_SAME and old.get(k) != v]
+
+
+def arm_of(tags: dict, old: dict, s: Settings) -> tuple[str, float, int] | None:
+    """A stored run's (arm, lr, seed) when it is a run of this session's arms (GRPO at any μ, or a strategy whose row
+    is unchanged since its session's settings `old`), else None."""
+    arm = tags["bench_arm"]
+    if grpo_updates_of(arm) is None and old["strategies"].get(arm) != s.strategies.get(arm, False):
+        return None
+    return arm, float(tags["bench_lr"]), int(tags["bench_seed"])
+
+
+def stale_sessions(runs: Runs) -> list[str]:
+    """--adopt stale: the stored sessions that share this session's ADOPT_SAME settings and hold a run of its arms
+    keyed to other training code than today's (its run key is not today's), newest first: the newest are the likeliest
+    to reproduce, and an older one whose runs they cover is then skipped (`covered`)."""
+    s, sessions = runs.settings, {}
+    for r in runs.store.newest("tags.bench_session != ''", max_results=50000):
+        sessions.setdefault(r.data.tags["bench_session"], []).append(r.data.tags)
+    stale = []
+    for session, tags in sessions.items():
+        old = json.loads(tags[0].get("bench_settings", "{}"))  # runs stored before sessions had settings: never adopted
+        if not old or adopt_differences(old, s):
+            continue
+        if any((arm := arm_of(t, old, s)) and t.get("bench_run") != runs.run_key(*arm) for t in tags):
+            stale.append(session)
+    return stale
+
+
+def covered(runs: Runs, adoption: Adoption) -> bool:
+    """Whether every run of this stored session has a run of today's key already (adopted from another session)."""
+    return all(runs.store.find(runs.run_key(arm, lr, seed)) for arm, lr, seed, _ in adoption.runs)
+
+
+def adopt(runs: Runs, adoption: Adoption, retrained: dict[tuple[str, float, int], str]) -> int:
     """--adopt: key a stored session's runs (trained at another code version) to today's training code, once one of
-    them retrained today gives the same eval curve to the digit; returns how many were keyed."""
+    them retrained today gives the same eval curve to the digit; returns how many were keyed. `retrained` maps the
+    (arm, lr, seed) of every run retrained so far by this command to its run: a session holding one of those is
+    compared with it instead of retraining another (sessions often share their cheapest run)."""
     store, s, session = runs.store, runs.settings, adoption.session
-    arm, lr, seed, run_id = adoption.check
-    say(f"--adopt: retraining {run_name(arm, lr, seed)} of session {session} (code {adoption.code}) at {s.train_code}")
+    shared = [m for m in adoption.runs if m[:3] in retrained]
+    arm, lr, seed, run_id = shared[0] if shared else adoption.check
+    name = run_name(arm, lr, seed)
+    if shared:
+        say(f"--adopt: session {session} (code {adoption.code}) against {name}, retrained already")
+    else:
+        say(f"--adopt: retraining {name} of session {session} (code {adoption.code}) at {s.train_code}")
+        retrained[(arm, lr, seed)] = runs.train(arm, lr, seed)
     then = [(p.step, p.acc) for p in store.load(run_id, arm, lr, seed).curve]
-    now = [(p.step, p.acc) for p in store.load(runs.train(arm, lr, seed), arm, lr, seed).curve]
+    now = [(p.step, p.acc) for p in store.load(retrained[(arm, lr, seed)], arm, lr, seed).curve]
     if then != now:
         was, got = next((a, b) for a, b in itertools.zip_longest(then, now) if a != b)
         raise BenchError(
@@ -1068,7 +1111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="SESSION",
-        help="key these stored sessions' runs to today's training code if one of them, retrained, gives the same curve",
+        help="key these stored sessions' runs to today's training code if one of them, retrained, gives the same curve "
+        f"('{ADOPT_STALE}': every stored session holding runs of this session's arms under older keys)",
     )
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -1103,7 +1147,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         result = run_protocol(plan, Runs(plan, store, live=False), args.plot)
     else:
-        adoptions = [plan_adoption(store, s, session) for session in args.adopt]  # every refusal before any training
+        sessions = [x for x in args.adopt if x != ADOPT_STALE]
+        stale = stale_sessions(Runs(plan, store, live=False)) if ADOPT_STALE in args.adopt else []
+        if ADOPT_STALE in args.adopt:
+            say(f"--adopt {ADOPT_STALE}: sessions {', '.join(stale) or 'none'} hold runs keyed to older training code")
+            sessions += [x for x in stale if x not in sessions]
+        adoptions = [plan_adoption(store, s, session) for session in sessions]  # every refusal before any training
         n, secs = estimate(plan)
         say(
             f"session {s.key}, code {s.code}: {s.steps} real steps per run, an eval every {s.eval_every} on "
@@ -1117,8 +1166,12 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 runs = Runs(plan, store, live=True, out_dir=tmp, fresh=args.fresh)
+                retrained = {}
                 for adoption in adoptions:
-                    adopt(runs, adoption)
+                    if adoption.session in stale and covered(runs, adoption):
+                        say(f"--adopt: session {adoption.session}'s runs are all keyed to today's code already")
+                        continue
+                    adopt(runs, adoption, retrained)
                 result = run_protocol(plan, runs, args.plot)
         finally:
             if started:

@@ -540,5 +540,20 @@ def test_a_tiny_session_runs_end_to_end_and_its_report_replays_from_the_store(tm
     with pytest.raises(BenchError, match=r"--adopt: no finished runs of session no-such-session in "):
         main([*args, "--adopt", result["session"], "no-such-session"])
     assert len(client.search_runs([store_runs[0].info.experiment_id], "tags.bench_session != ''")) == 6
+
+    # --adopt stale finds the sessions with runs under older keys itself; two sessions that hold the same cheapest run
+    # (here: the retrained one moved to a session of its own) share one retrain
+    def stored() -> list:
+        return client.search_runs([store_runs[0].info.experiment_id], "tags.bench_session != ''")
+
+    twin = next(r for r in stored() if "bench_run_adopted" not in r.data.tags)
+    client.set_tag(twin.info.run_id, "bench_session", "split-off")
+    for r in stored():
+        client.set_tag(r.info.run_id, "bench_run", "older-code-" + r.data.tags["bench_run"])
+    again = main([*args, "--adopt", "stale"])
+    assert again["curves"] == result["curves"]
+    tags = [r.data.tags for r in stored()]
+    assert len(tags) == 7 and not any(t["bench_run"].startswith("older-code-") for t in tags)  # one retrain for two
+    assert main([*args, "--adopt", "stale"])["curves"] == result["curves"] and len(stored()) == 7  # none stale now
     with pytest.raises(BenchError, match=r"seeds \[1\] \(here \[2\]\)"):
         main([*args[: args.index("--seeds") + 1], "2", *args[args.index("--seeds") + 2 :], "--report-only"])
