@@ -153,7 +153,7 @@ class Job:
         from orchestrator.cluster import kv_cache_warning
 
         cfg, tr = self.cfg, self.cfg.trainer
-        batch = max(tr.prompts_per_step * tr.samples_per_prompt, len(self.eval_prompt_ids) * tr.eval_samples)
+        batch = max(cfg.batch_size, len(self.eval_prompt_ids) * tr.eval_samples)
         held = min(ray.get([r.kv_capacity.remote() for r in self.groups.rollouts]))
         warning = kv_cache_warning(cfg.rollout, held, -(-batch // cfg.rollout.num_actors))
         if warning:
