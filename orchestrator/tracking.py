@@ -1,7 +1,10 @@
 """MLflow tracking: one run per job (nested runs per phase are added by the RL-Extra schedule).
 
 The store is `tracking.tracking_uri` (default `sqlite:///mlflow.db` in the launch directory) unless
-`MLFLOW_TRACKING_URI` is set, which wins, so a team server is one environment variable away.
+`MLFLOW_TRACKING_URI` is set, which wins, so a team server is one environment variable away. An experiment this
+module creates in a local SQLite store keeps its artifacts beside the database (`<db dir>/mlruns/<experiment>`), not in
+MLflow's default `./mlruns` of whatever directory the job was launched from: a `ray job submit` driver runs in a
+temporary working directory, and a store named by an absolute path would otherwise lose its artifacts with it.
 
 The experiment carries MLflow's experiment-kind tag for model training (`mlflow.experimentKind`; MLflow 3.17's UI
 still opens on its GenAI side until the user picks "Model training", see the README). A job's run is named by what
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -70,7 +74,11 @@ class Tracker:
         """The experiment's id (created if new), tagged as model training unless someone already chose a kind."""
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return self.client.create_experiment(
+                name,
+                artifact_location=local_artifact_location(self.uri, name),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING},
+            )
         if EXPERIMENT_KIND_TAG not in exp.tags:
             self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
@@ -158,6 +166,16 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """`<db dir>/mlruns/<experiment, as a file name>` for a store `sqlite:///<path>`; None (the store's default, e.g. a
+    tracking server's artifact root) otherwise. Runs keep MLflow's `<run id>/artifacts` layout under it."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str((db.parent / "mlruns" / folder).resolve())
 
 
 def default_run_name(cfg) -> str:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from orchestrator.config import validate
-from orchestrator.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, Tracker
+from orchestrator.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, Tracker, local_artifact_location
 from tests.helpers import compose_cfg
 
 STAMP = r"\d{8}-\d{6}"
@@ -66,3 +66,26 @@ def test_experiment_is_tagged_as_model_training_once(tmp_path):
     t.client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
     tracker(tmp_path, "tracking.experiment=made-by-hand")
     assert t.client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_its_sqlite_store(tmp_path, monkeypatch):
+    """Not in ./mlruns of the launch directory (a `ray job submit` driver's is a temporary copy)."""
+    launch_dir, store_dir = tmp_path / "launch", tmp_path / "store"
+    launch_dir.mkdir()
+    store_dir.mkdir()
+    monkeypatch.chdir(launch_dir)
+    t = tracker(store_dir, "tracking.experiment=team/exp 1")
+    t.log_text("hello", "note.txt")
+    exp_dir = store_dir / "mlruns" / "team_exp_1"
+    assert t.client.get_experiment(t.experiment_id).artifact_location == str(exp_dir)
+    assert (exp_dir / t.run_id / "artifacts" / "note.txt").read_text() == "hello"
+    assert list(launch_dir.iterdir()) == []
+    # a relative store is relative to the launch directory, and so are its artifacts
+    rel = Tracker(validate(compose_cfg(["tracking.tracking_uri=sqlite:///rel.db", "tracking.experiment=rlextra"])))
+    assert rel.client.get_experiment(rel.experiment_id).artifact_location == str(launch_dir / "mlruns" / "rlextra")
+    # an experiment that exists keeps the location it was made with
+    old = t.client.create_experiment("made-by-hand", artifact_location=str(tmp_path / "elsewhere"))
+    assert tracker(store_dir, "tracking.experiment=made-by-hand").experiment_id == old
+    assert t.client.get_experiment(old).artifact_location == str(tmp_path / "elsewhere")
+    # a tracking server chooses its own artifact root
+    assert local_artifact_location("http://mlflow:5000", "rlextra") is None
